@@ -1,0 +1,53 @@
+"""Coefficients: load them (stdlib json), pick the one for a GPU, and fit them (pandas inside fit()).
+
+Resolution order for `qfit plan`: the user's own calibration for the detected/asked GPU
+(~/.cache/qfit/coefficients-<gpu>.json, written by `qfit calibrate --gpu auto`), then the
+project's fitted file calibration/coefficients.json, then calibration/defaults.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from planner.specs import Coefficients
+
+CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "calibration"
+DEFAULTS_FILE = CALIBRATION_DIR / "defaults.json"
+FITTED_FILE = CALIBRATION_DIR / "coefficients.json"
+
+
+def user_cache_dir() -> Path:
+    base = os.environ.get("QFIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qfit")
+    return Path(base)
+
+
+def user_coefficients_file(gpu_name: str) -> Path:
+    return user_cache_dir() / f"coefficients-{gpu_name}.json"
+
+
+@lru_cache(maxsize=8)
+def _read(path: str) -> Coefficients:
+    doc = json.loads(Path(path).read_text())
+    defaults = json.loads(DEFAULTS_FILE.read_text())["values"] if Path(path) != DEFAULTS_FILE else {}
+    values = {**defaults, **doc["values"]}  # a fitted file may leave some terms at their defaults
+    desc = doc.get("description", "")
+    if doc.get("measured_on"):
+        m = doc["measured_on"]
+        desc = f"{doc['name']}: fitted on {m.get('runs', '?')} runs on {m.get('gpu', '?')}, {m.get('stack', '')}, {m.get('date', '')}"
+    return Coefficients(name=doc["name"], description=desc or doc["name"], values=values)
+
+
+def load_coefficients(gpu_name: str | None = None, path: str | None = None) -> Coefficients:
+    if path:
+        return _read(str(Path(path).resolve()))
+    if gpu_name:
+        user = user_coefficients_file(gpu_name)
+        if user.is_file():
+            return _read(str(user))
+    if FITTED_FILE.is_file():
+        return _read(str(FITTED_FILE))
+    return _read(str(DEFAULTS_FILE))

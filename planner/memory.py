@@ -1,0 +1,344 @@
+"""The QLoRA memory model: one pure function per named term, each returning int bytes.
+
+The stack modelled is the one users run: transformers `from_pretrained(..., quantization_config=
+BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype))`, peft's
+`prepare_model_for_kbit_training` (which upcasts every non-4-bit parameter to fp32), a peft LoRA
+wrapper, and transformers' Trainer with autocast in the compute dtype. The peak is the max over
+the phases of one optimizer step, written out in `estimate()`.
+
+Structure (which tensors exist, their shapes and dtypes) is derived here from the model spec and
+the library code named in each docstring. What only measurement can tell (allocator slack, the
+CUDA context, backward temporaries, kernel efficiency) enters through `Coefficients` alone.
+"""
+
+from __future__ import annotations
+
+from planner.specs import Coefficients, LinearSpec, LoraSettings, MemoryBreakdown, ModelSpec, TrainSettings
+from planner.units import DTYPE_BYTES
+
+# Library facts (not tunable): each is quoted from the source named beside it.
+ALLOC_GRANULE = 512  # c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize, every block is a multiple of 512 B
+NF4_BLOCKSIZE = 64  # bitsandbytes functional.quantize_4bit default blocksize (CUDA)
+DQ_BLOCKSIZE = 256  # bitsandbytes nested quantization of absmax: quantize_blockwise(absmax, blocksize=256)
+NF4_CODE_BYTES = 16 * 4  # QuantState.code: the 16 NF4 levels in fp32, one tensor per weight
+OPT8_BLOCKSIZE = 256  # bitsandbytes Optimizer8bit.init_state: blockwise absmax per 256 elements
+OPT8_MIN_SIZE = 4096  # bitsandbytes optimizers: min_8bit_size; smaller tensors keep 32-bit state
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer: paged only if numel >= 1e5
+FP32 = DTYPE_BYTES["fp32"]
+BOOL_MASK = 1  # torch.native_dropout returns a bool mask, 1 byte per element
+INT64 = 8
+
+
+def alloc(n_bytes: int) -> int:
+    """Bytes the caching allocator hands out for one tensor of n_bytes (rounded up to 512)."""
+    if n_bytes <= 0:
+        return 0
+    return -(-n_bytes // ALLOC_GRANULE) * ALLOC_GRANULE
+
+
+# --------------------------------------------------------------------------- LoRA targets
+
+def resolve_targets(model: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """'attn' / 'all-linear' / module names -> the leaf names peft will wrap.
+
+    peft's "all-linear" takes every nn.Linear but the output layer (peft/tuners/tuners_utils.py,
+    _maybe_include_all_linear_layers), which for these models is every linear in the decoder layers.
+    """
+    names: list[str] = []
+    for t in targets:
+        if t == "all-linear":
+            names.extend(model.all_linear_names)
+        elif t == "attn":
+            names.extend(model.attn_linear_names)
+        elif t in model.all_linear_names:
+            names.append(t)
+        else:
+            raise ValueError(
+                f"--targets: {model.display_name} has no linear named {t!r} "
+                f"(it has {', '.join(model.all_linear_names)}; or use attn, all-linear)")
+    return tuple(dict.fromkeys(names))
+
+
+def lora_tensor_numels(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...]) -> list[int]:
+    """Element counts of every LoRA tensor peft creates: lora_A (r x in) and lora_B (out x r) per wrapped linear."""
+    out = []
+    for lin in model.linears_in(names):
+        for _ in range(lin.count * model.num_hidden_layers):
+            out.append(lora.rank * lin.in_features)
+            out.append(lin.out_features * lora.rank)
+    return out
+
+
+# --------------------------------------------------------------------------- persistent terms
+
+def quantized_weights_bytes(model: ModelSpec) -> int:
+    """4-bit packed base weights: two NF4 values per uint8 (bitsandbytes Params4bit, quant_storage=uint8).
+
+    Only the nn.Linear modules of the decoder layers are quantized; transformers' bitsandbytes
+    integration leaves embeddings, lm_head and anything that is not nn.Linear alone
+    (transformers/integrations/bitsandbytes.py, replace_with_bnb_linear).
+    """
+    per_layer = sum(lin.count * alloc(-(-lin.weight_count // 2)) for lin in model.layer_linears)
+    return model.num_hidden_layers * per_layer
+
+
+def quant_constants_bytes(model: ModelSpec, double_quant: bool) -> int:
+    """Per-block scales of the 4-bit weights (bitsandbytes functional.quantize_4bit, QuantState).
+
+    Without double quant: one fp32 absmax per 64 weights (0.5 bit/param) plus the 16-entry code.
+    With double quant: the absmax is itself quantized to uint8 in blocks of 256, with an fp32
+    absmax per block and an fp32 offset (0.127 bit/param); the 256-entry code is shared.
+    """
+    total = 0
+    for lin in model.layer_linears:
+        blocks = -(-lin.weight_count // NF4_BLOCKSIZE)
+        if double_quant:
+            per = alloc(blocks) + alloc(FP32 * -(-blocks // DQ_BLOCKSIZE)) + alloc(NF4_CODE_BYTES) + alloc(FP32)
+        else:
+            per = alloc(FP32 * blocks) + alloc(NF4_CODE_BYTES)
+        total += lin.count * per
+    return model.num_hidden_layers * total
+
+
+def unquantized_weights_bytes(model: ModelSpec) -> int:
+    """Embeddings, lm_head (unless tied), norms, biases and non-Linear weights, in fp32.
+
+    peft's prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not Params4bit
+    to fp32 (peft/utils/other.py).
+    """
+    return FP32 * model.unquantized_param_count
+
+
+def lora_params_bytes(numels: list[int]) -> int:
+    """LoRA A and B in fp32: peft creates them in fp32 and keeps adapters fp32 (autocast_adapter_dtype=True)."""
+    return sum(alloc(FP32 * n) for n in numels)
+
+
+def lora_grads_bytes(numels: list[int]) -> int:
+    """One fp32 gradient per LoRA tensor, alive from its first backward until zero_grad(set_to_none)."""
+    return sum(alloc(FP32 * n) for n in numels)
+
+
+def optimizer_state_bytes(numels: list[int], optim: str) -> tuple[int, int]:
+    """(bytes on torch's allocator, bytes in CUDA managed memory) for the optimizer state.
+
+    adamw_torch: exp_avg and exp_avg_sq in fp32 (the step counter lives on the CPU).
+    adamw_8bit / paged_adamw_8bit: uint8 states for tensors of at least 4096 elements with an
+    fp32 absmax per 256, fp32 states below that (bitsandbytes Optimizer8bit.init_state).
+    paged_*: state tensors of at least 1e5 elements are allocated with cudaMallocManaged
+    (get_state_buffer), which torch's counters never see; absmax stays on the allocator.
+    """
+    on_torch = paged = 0
+    eight_bit = optim in ("adamw_8bit", "paged_adamw_8bit")
+    is_paged = optim.startswith("paged_")
+    for n in numels:
+        use8 = eight_bit and n >= OPT8_MIN_SIZE
+        state = n if use8 else FP32 * n
+        if is_paged and n >= PAGED_MIN_NUMEL:
+            paged += 2 * state
+        else:
+            on_torch += 2 * alloc(state)
+        if use8:
+            on_torch += 2 * alloc(FP32 * -(-n // OPT8_BLOCKSIZE))
+    return on_torch, paged
+
+
+# --------------------------------------------------------------------------- activations
+
+def _lora_input_bytes(lin: LinearSpec, lora: LoraSettings, compute: int) -> int:
+    """Per token, what one LoRA-wrapped linear saves for backward (peft/tuners/lora/bnb.py Linear4bit.forward).
+
+    dropout's bool mask over the input (if dropout > 0), the input cast to the compute dtype by
+    autocast for lora_A (saved by the matmul), and lora_A's output (saved by lora_B). The 4-bit
+    base matmul saves no activation: bitsandbytes MatMul4Bit keeps only the quantized weight.
+    """
+    mask = BOOL_MASK * lin.in_features if lora.dropout > 0 else 0
+    return lin.count * (mask + compute * lin.in_features + compute * lora.rank)
+
+
+def layer_saved_bytes_per_token(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...],
+                                train: TrainSettings, attn_impl: str) -> int:
+    """Bytes autograd keeps per token for one decoder layer when it is NOT checkpointed.
+
+    After the fp32 upcast the residual stream is fp32, and each 4-bit linear returns its input's
+    dtype (bitsandbytes Linear4bit.forward casts the output back), so:
+      - residual inputs: the layer input and the mid-layer residual, fp32 (saved by the RMSNorms);
+        Gemma-2's extra post-norms also keep an fp32 copy of the attention and MLP outputs;
+      - attention (sdpa/flash): q, k, v cast to the compute dtype, the output, fp32 logsumexp per head;
+        eager: q and the repeated k, v in the compute dtype plus per-head seq-long rows of scores
+        (softmax fp32 output and its compute-dtype cast, and tanh output when softcapping);
+      - gated MLP: act(gate) input, its output and up, all fp32 (3 x intermediate x 4 B), times
+        the experts each token visits for mixture-of-experts;
+      - LoRA: see _lora_input_bytes, for every wrapped linear.
+    """
+    h, i, c = model.hidden_size, model.intermediate_size, DTYPE_BYTES[train.compute_dtype]
+    residual = 2 * FP32 * h + 2 * FP32  # two fp32 residual tensors + two rsqrt values
+    if model.norms_per_layer > 2:
+        residual += (model.norms_per_layer - 2) * FP32 * h
+    if attn_impl == "eager":
+        score_bytes = FP32 + c + (c if model.attn_logit_softcapping else 0)
+        attn = 3 * c * model.q_dim + c * model.q_dim + score_bytes * model.num_attention_heads * train.seq_len
+    else:
+        attn = c * (model.q_dim + 2 * model.kv_dim) + c * model.q_dim + FP32 * model.num_attention_heads
+    experts = max(1, model.num_experts_per_tok) if model.is_moe else 1
+    mlp = experts * 3 * FP32 * i
+    if model.is_moe:
+        mlp += experts * FP32 * h  # each expert's gathered copy of its tokens' hidden states
+    lora_saved = sum(_lora_input_bytes(lin, lora, c) for lin in model.linears_in(names))
+    return residual + attn + mlp + lora_saved
+
+
+def checkpointed_layer_saved_bytes_per_token(model: ModelSpec) -> int:
+    """Under layer-granular checkpointing autograd keeps only each layer's fp32 input."""
+    return FP32 * model.hidden_size
+
+
+def moe_expert_weight_copies_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """transformers 5 runs MoE experts as F.linear on 3-D parameters (not nn.Linear), so autocast casts
+    each visited expert's weight to the compute dtype and the matmul saves that copy for backward."""
+    if not model.is_moe:
+        return 0
+    per_layer = model.layer_other_params - 2 * model.hidden_size - model.num_local_experts * model.hidden_size
+    return model.num_hidden_layers * DTYPE_BYTES[train.compute_dtype] * per_layer
+
+
+def head_saved_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """Saved outside the layers: token ids (int64), the final norm's fp32 input and its compute-dtype cast for lm_head."""
+    t = train.tokens_per_micro_batch
+    return t * (INT64 + FP32 * model.hidden_size + DTYPE_BYTES[train.compute_dtype] * model.hidden_size)
+
+
+def lm_head_weight_copy_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """Autocast casts the fp32 lm_head (or tied embedding) to the compute dtype; the matmul saves the copy."""
+    return alloc(DTYPE_BYTES[train.compute_dtype] * model.vocab_size * model.hidden_size)
+
+
+def logits_bytes(model: ModelSpec, train: TrainSettings, coeffs: Coefficients, phase: str) -> int:
+    """The logits chain over the vocabulary, per token.
+
+    forward, at the loss: logits in the compute dtype (2V), their fp32 upcast in ForCausalLMLoss
+    (4V) and log_softmax's fp32 output (4V). backward, at the loss: the saved log_softmax output,
+    nll_loss's fp32 gradient and log_softmax's input gradient (3 x 4V). Gemma-2's final softcapping
+    adds its tanh output and one more compute-dtype copy. The per-element byte counts are
+    coefficients (logits_fwd_bytes, logits_bwd_bytes) so that calibration can correct them.
+    """
+    per = coeffs.get("logits_fwd_bytes" if phase == "forward" else "logits_bwd_bytes")
+    if model.final_logit_softcapping:
+        per += 2 * DTYPE_BYTES[train.compute_dtype]
+    return int(per * model.vocab_size * train.tokens_per_micro_batch)
+
+
+def dequant_buffer_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """bitsandbytes dequantizes one weight at a time to the compute dtype for its matmul."""
+    largest = max(lin.weight_count for lin in model.layer_linears)
+    return alloc(DTYPE_BYTES[train.compute_dtype] * largest)
+
+
+def saved_activations_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...],
+                            train: TrainSettings, attn_impl: str, coeffs: Coefficients) -> int:
+    """All layers' saved tensors for one micro-batch (the structural estimate times act_scale)."""
+    t = train.tokens_per_micro_batch
+    if train.gradient_checkpointing:
+        per_layer = checkpointed_layer_saved_bytes_per_token(model) * coeffs.get("ckpt_saved_scale")
+    else:
+        per_layer = layer_saved_bytes_per_token(model, lora, names, train, attn_impl) * coeffs.get("act_scale")
+    layers = int(model.num_hidden_layers * per_layer * t)
+    return layers + head_saved_bytes(model, train) + moe_expert_weight_copies_bytes(model, train)
+
+
+def layer_working_set_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...],
+                            train: TrainSettings, attn_impl: str, coeffs: Coefficients) -> int:
+    """While one layer is back-propagated: its gradients and temporaries (bwd_temp_factor x the
+    layer's saved set), the layer's recomputed activations under checkpointing, and one
+    dequantized weight."""
+    t = train.tokens_per_micro_batch
+    layer = layer_saved_bytes_per_token(model, lora, names, train, attn_impl) * t * coeffs.get("act_scale")
+    recompute = layer if train.gradient_checkpointing else 0
+    return int(recompute + coeffs.get("bwd_temp_factor") * layer) + dequant_buffer_bytes(model, train)
+
+
+def optimizer_step_temp_bytes(numels: list[int], optim: str, coeffs: Coefficients) -> int:
+    """torch AdamW (foreach) builds per-parameter temporaries during step(); bitsandbytes updates in place."""
+    if optim != "adamw_torch":
+        return 0
+    return int(coeffs.get("adamw_step_temp_factor") * sum(alloc(FP32 * n) for n in numels))
+
+
+def cuda_context_bytes(coeffs: Coefficients) -> int:
+    """CUDA context, kernels' modules and library handles: outside torch's allocator (calibrated)."""
+    return int(coeffs.get("cuda_context_bytes"))
+
+
+def allocator_reserve_bytes(peak_allocated: int, activation_part: int, train: TrainSettings,
+                            coeffs: Coefficients) -> int:
+    """Reserved minus allocated at the peak: the caching allocator keeps freed blocks, split
+    across size classes. Modelled per allocator mode as a fraction of the per-step (activation)
+    memory plus a constant, both calibrated."""
+    mode = "expandable" if train.expandable_segments else "default"
+    return int(coeffs.get(f"reserve_frac_{mode}") * activation_part + coeffs.get(f"reserve_const_{mode}"))
+
+
+def required_budget_bytes(peak_allocated: int, activation_part: int, train: TrainSettings,
+                          coeffs: Coefficients) -> int:
+    """The smallest allocator budget (set_per_process_memory_fraction) the step runs in: under a
+    cap the allocator frees cached blocks and retries before raising OOM, so this sits between
+    peak allocated and peak reserved (calibrated by stepping the cap)."""
+    mode = "expandable" if train.expandable_segments else "default"
+    return int(peak_allocated + coeffs.get(f"required_frac_{mode}") * activation_part
+               + coeffs.get(f"required_const_{mode}"))
+
+
+# --------------------------------------------------------------------------- the estimate
+
+def attention_implementation(model: ModelSpec) -> str:
+    return model.attn_implementation
+
+
+def estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients) -> MemoryBreakdown:
+    """Peak memory of one QLoRA training step: the max over the phases below of named sums."""
+    names = resolve_targets(model, lora.targets)
+    numels = lora_tensor_numels(model, lora, names)
+    attn_impl = attention_implementation(model)
+
+    weights = {
+        "quantized_weights": quantized_weights_bytes(model),
+        "quant_constants": quant_constants_bytes(model, train.double_quant),
+        "unquantized_weights": unquantized_weights_bytes(model),
+        "lora_params": lora_params_bytes(numels),
+    }
+    grads = lora_grads_bytes(numels)
+    opt_torch, opt_paged = optimizer_state_bytes(numels, train.optim)
+    saved = saved_activations_bytes(model, lora, names, train, attn_impl, coeffs)
+    lm_copy = lm_head_weight_copy_bytes(model, train)
+    # Gradients already exist at the start of a backward only when accumulating (zero_grad sets None).
+    grads_at_loss = grads if train.grad_accum > 1 else 0
+
+    def phase(lora_grads=0, saved_activations=0, layer_working_set=0, logits=0):
+        return {**weights, "lora_grads": lora_grads, "optimizer_state": opt_torch,
+                "saved_activations": saved_activations, "layer_working_set": layer_working_set, "logits": logits}
+
+    phases = {
+        "forward, at the loss": phase(
+            grads_at_loss, saved, 0, lm_copy + logits_bytes(model, train, coeffs, "forward")),
+        "backward, at the loss": phase(
+            grads_at_loss, saved, 0, lm_copy + logits_bytes(model, train, coeffs, "backward")),
+        "backward, last layer": phase(
+            grads, saved, layer_working_set_bytes(model, lora, names, train, attn_impl, coeffs), 0),
+        "optimizer step": phase(grads, 0, optimizer_step_temp_bytes(numels, train.optim, coeffs), 0),
+    }
+    peak_phase, terms = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    peak_allocated = sum(terms.values())
+    activation_part = terms["saved_activations"] + terms["layer_working_set"] + terms["logits"]
+    return MemoryBreakdown(
+        **terms,
+        allocator_reserve=allocator_reserve_bytes(peak_allocated, activation_part, train, coeffs),
+        cuda_context=cuda_context_bytes(coeffs),
+        paged_optimizer_state=opt_paged,
+        peak_phase=peak_phase,
+        required_bytes=required_budget_bytes(peak_allocated, activation_part, train, coeffs),
+    )
+
+
+def trainable_params(model: ModelSpec, lora: LoraSettings) -> int:
+    return sum(lora_tensor_numels(model, lora, resolve_targets(model, lora.targets)))
+

@@ -1,0 +1,220 @@
+"""profiles/{models,gpus}/*.toml -> specs. Listing, validation, did-you-mean. Standard library only."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+from planner.specs import GpuSpec, LinearSpec, ModelSpec
+from planner.units import looks_like_size, parse_size
+
+PROFILES_DIR = Path(os.environ.get("QFIT_PROFILES", Path(__file__).resolve().parent.parent / "profiles"))
+
+
+class ProfileError(ValueError):
+    """A user-facing problem with a model or GPU name or file: the message says what to do."""
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+# --------------------------------------------------------------------------- model profiles
+
+def model_from_dict(doc: dict, origin: str) -> ModelSpec:
+    """A profile document (TOML table) -> ModelSpec. Raises ProfileError naming a missing field."""
+    cfg = doc.get("config", {})
+    inv = doc.get("inventory", {})
+
+    def need(table: dict, key: str, where: str):
+        if key not in table:
+            raise ProfileError(f"{origin}: missing field '{key}' in {where}")
+        return table[key]
+
+    heads = need(cfg, "num_attention_heads", "config")
+    hidden = need(cfg, "hidden_size", "config")
+    linears = tuple(
+        LinearSpec(name=lin["name"], in_features=lin["in_features"], out_features=lin["out_features"],
+                   bias=lin["bias"], group=lin["group"], count=lin.get("count", 1))
+        for lin in need(inv, "layer_linears", "inventory")
+    )
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    return ModelSpec(
+        name=doc.get("name", origin), display_name=doc.get("display_name", doc.get("name", origin)),
+        hf_id=doc.get("hf_id", ""), source=doc.get("source", origin),
+        model_type=need(cfg, "model_type", "config"),
+        hidden_size=hidden, intermediate_size=need(cfg, "intermediate_size", "config"),
+        num_hidden_layers=need(cfg, "num_hidden_layers", "config"), num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or hidden // heads, vocab_size=need(cfg, "vocab_size", "config"),
+        max_position_embeddings=need(cfg, "max_position_embeddings", "config"),
+        tie_word_embeddings=bool(inv.get("tied", cfg.get("tie_word_embeddings", False))),
+        hidden_act=act, mlp_gated=bool(inv.get("mlp_gated", True)),
+        attn_implementation=inv.get("attn_implementation", "sdpa"), layer_linears=linears,
+        layer_other_params=need(inv, "layer_other_params", "inventory"),
+        norms_per_layer=inv.get("norms_per_layer", 2), embed_params=need(inv, "embed_params", "inventory"),
+        lm_head_params=need(inv, "lm_head_params", "inventory"),
+        final_other_params=need(inv, "final_other_params", "inventory"),
+        num_local_experts=cfg.get("num_local_experts", 0) or 0,
+        num_experts_per_tok=cfg.get("num_experts_per_tok", 0) or 0,
+        final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+        aliases=tuple(doc.get("aliases", ())), notes=doc.get("notes", ""),
+    )
+
+
+@lru_cache(maxsize=1)
+def _model_docs() -> dict[str, tuple[Path, dict]]:
+    out = {}
+    for path in sorted((PROFILES_DIR / "models").glob("*.toml")):
+        with path.open("rb") as fh:
+            out[path.stem] = (path, tomllib.load(fh))
+    return out
+
+
+def model_names() -> list[str]:
+    return sorted(_model_docs())
+
+
+def _model_index() -> dict[str, str]:
+    index = {}
+    for stem, (_, doc) in _model_docs().items():
+        for key in (stem, doc.get("hf_id", ""), doc.get("display_name", ""), *doc.get("aliases", ())):
+            if key:
+                index[_norm(key)] = stem
+    return index
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A short name, a Hugging Face id, a profile .toml, or a local config.json (or its folder)."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path.endswith((".json", ".toml")) or path.is_dir():
+        return _load_model_file(path)
+    stem = _model_index().get(_norm(name_or_path))
+    if stem is None:
+        raise ProfileError(f"unknown model '{name_or_path}'.{_did_you_mean(name_or_path, _model_index())} "
+                           "(`qfit models` lists all; a path to a config.json works too)")
+    path, doc = _model_docs()[stem]
+    return model_from_dict(doc, str(path))
+
+
+def _load_model_file(path: Path) -> ModelSpec:
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ProfileError(f"no such file: {path}")
+    if path.suffix == ".toml":
+        try:
+            with path.open("rb") as fh:
+                return model_from_dict(tomllib.load(fh), str(path))
+        except tomllib.TOMLDecodeError as exc:
+            raise ProfileError(f"{path} is not valid TOML: {exc}") from None
+    return model_from_config_json(path)
+
+
+def model_from_config_json(path: Path) -> ModelSpec:
+    """Read a Hugging Face config.json with the standard library and lay out its modules."""
+    from planner.architectures import KNOWN_MODEL_TYPES, layout
+
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path} must hold a JSON object")
+    if "model_type" not in raw:
+        raise ProfileError(f"{path}: missing field 'model_type'")
+    if raw["model_type"] not in KNOWN_MODEL_TYPES:
+        raise ProfileError(
+            f"{path}: qfit has no built-in layout for model_type '{raw['model_type']}' "
+            f"(known: {', '.join(KNOWN_MODEL_TYPES)}); run `qfit profile {path}` to write a profile from transformers")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "vocab_size", "max_position_embeddings"):
+        if key not in raw:
+            raise ProfileError(f"{path}: missing field '{key}'")
+        if not isinstance(raw[key], int) or raw[key] <= 0:
+            raise ProfileError(f"{path}: field '{key}' must be a positive integer, got {raw[key]!r}")
+    if raw["model_type"] == "mixtral" and "num_local_experts" not in raw:
+        raise ProfileError(f"{path}: missing field 'num_local_experts'")
+    inv = layout(raw)
+    name = raw.get("_name_or_path") or path.parent.name or path.stem
+    return model_from_dict({"name": name, "display_name": name, "source": str(path),
+                            "config": raw, "inventory": inv}, str(path))
+
+
+# --------------------------------------------------------------------------- GPU profiles
+
+@lru_cache(maxsize=1)
+def _gpu_docs() -> dict[str, tuple[Path, dict]]:
+    out = {}
+    for path in sorted((PROFILES_DIR / "gpus").glob("*.toml")):
+        with path.open("rb") as fh:
+            out[path.stem] = (path, tomllib.load(fh))
+    return out
+
+
+def gpu_names() -> list[str]:
+    return sorted(_gpu_docs(), key=lambda s: _gpu_docs()[s][1]["memory_bytes"])
+
+
+def _gpu_index() -> dict[str, str]:
+    index = {}
+    for stem, (_, doc) in _gpu_docs().items():
+        for key in (stem, doc.get("display_name", ""), *doc.get("aliases", ())):
+            if key:
+                index[_norm(key)] = stem
+    return index
+
+
+def gpu_from_dict(doc: dict, origin: str) -> GpuSpec:
+    try:
+        return GpuSpec(
+            name=doc["name"], display_name=doc["display_name"], memory_bytes=int(doc["memory_bytes"]),
+            compute_capability=doc["compute_capability"], bf16=doc["bf16"],
+            flash_attention_2=doc["flash_attention_2"], bf16_tflops=float(doc["bf16_tflops"]),
+            fp16_tflops=float(doc["fp16_tflops"]), bandwidth_gb_s=float(doc["bandwidth_gb_s"]),
+            price_usd_per_hour=doc.get("price_usd_per_hour"), price_date=doc.get("price_date", ""),
+            price_source=doc.get("price_source", ""), source=doc["source"],
+            memory_source=doc.get("memory_source", ""), aliases=tuple(doc.get("aliases", ())),
+        )
+    except KeyError as exc:
+        raise ProfileError(f"{origin}: missing field {exc}") from None
+
+
+def load_gpu(name: str) -> GpuSpec:
+    """A catalog name ('t4', 'NVIDIA A100-SXM4-80GB') or a bare capacity ('24GiB', '16GB')."""
+    if looks_like_size(name):
+        return GpuSpec.bare_capacity(parse_size(name), name)
+    stem = _gpu_index().get(_norm(name))
+    if stem is None:
+        raise ProfileError(f"unknown GPU '{name}'.{_did_you_mean(name, _gpu_index())} "
+                           "(`qfit gpus` lists all; a capacity such as 24GiB works too)")
+    path, doc = _gpu_docs()[stem]
+    return gpu_from_dict(doc, str(path))
+
+
+def all_gpus() -> list[GpuSpec]:
+    return [load_gpu(n) for n in gpu_names()]
+
+
+def all_models() -> list[ModelSpec]:
+    return [load_model(n) for n in model_names()]
+
+
+def match_gpu_name(device_name: str) -> GpuSpec | None:
+    """NVML's device name ('NVIDIA H200', 'Tesla T4') -> a catalog GPU, or None."""
+    stem = _gpu_index().get(_norm(device_name))
+    if stem is None:
+        return None
+    path, doc = _gpu_docs()[stem]
+    return gpu_from_dict(doc, str(path))
+
+
+def _did_you_mean(word: str, index: dict[str, str]) -> str:
+    close = difflib.get_close_matches(_norm(word), list(index), n=6, cutoff=0.6)
+    stems = list(dict.fromkeys(index[c] for c in close))[:3]
+    return f" Did you mean: {', '.join(stems)}?" if stems else ""

@@ -1,0 +1,144 @@
+"""The recommender: candidate settings -> estimate -> fits(gpu) -> ranked plans. Pure; no I/O.
+
+Values the user fixes are kept; the rest are searched. LoRA quality is never traded for speed
+silently: candidates come in quality tiers (the asked or default rank and targets first) and the
+first tier with a fitting plan wins; inside it plans are ranked by estimated tokens/s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from planner.memory import estimate
+from planner.speed import tokens_per_second
+from planner.specs import OPTIMIZERS, Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
+
+DEFAULT_EFFECTIVE_BATCH = 16
+DEFAULT_SEQ_LEN = 512
+AUTO_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# Optimizer preference when not fixed: the classic QLoRA recipe first; 8-bit state when memory is tight.
+OPTIM_ORDER = ("paged_adamw_32bit", "adamw_torch", "paged_adamw_8bit", "adamw_8bit")
+# LoRA fallbacks when the asked/default adapter does not fit anywhere in the grid.
+LORA_FALLBACKS = ((16, ("all-linear",)), (8, ("all-linear",)), (8, ("attn",)))
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the user asked for: None means 'choose for me'."""
+
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    effective_batch: int | None = None
+    seq_len: int | None = None  # None: DEFAULT_SEQ_LEN; 0: auto (longest that fits)
+    rank: int | None = None
+    alpha: int | None = None
+    lora_dropout: float = 0.05
+    targets: tuple[str, ...] | None = None
+    gradient_checkpointing: bool | None = None
+    optim: str | None = None
+    compute_dtype: str | None = None
+    double_quant: bool = True
+    expandable_segments: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    plans: tuple[Plan, ...]  # every candidate, fitting first, best first
+    best: Plan | None
+    notes: tuple[str, ...]  # settings qfit changed and why (bf16 -> fp16, ...)
+
+    @property
+    def fitting(self) -> tuple[Plan, ...]:
+        return tuple(p for p in self.plans if p.fits)
+
+
+def compute_dtype_for(gpu: GpuSpec, asked: str | None) -> tuple[str, str | None]:
+    if asked == "bf16" and not gpu.bf16:
+        return "fp16", f"{gpu.display_name} has no bf16: computing in fp16"
+    return asked or ("bf16" if gpu.bf16 else "fp16"), None
+
+
+def _batch_grid(req: Request) -> list[tuple[int, int]]:
+    if req.batch_size and req.grad_accum:
+        return [(req.batch_size, req.grad_accum)]
+    eff = req.effective_batch or (req.batch_size * req.grad_accum if req.batch_size and req.grad_accum else None)
+    if req.batch_size:
+        eff = eff or max(req.batch_size, DEFAULT_EFFECTIVE_BATCH)
+        return [(req.batch_size, max(1, eff // req.batch_size))]
+    eff = eff or DEFAULT_EFFECTIVE_BATCH
+    if req.grad_accum:
+        return [(max(1, eff // req.grad_accum), req.grad_accum)]
+    sizes, mb = [], 1
+    while mb <= eff:
+        if eff % mb == 0:
+            sizes.append((mb, eff // mb))
+        mb *= 2
+    return sizes or [(1, eff)]
+
+
+def candidates(model: ModelSpec, gpu: GpuSpec, req: Request) -> tuple[list[tuple[int, LoraSettings, TrainSettings]], list[str]]:
+    """(tier, lora, train) for every combination the request leaves open."""
+    dtype, note = compute_dtype_for(gpu, req.compute_dtype)
+    notes = [note] if note else []
+    if req.seq_len == 0:
+        seqs = [s for s in AUTO_SEQ_LENS if s <= model.max_position_embeddings]
+    else:
+        seqs = [req.seq_len or DEFAULT_SEQ_LEN]
+    if req.rank or req.targets:
+        loras = [(req.rank or 16, req.targets or ("all-linear",))]
+    else:
+        loras = list(LORA_FALLBACKS)
+    ckpts = [req.gradient_checkpointing] if req.gradient_checkpointing is not None else [False, True]
+    optims = [req.optim] if req.optim else list(OPTIM_ORDER)
+    out = []
+    for tier, (rank, targets) in enumerate(loras):
+        lora = LoraSettings(rank=rank, alpha=req.alpha or 2 * rank, dropout=req.lora_dropout, targets=targets)
+        for seq in sorted(seqs, reverse=True):
+            for mb, accum in _batch_grid(req):
+                for ckpt in ckpts:
+                    for optim in optims:
+                        train = TrainSettings(batch_size=mb, grad_accum=accum, seq_len=seq,
+                                              gradient_checkpointing=ckpt, optim=optim, compute_dtype=dtype,
+                                              double_quant=req.double_quant,
+                                              expandable_segments=req.expandable_segments)
+                        out.append((tier, lora, train))
+    return out, notes
+
+
+def make_plan(model: ModelSpec, gpu: GpuSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients) -> Plan:
+    memory = estimate(model, lora, train, coeffs)
+    capacity = int(gpu.memory_bytes * (1.0 - coeffs.get("safety_margin_frac")))
+    return Plan(model=model, gpu=gpu, lora=lora, train=train, memory=memory, capacity_bytes=capacity,
+                tokens_per_s=tokens_per_second(model, lora, train, gpu, coeffs))
+
+
+def search(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients) -> SearchResult:
+    cands, notes = candidates(model, gpu, req)
+    scored = []
+    for tier, lora, train in cands:
+        plan = make_plan(model, gpu, lora, train, coeffs)
+        optim_pref = OPTIM_ORDER.index(train.optim) if train.optim in OPTIM_ORDER else 0
+        # fitting first; then LoRA quality tier; longer sequences (auto mode); faster; preferred optimizer
+        key = (not plan.fits, tier, -train.seq_len, -round(plan.tokens_per_s, 1), optim_pref, plan.memory.needs_bytes)
+        scored.append((key, plan))
+    scored.sort(key=lambda kv: kv[0])
+    plans = tuple(p for _, p in scored)
+    best = plans[0] if plans and plans[0].fits else None
+    return SearchResult(plans=plans, best=best, notes=tuple(notes))
+
+
+def smallest(plans: tuple[Plan, ...]) -> Plan:
+    return min(plans, key=lambda p: p.memory.needs_bytes)
+
+
+def next_larger_batch(plan: Plan, coeffs: Coefficients) -> Plan | None:
+    """The same plan with the micro-batch doubled (accumulation halved): what 'one step more' needs."""
+    t = plan.train
+    if t.grad_accum < 2:
+        return None
+    bigger = replace(t, batch_size=t.batch_size * 2, grad_accum=t.grad_accum // 2)
+    return make_plan(plan.model, plan.gpu, plan.lora, bigger, coeffs)
+
+
+def optimizers() -> tuple[str, ...]:
+    return OPTIMIZERS

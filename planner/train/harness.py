@@ -1,0 +1,283 @@
+"""The profiling harness behind `qfit calibrate`: sweep QLoRA configurations on a CUDA GPU and
+write one CSV row per configuration (raw integer bytes; an OOM is a row, not a lost run).
+
+One process sweeps many configurations. The 4-bit base model is loaded once per (model, compute
+dtype, double quant) and reused: after each configuration the LoRA layers are unloaded and the
+allocator emptied, and the row records whether allocated memory came back to the post-load level
+(`leak_bytes`), so that reuse cannot silently contaminate the numbers.
+
+Run (on the GPU machine):  python -m planner.train.harness --grid h200-a --out runs.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from itertools import groupby
+from pathlib import Path
+
+import torch
+
+from planner.memory import resolve_targets
+from planner.profiles import PROFILES_DIR, load_model
+from planner.specs import LoraSettings, TrainSettings
+from planner.train import stack
+
+FIELDS = (
+    "run_id", "model", "compute_dtype", "double_quant", "alloc_conf", "batch_size", "grad_accum", "seq_len",
+    "gradient_checkpointing", "rank", "alpha", "lora_dropout", "targets", "optim", "status", "budget_bytes",
+    "load_peak_allocated_bytes", "after_load_allocated_bytes", "after_wrap_allocated_bytes",
+    "peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes", "nvml_baseline_bytes",
+    "context_bytes", "leak_bytes", "step_time_s", "tokens_per_s", "steps", "error",
+    "gpu_name", "gpu_total_bytes", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "date",
+)
+
+
+def nvml_used() -> tuple[int, str, str]:
+    import pynvml
+
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("QFIT_NVML_INDEX", "0")))
+    used = int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+    name = pynvml.nvmlDeviceGetName(h)
+    name = name.decode() if isinstance(name, bytes) else name
+    drv = pynvml.nvmlSystemGetDriverVersion()
+    return used, name, drv.decode() if isinstance(drv, bytes) else drv
+
+
+def _cfg(model, batch, seq, ckpt, rank, targets, optim, dtype="bf16", dq=True, accum=2, budget=0, bisect=False):
+    return dict(model=model, compute_dtype=dtype, double_quant=dq, batch_size=batch, seq_len=seq,
+                gradient_checkpointing=ckpt, rank=rank, targets=targets, optim=optim, grad_accum=accum,
+                budget_bytes=budget, bisect=bisect)
+
+
+def grid(name: str) -> list[dict]:
+    """Named sweeps. Each is sized to finish inside one 10-minute GPU command."""
+    A, L = "attn", "all-linear"
+    if name == "tiny":  # CPU smoke test of the whole path
+        return [_cfg("tiny-llama", 2, 32, c, r, t, o) for c in (False, True) for r, t in ((8, A), (4, L))
+                for o in ("adamw_torch", "paged_adamw_8bit")]
+    if name == "h200-a":
+        rows = []
+        for m in ("qwen2.5-1.5b", "mistral-7b"):
+            rows += [_cfg(m, 1, 256, False, 8, A, "adamw_torch"),
+                     _cfg(m, 4, 512, False, 16, A, "paged_adamw_32bit"),
+                     _cfg(m, 8, 512, False, 16, L, "paged_adamw_32bit", bisect=True),
+                     _cfg(m, 2, 1024, False, 64, L, "paged_adamw_8bit"),
+                     _cfg(m, 1, 4096, False, 8, A, "adamw_torch"),
+                     _cfg(m, 16, 256, False, 16, L, "adamw_torch"),
+                     _cfg(m, 1, 512, True, 8, A, "paged_adamw_32bit"),
+                     _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", bisect=True),
+                     _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit"),
+                     _cfg(m, 2, 4096, True, 16, A, "adamw_torch"),
+                     _cfg(m, 8, 2048, True, 8, L, "adamw_torch"),
+                     _cfg(m, 16, 1024, True, 16, A, "paged_adamw_32bit", bisect=True),
+                     _cfg(m, 4, 4096, True, 64, L, "paged_adamw_32bit")]
+            rows += [_cfg(m, 4, 512, True, 16, L, "paged_adamw_32bit", dtype="fp16"),
+                     _cfg(m, 2, 2048, False, 16, A, "paged_adamw_32bit", dtype="fp16"),
+                     _cfg(m, 8, 1024, True, 16, L, "adamw_torch", dq=False),
+                     _cfg(m, 2, 1024, False, 64, A, "paged_adamw_32bit", dq=False)]
+        return rows
+    if name == "h200-alloc":  # the same shapes under the other allocator mode (run with a different PYTORCH_CUDA_ALLOC_CONF)
+        m = "mistral-7b"
+        return [_cfg(m, 4, 512, False, 16, A, "paged_adamw_32bit"),
+                _cfg(m, 8, 512, False, 16, L, "paged_adamw_32bit", bisect=True),
+                _cfg(m, 16, 256, False, 16, L, "adamw_torch"),
+                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", bisect=True),
+                _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit"),
+                _cfg(m, 8, 2048, True, 8, L, "adamw_torch"),
+                _cfg(m, 16, 1024, True, 16, A, "paged_adamw_32bit", bisect=True)]
+    if name == "h200-b":
+        m = "llama-3.1-8b"
+        return [_cfg(m, 1, 512, False, 16, A, "paged_adamw_32bit"),
+                _cfg(m, 4, 512, False, 8, L, "adamw_torch", bisect=True),
+                _cfg(m, 2, 2048, False, 16, L, "paged_adamw_8bit"),
+                _cfg(m, 1, 4096, False, 64, A, "paged_adamw_32bit"),
+                _cfg(m, 8, 256, False, 64, L, "adamw_torch"),
+                _cfg(m, 2, 512, True, 16, A, "paged_adamw_32bit"),
+                _cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit", bisect=True),
+                _cfg(m, 16, 512, True, 8, L, "paged_adamw_8bit"),
+                _cfg(m, 4, 4096, True, 16, A, "adamw_torch"),
+                _cfg(m, 16, 2048, True, 64, L, "paged_adamw_32bit"),
+                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", dtype="fp16"),
+                _cfg(m, 2, 1024, False, 16, A, "adamw_torch", dtype="fp16"),
+                _cfg(m, 4, 2048, True, 64, L, "paged_adamw_8bit", dq=False),
+                _cfg(m, 2, 512, False, 8, L, "paged_adamw_32bit", dq=False)]
+    raise SystemExit(f"unknown grid {name!r}")
+
+
+def grid_from_json(path: str) -> list[dict]:
+    return [_cfg(**row) for row in json.loads(Path(path).read_text())]
+
+
+def _model_path(spec_name: str, config_fields: dict, dtype: str, workdir: Path, layers: int | None) -> str:
+    path = workdir / f"{spec_name}-{dtype}"
+    if not (path / "config.json").is_file():
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        stack.save_random_model(stack.hf_config(config_fields, layers), str(path), stack.TORCH_DTYPES[dtype], dev)
+    return str(path)
+
+
+def _profile_fields(name: str) -> dict:
+    import tomllib
+
+    path = Path(name) if name.endswith(".toml") else PROFILES_DIR / "models" / f"{name}.toml"
+    with path.open("rb") as fh:
+        return tomllib.load(fh)["config"]
+
+
+def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> dict:
+    from peft import get_peft_model
+    from transformers import Trainer
+
+    cuda = torch.cuda.is_available()
+    lora = LoraSettings(rank=cfg["rank"], alpha=2 * cfg["rank"], dropout=0.05, targets=(cfg["targets"],))
+    train = TrainSettings(batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], seq_len=cfg["seq_len"],
+                          gradient_checkpointing=cfg["gradient_checkpointing"], optim=cfg["optim"],
+                          compute_dtype=cfg["compute_dtype"], double_quant=cfg["double_quant"])
+    names = resolve_targets(spec, lora.targets)
+    row = {**env, **cfg, "alpha": lora.alpha, "lora_dropout": lora.dropout, "status": "ok", "error": "",
+           "after_load_allocated_bytes": after_load}
+    if cuda and cfg["budget_bytes"]:
+        torch.cuda.set_per_process_memory_fraction(cfg["budget_bytes"] / env["gpu_total_bytes"])
+    model = trainer = None
+    steps = 2
+    try:
+        model = get_peft_model(base, stack.lora_config(lora, names))
+        row["after_wrap_allocated_bytes"] = torch.cuda.memory_allocated() if cuda else 0
+        ds = stack.FixedLengthDataset(train.batch_size * train.grad_accum * steps, train.seq_len, spec.vocab_size)
+        timer = stack.StepTimer()
+        args = stack.training_arguments(outdir, train, max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant")
+        trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer])
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+            row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            row["nvml_used_bytes"] = nvml_used()[0]  # paged optimizer state is still resident here
+        step = min(timer.times[1:] or timer.times)
+        row["step_time_s"] = round(step, 4)
+        row["tokens_per_s"] = round(train.tokens_per_micro_batch * train.grad_accum / step, 1)
+        row["steps"] = len(timer.times)
+    except torch.OutOfMemoryError as exc:
+        row["status"] = "oom"
+        row["error"] = str(exc).splitlines()[0][:200]
+        if cuda:
+            row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    except Exception as exc:  # a failed configuration is a data row too
+        row["status"] = "error"
+        row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        traceback.print_exc()
+    finally:
+        if trainer is not None:
+            trainer.accelerator.free_memory()
+        del trainer
+        if model is not None:
+            try:
+                model.unload()
+            except Exception:
+                traceback.print_exc()
+        if hasattr(base, "gradient_checkpointing_disable"):
+            base.gradient_checkpointing_disable()
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            row["leak_bytes"] = torch.cuda.memory_allocated() - after_load
+    return row
+
+
+def _record(writer, fh, row: dict, cfg: dict, env: dict, load_peak: int) -> dict:
+    row["load_peak_allocated_bytes"] = load_peak
+    row["run_id"] = (f"{cfg['model']}|{cfg['compute_dtype']}|dq{int(cfg['double_quant'])}|b{cfg['batch_size']}x{cfg['grad_accum']}|"
+                     f"s{cfg['seq_len']}|ckpt{int(cfg['gradient_checkpointing'])}|r{cfg['rank']}|{cfg['targets']}|"
+                     f"{cfg['optim']}|{env['alloc_conf'] or 'default'}|cap{cfg['budget_bytes']}")
+    writer.writerow(row)
+    fh.flush()
+    print(f"[harness] {row['run_id']}: {row['status']} peak_alloc={row.get('peak_allocated_bytes')} "
+          f"reserved={row.get('peak_reserved_bytes')} nvml={row.get('nvml_used_bytes')} tok/s={row.get('tokens_per_s')} "
+          f"leak={row.get('leak_bytes')} {row.get('error', '')}", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", default="tiny", help="a named grid (tiny, h200-a, h200-b) or a JSON file of configs")
+    ap.add_argument("--out", required=True, help="CSV file to append rows to")
+    ap.add_argument("--workdir", default="/dev/shm/qfit-models", help="where random checkpoints are saved")
+    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke tests)")
+    ap.add_argument("--bisect-steps", type=int, default=3, help="allocator-cap bisection steps for configs marked bisect")
+    ap.add_argument("--time-limit", type=float, default=1e9, help="stop starting new configurations after this many seconds")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    configs = grid_from_json(args.grid) if args.grid.endswith(".json") else grid(args.grid)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    env = {**stack.library_versions(), "date": time.strftime("%Y-%m-%d"), "gpu_name": platform.processor() or "cpu",
+           "gpu_total_bytes": 0, "driver": "", "nvml_baseline_bytes": 0, "context_bytes": 0}
+    if cuda:
+        env["nvml_baseline_bytes"], env["gpu_name"], env["driver"] = nvml_used()
+        torch.zeros(1, device="cuda")
+        env["gpu_total_bytes"] = torch.cuda.get_device_properties(0).total_memory
+        env["context_bytes"] = nvml_used()[0] - env["nvml_baseline_bytes"] - torch.cuda.memory_reserved()
+    env["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    env.pop("cuda", None)
+    env["cuda"] = torch.version.cuda or ""
+    out = Path(args.out)
+    new = not out.exists()
+    with out.open("a", newline="") as fh, tempfile.TemporaryDirectory() as tmp:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        key = lambda c: (c["model"], c["compute_dtype"], c["double_quant"])  # noqa: E731
+        for (mname, dtype, dq), group in groupby(sorted(configs, key=key), key=key):
+            group = list(group)
+            if time.time() - t_start > args.time_limit:
+                break
+            spec = load_model(mname)
+            fields = _profile_fields(mname)
+            path = _model_path(mname, fields, dtype, workdir, args.layers)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            base = stack.load_4bit(path, dtype, dq, device_map={"": 0} if cuda else None)
+            if cuda:
+                torch.cuda.empty_cache()
+            after_load = torch.cuda.memory_allocated() if cuda else 0
+            load_peak = torch.cuda.max_memory_allocated() if cuda else 0
+            print(f"[harness] loaded {mname} {dtype} dq={dq}: {after_load} B allocated, load peak {load_peak} B", flush=True)
+            for cfg in group:
+                if time.time() - t_start > args.time_limit:
+                    print("[harness] time limit reached", flush=True)
+                    break
+                row = _record(writer, fh, run_one(base, spec, cfg, env, after_load, tmp), cfg, env, load_peak)
+                if cfg.get("bisect") and row["status"] == "ok" and cuda:
+                    # the smallest budget that runs: bisect the allocator cap between peak allocated and reserved
+                    lo, hi = row["peak_allocated_bytes"], row["peak_reserved_bytes"] + 64 * 2**20
+                    for _ in range(args.bisect_steps):
+                        mid = (lo + hi) // 2
+                        capped = _record(writer, fh, run_one(base, spec, {**cfg, "budget_bytes": mid}, env, after_load, tmp),
+                                         cfg | {"budget_bytes": mid}, env, load_peak)
+                        lo, hi = (lo, mid) if capped["status"] == "ok" else (mid, hi)
+            del base
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The QLoRA stack exactly as users run it: build, load in 4-bit, prepare, wrap with LoRA, Trainer.
+
+Shared by `qfit run` and `qfit calibrate`, so that what is measured is what is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback, TrainingArguments
+
+from planner.specs import LoraSettings, ModelSpec, TrainSettings
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# transformers 5.x renamed gradient_checkpointing -> activation_checkpointing (the old name is a deprecated alias)
+_TA_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+CKPT_ARG = "activation_checkpointing" if "activation_checkpointing" in _TA_FIELDS else "gradient_checkpointing"
+
+
+def hf_config(config_fields: dict, num_hidden_layers: int | None = None):
+    cfg = {k: v for k, v in config_fields.items() if k not in ("model_type", "architectures")}
+    if num_hidden_layers is not None:
+        cfg["num_hidden_layers"] = num_hidden_layers
+    return AutoConfig.for_model(config_fields["model_type"], **cfg)
+
+
+def save_random_model(config, path: str, dtype: torch.dtype, device: str = "cpu") -> None:
+    """Random weights for an architecture (memory does not depend on values), saved as a checkpoint."""
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path, safe_serialization=True)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def bnb_config(compute_dtype: str, double_quant: bool) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype])
+
+
+def load_4bit(path: str, compute_dtype: str, double_quant: bool, device_map=None):
+    """from_pretrained with BitsAndBytesConfig, then prepare_model_for_kbit_training.
+
+    use_gradient_checkpointing=False here: prepare_model_for_kbit_training would otherwise turn
+    checkpointing on whatever the plan says; the Trainer turns it on only when the plan asks.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    kwargs = {"quantization_config": bnb_config(compute_dtype, double_quant), "dtype": TORCH_DTYPES[compute_dtype]}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(lora: LoraSettings, target_names: tuple[str, ...]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(target_names), bias="none", task_type="CAUSAL_LM")
+
+
+def training_arguments(output_dir: str, train: TrainSettings, **extra) -> TrainingArguments:
+    args = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "optim": train.optim,
+        "bf16": train.compute_dtype == "bf16",
+        "fp16": train.compute_dtype == "fp16",
+        CKPT_ARG: train.gradient_checkpointing,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+        "remove_unused_columns": False,
+    }
+    if not torch.cuda.is_available():
+        args["use_cpu"] = True  # CPU autocast in the compute dtype (tests, the demo)
+    args.update(extra)
+    return TrainingArguments(**args)
+
+
+class FixedLengthDataset(torch.utils.data.Dataset):
+    """Full-length synthetic sequences (random token ids): the worst case a plan must hold."""
+
+    def __init__(self, n: int, seq_len: int, vocab_size: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, vocab_size, (n, seq_len), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (synchronized), for tokens/s."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self._sync()
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def library_versions() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "cuda": torch.version.cuda or "",
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
+
