@@ -27,6 +27,7 @@ PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer: paged 
 FP32 = DTYPE_BYTES["fp32"]
 BOOL_MASK = 1  # torch.native_dropout returns a bool mask, 1 byte per element
 INT64 = 8
+RESERVE_TERMS = ("saved_activations", "layer_working_set", "logits")  # what the allocator slack scales with
 
 
 def alloc(n_bytes: int) -> int:
@@ -228,6 +229,18 @@ def logits_bytes(model: ModelSpec, train: TrainSettings, coeffs: Coefficients, p
     return int(per * model.vocab_size * train.tokens_per_micro_batch)
 
 
+def sliding_window_mask_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """Mistral-style sliding windows: once seq_len reaches the window, transformers builds a dense
+    mask and sdpa leaves the flash kernel for one that takes an additive bias; without
+    checkpointing its backward held one fp32 bias over the heads (4 x heads x s^2) extra.
+    Seen on one measured configuration (Mistral-7B, seq 4096, no checkpointing, H200); the
+    checkpointed runs at seq 4096 showed no such term, so none is added there."""
+    w = model.sliding_window
+    if not w or train.seq_len < w or train.gradient_checkpointing:
+        return 0
+    return FP32 * model.num_attention_heads * train.seq_len * train.seq_len
+
+
 def dequant_buffer_bytes(model: ModelSpec, train: TrainSettings) -> int:
     """bitsandbytes dequantizes one weight at a time to the compute dtype for its matmul."""
     largest = max(lin.weight_count for lin in model.layer_linears)
@@ -254,7 +267,8 @@ def layer_working_set_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[s
     t = train.tokens_per_micro_batch
     layer = layer_saved_bytes_per_token(model, lora, names, train, attn_impl) * t * coeffs.get("act_scale")
     recompute = layer if train.gradient_checkpointing else 0
-    return int(recompute + coeffs.get("bwd_temp_factor") * layer) + dequant_buffer_bytes(model, train)
+    return (int(recompute + coeffs.get("bwd_temp_factor") * layer) + dequant_buffer_bytes(model, train)
+            + sliding_window_mask_bytes(model, train))
 
 
 def optimizer_step_temp_bytes(numels: list[int], optim: str, coeffs: Coefficients) -> int:
@@ -269,13 +283,13 @@ def cuda_context_bytes(coeffs: Coefficients) -> int:
     return int(coeffs.get("cuda_context_bytes"))
 
 
-def allocator_reserve_bytes(peak_allocated: int, activation_part: int, train: TrainSettings,
-                            coeffs: Coefficients) -> int:
-    """Reserved minus allocated at the peak: the caching allocator keeps freed blocks, split
-    across size classes. Modelled per allocator mode as a fraction of the per-step (activation)
-    memory plus a constant, both calibrated."""
+def allocator_reserve_bytes(terms: dict[str, int], train: TrainSettings, coeffs: Coefficients) -> int:
+    """Reserved minus allocated at the peak: the caching allocator keeps freed blocks that the next
+    request cannot reuse. Per allocator mode, calibrated fractions of the per-step terms (saved
+    activations, the layer working set, the logits chain) plus a constant."""
     mode = "expandable" if train.expandable_segments else "default"
-    return int(coeffs.get(f"reserve_frac_{mode}") * activation_part + coeffs.get(f"reserve_const_{mode}"))
+    per_step = sum(coeffs.get(f"reserve_{name}_{mode}") * terms[name] for name in RESERVE_TERMS)
+    return int(per_step + coeffs.get(f"reserve_const_{mode}"))
 
 
 def required_budget_bytes(peak_allocated: int, activation_part: int, train: TrainSettings,
@@ -294,8 +308,8 @@ def attention_implementation(model: ModelSpec) -> str:
     return model.attn_implementation
 
 
-def estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients) -> MemoryBreakdown:
-    """Peak memory of one QLoRA training step: the max over the phases below of named sums."""
+def phases(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients) -> dict[str, dict[str, int]]:
+    """Allocated bytes per named term, for each phase of a training step whose max can be the peak."""
     names = resolve_targets(model, lora.targets)
     numels = lora_tensor_numels(model, lora, names)
     attn_impl = attention_implementation(model)
@@ -317,7 +331,7 @@ def estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs:
         return {**weights, "lora_grads": lora_grads, "optimizer_state": opt_torch,
                 "saved_activations": saved_activations, "layer_working_set": layer_working_set, "logits": logits}
 
-    phases = {
+    return {
         "forward, at the loss": phase(
             grads_at_loss, saved, 0, lm_copy + logits_bytes(model, train, coeffs, "forward")),
         "backward, at the loss": phase(
@@ -326,14 +340,24 @@ def estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs:
             grads, saved, layer_working_set_bytes(model, lora, names, train, attn_impl, coeffs), 0),
         "optimizer step": phase(grads, 0, optimizer_step_temp_bytes(numels, train.optim, coeffs), 0),
     }
-    peak_phase, terms = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+
+
+def paged_state_bytes(model: ModelSpec, lora: LoraSettings, train: TrainSettings) -> int:
+    numels = lora_tensor_numels(model, lora, resolve_targets(model, lora.targets))
+    return optimizer_state_bytes(numels, train.optim)[1]
+
+
+def estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients) -> MemoryBreakdown:
+    """Peak memory of one QLoRA training step: the max over the phases (see phases()) of named sums."""
+    by_phase = phases(model, lora, train, coeffs)
+    peak_phase, terms = max(by_phase.items(), key=lambda kv: sum(kv[1].values()))
     peak_allocated = sum(terms.values())
     activation_part = terms["saved_activations"] + terms["layer_working_set"] + terms["logits"]
     return MemoryBreakdown(
         **terms,
-        allocator_reserve=allocator_reserve_bytes(peak_allocated, activation_part, train, coeffs),
+        allocator_reserve=allocator_reserve_bytes(terms, train, coeffs),
         cuda_context=cuda_context_bytes(coeffs),
-        paged_optimizer_state=opt_paged,
+        paged_optimizer_state=paged_state_bytes(model, lora, train),
         peak_phase=peak_phase,
         required_bytes=required_budget_bytes(peak_allocated, activation_part, train, coeffs),
     )

@@ -15,6 +15,10 @@ from planner.units import looks_like_size, parse_size
 PROFILES_DIR = Path(os.environ.get("QFIT_PROFILES", Path(__file__).resolve().parent.parent / "profiles"))
 
 
+# model types whose modeling file applies config.sliding_window to every layer's mask (transformers 5)
+SLIDING_WINDOW_TYPES = ("mistral", "mixtral", "phi3")
+
+
 class ProfileError(ValueError):
     """A user-facing problem with a model or GPU name or file: the message says what to do."""
 
@@ -63,6 +67,7 @@ def model_from_dict(doc: dict, origin: str) -> ModelSpec:
         num_experts_per_tok=cfg.get("num_experts_per_tok", 0) or 0,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
         attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+        sliding_window=cfg.get("sliding_window") if cfg.get("model_type") in SLIDING_WINDOW_TYPES else None,
         aliases=tuple(doc.get("aliases", ())), notes=doc.get("notes", ""),
     )
 

@@ -64,6 +64,7 @@ class ModelSpec:
     num_experts_per_tok: int = 0
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
+    sliding_window: int | None = None  # only where the model applies it (Mistral v0.1: 4096)
     aliases: tuple[str, ...] = ()
     notes: str = ""
 
