@@ -26,14 +26,14 @@ MODELS = ("mistral-7b", "llama-3.1-8b")
 SEQS = (512, 2048)
 
 
-def planned_runs(coeffs) -> list[dict]:
+def planned_runs(coeffs, effective_batch: int = 16) -> list[dict]:
     rows = []
     for gpu_name in EMULATED:
         gpu = load_gpu(gpu_name)
         for model_name in MODELS:
             model = load_model(model_name)
             for seq in SEQS:
-                res = search(model, gpu, Request(seq_len=seq), coeffs)
+                res = search(model, gpu, Request(seq_len=seq, effective_batch=effective_batch), coeffs)
                 if res.best is None:
                     rows.append({"gpu": gpu_name, "model": model_name, "seq": seq, "fits": False})
                     continue
@@ -60,9 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--coefficients", default=None)
     ap.add_argument("--plans-only", action="store_true")
+    ap.add_argument("--effective-batch", type=int, default=16)
     args = ap.parse_args(argv)
     coeffs = load_coefficients(path=args.coefficients)
-    plans = planned_runs(coeffs)
+    plans = planned_runs(coeffs, args.effective_batch)
     Path(args.out).with_suffix(".plans.json").write_text(json.dumps(plans, indent=1))
     for p in plans:
         print(json.dumps({k: v for k, v in p.items() if k != "cfg"} | {"cfg": p.get("cfg")}), flush=True)
