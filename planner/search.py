@@ -15,6 +15,7 @@ from planner.specs import OPTIMIZERS, Coefficients, GpuSpec, LoraSettings, Model
 
 DEFAULT_EFFECTIVE_BATCH = 16
 DEFAULT_SEQ_LEN = 512
+MAX_MICRO_BATCH = 256
 AUTO_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 # Optimizer preference when not fixed: the classic QLoRA recipe first; 8-bit state when memory is tight.
 OPTIM_ORDER = ("paged_adamw_32bit", "adamw_torch", "paged_adamw_8bit", "adamw_8bit")
@@ -68,12 +69,8 @@ def _batch_grid(req: Request) -> list[tuple[int, int]]:
     eff = eff or DEFAULT_EFFECTIVE_BATCH
     if req.grad_accum:
         return [(max(1, eff // req.grad_accum), req.grad_accum)]
-    sizes, mb = [], 1
-    while mb <= eff:
-        if eff % mb == 0:
-            sizes.append((mb, eff // mb))
-        mb *= 2
-    return sizes or [(1, eff)]
+    # every micro-batch that divides the effective batch exactly (the effective batch never changes)
+    return [(mb, eff // mb) for mb in range(1, min(eff, MAX_MICRO_BATCH) + 1) if eff % mb == 0]
 
 
 def candidates(model: ModelSpec, gpu: GpuSpec, req: Request) -> tuple[list[tuple[int, LoraSettings, TrainSettings]], list[str]]:
