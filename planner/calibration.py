@@ -60,7 +60,7 @@ ALLOC_KEYS = ("act_scale", "bwd_temp_factor", "logits_fwd_bytes", "logits_bwd_by
 RIDGE = 1e-2  # pulls coefficients the data cannot identify back to their first-principles defaults
 
 
-def read_runs(paths) -> "pd.DataFrame":
+def read_runs(paths):
     """Measured runs (calibration/runs/*.csv) -> one DataFrame; bytes stay int64."""
     import pandas as pd
 
@@ -142,7 +142,7 @@ def fit_alloc(items: list[dict], base: Coefficients, iterations: int = 8) -> dic
             a_rows.append([it["grads"][k][ph] / y for k in ALLOC_KEYS])
             b_rows.append((y - const) / y)
         prior = [base.get(k) for k in ALLOC_KEYS]
-        for j, k in enumerate(ALLOC_KEYS):  # ridge toward the defaults, relative scale
+        for j in range(len(ALLOC_KEYS)):  # ridge toward the defaults, relative scale
             r = [0.0] * len(ALLOC_KEYS)
             r[j] = RIDGE / prior[j]
             a_rows.append(r)
@@ -309,12 +309,12 @@ def error_summary(preds: list[dict]) -> dict:
 
 
 def fit_speed(df, coeffs: Coefficients) -> dict:
-    """Per micro-batch time = FLOPs / (peak x mfu) + dequant bytes / (bandwidth x eff) + overhead:
-    linear in (1/mfu, 1/eff, overhead), fitted by non-negative least squares on relative error."""
+    """Per micro-batch time = FLOPs / (peak x mfu) + dequant bytes / (bandwidth x eff) + calls x overhead:
+    (1/mfu, overhead) by non-negative least squares on relative error; eff stays at its default."""
     import numpy as np
 
     from planner.profiles import load_model
-    from planner.speed import dequant_bytes, step_flops
+    from planner.speed import dequant_bytes, linear_calls, step_flops
 
     a, b = [], []
     for _, row in df.iterrows():
@@ -324,18 +324,16 @@ def fit_speed(df, coeffs: Coefficients) -> dict:
         lora, train = _row_settings(row)
         gpu = _gpu_of(row)
         t_meas = train.tokens_per_micro_batch / float(row["tokens_per_s"])
+        t_deq = dequant_bytes(model, train) / (gpu.bandwidth_gb_s * 1e9 * coeffs.get("dequant_bw_frac"))
         f = step_flops(model, lora, train) / (gpu.tflops(train.compute_dtype) * 1e12)
-        m = dequant_bytes(model, train) / (gpu.bandwidth_gb_s * 1e9)
-        a.append([f / t_meas, m / t_meas, 1.0 / t_meas])
-        b.append(1.0)
+        a.append([f / t_meas, linear_calls(model, train) / t_meas])
+        b.append((t_meas - t_deq) / t_meas)
     if len(a) < 3:
         return {}
-    inv_mfu, inv_eff, overhead = _nnls(np.array(a), np.array(b), iterations=2000)
-    out = {"step_overhead_s": float(overhead)}
+    inv_mfu, overhead = _nnls(np.array(a), np.array(b), iterations=5000)
+    out = {"linear_call_overhead_s": float(overhead)}
     if inv_mfu > 0:
         out["mfu"] = float(1.0 / inv_mfu)
-    if inv_eff > 0:
-        out["dequant_bw_frac"] = float(1.0 / inv_eff)
     return out
 
 

@@ -17,7 +17,7 @@ CONFIG_FIELDS = (
     "tie_word_embeddings", "hidden_act", "hidden_activation", "rms_norm_eps", "rope_theta",
     "attention_bias", "mlp_bias", "num_local_experts", "num_experts_per_tok", "sliding_window",
     "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar", "rope_scaling",
-    "bos_token_id", "eos_token_id", "pad_token_id", "original_max_position_embeddings",
+    "bos_token_id", "eos_token_id", "pad_token_id", "original_max_position_embeddings", "auto_map",
 )
 
 

@@ -13,6 +13,8 @@ CUDA context, backward temporaries, kernel efficiency) enters through `Coefficie
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from planner.specs import Coefficients, LinearSpec, LoraSettings, MemoryBreakdown, ModelSpec, TrainSettings
 from planner.units import DTYPE_BYTES
 
@@ -39,6 +41,7 @@ def alloc(n_bytes: int) -> int:
 
 # --------------------------------------------------------------------------- LoRA targets
 
+@lru_cache(maxsize=256)
 def resolve_targets(model: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
     """'attn' / 'all-linear' / module names -> the leaf names peft will wrap.
 
@@ -60,18 +63,20 @@ def resolve_targets(model: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ..
     return tuple(dict.fromkeys(names))
 
 
-def lora_tensor_numels(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...]) -> list[int]:
+@lru_cache(maxsize=256)
+def lora_tensor_numels(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...]) -> tuple[int, ...]:
     """Element counts of every LoRA tensor peft creates: lora_A (r x in) and lora_B (out x r) per wrapped linear."""
     out = []
     for lin in model.linears_in(names):
         for _ in range(lin.count * model.num_hidden_layers):
             out.append(lora.rank * lin.in_features)
             out.append(lin.out_features * lora.rank)
-    return out
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- persistent terms
 
+@lru_cache(maxsize=64)
 def quantized_weights_bytes(model: ModelSpec) -> int:
     """4-bit packed base weights: two NF4 values per uint8 (bitsandbytes Params4bit, quant_storage=uint8).
 
@@ -83,6 +88,7 @@ def quantized_weights_bytes(model: ModelSpec) -> int:
     return model.num_hidden_layers * per_layer
 
 
+@lru_cache(maxsize=64)
 def quant_constants_bytes(model: ModelSpec, double_quant: bool) -> int:
     """Per-block scales of the 4-bit weights (bitsandbytes functional.quantize_4bit, QuantState).
 
@@ -110,17 +116,20 @@ def unquantized_weights_bytes(model: ModelSpec) -> int:
     return FP32 * model.unquantized_param_count
 
 
-def lora_params_bytes(numels: list[int]) -> int:
+@lru_cache(maxsize=256)
+def lora_params_bytes(numels: tuple[int, ...]) -> int:
     """LoRA A and B in fp32: peft creates them in fp32 and keeps adapters fp32 (autocast_adapter_dtype=True)."""
     return sum(alloc(FP32 * n) for n in numels)
 
 
-def lora_grads_bytes(numels: list[int]) -> int:
+@lru_cache(maxsize=256)
+def lora_grads_bytes(numels: tuple[int, ...]) -> int:
     """One fp32 gradient per LoRA tensor, alive from its first backward until zero_grad(set_to_none)."""
     return sum(alloc(FP32 * n) for n in numels)
 
 
-def optimizer_state_bytes(numels: list[int], optim: str) -> tuple[int, int]:
+@lru_cache(maxsize=256)
+def optimizer_state_bytes(numels: tuple[int, ...], optim: str) -> tuple[int, int]:
     """(bytes on torch's allocator, bytes in CUDA managed memory) for the optimizer state.
 
     adamw_torch: exp_avg and exp_avg_sq in fp32 (the step counter lives on the CPU).
@@ -271,7 +280,7 @@ def layer_working_set_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[s
             + sliding_window_mask_bytes(model, train))
 
 
-def optimizer_step_temp_bytes(numels: list[int], optim: str, coeffs: Coefficients) -> int:
+def optimizer_step_temp_bytes(numels: tuple[int, ...], optim: str, coeffs: Coefficients) -> int:
     """torch AdamW (foreach) builds per-parameter temporaries during step(); bitsandbytes updates in place."""
     if optim != "adamw_torch":
         return 0

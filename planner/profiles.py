@@ -72,6 +72,12 @@ def model_from_dict(doc: dict, origin: str) -> ModelSpec:
     )
 
 
+@lru_cache(maxsize=64)
+def _load_toml(path: Path) -> dict:
+    with path.open("rb") as fh:
+        return tomllib.load(fh)
+
+
 @lru_cache(maxsize=1)
 def _model_docs() -> dict[str, tuple[Path, dict]]:
     out = {}
@@ -99,6 +105,9 @@ def load_model(name_or_path: str) -> ModelSpec:
     path = Path(name_or_path).expanduser()
     if name_or_path.endswith((".json", ".toml")) or path.is_dir():
         return _load_model_file(path)
+    direct = PROFILES_DIR / "models" / f"{_norm(name_or_path)}.toml"
+    if direct.is_file():  # the common case: a short name; parse one file, not the catalog
+        return model_from_dict(_load_toml(direct), str(direct))
     stem = _model_index().get(_norm(name_or_path))
     if stem is None:
         raise ProfileError(f"unknown model '{name_or_path}'.{_did_you_mean(name_or_path, _model_index())} "
@@ -194,6 +203,9 @@ def load_gpu(name: str) -> GpuSpec:
     """A catalog name ('t4', 'NVIDIA A100-SXM4-80GB') or a bare capacity ('24GiB', '16GB')."""
     if looks_like_size(name):
         return GpuSpec.bare_capacity(parse_size(name), name)
+    direct = PROFILES_DIR / "gpus" / f"{_norm(name)}.toml"
+    if direct.is_file():
+        return gpu_from_dict(_load_toml(direct), str(direct))
     stem = _gpu_index().get(_norm(name))
     if stem is None:
         raise ProfileError(f"unknown GPU '{name}'.{_did_you_mean(name, _gpu_index())} "

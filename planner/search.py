@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from planner.memory import estimate
-from planner.speed import tokens_per_second
 from planner.specs import OPTIMIZERS, Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
+from planner.speed import tokens_per_second
 
 DEFAULT_EFFECTIVE_BATCH = 16
 DEFAULT_SEQ_LEN = 512

@@ -126,6 +126,7 @@ def grid(name: str) -> list[dict]:
 
 
 def grid_from_json(path: str) -> list[dict]:
+    """A JSON list of {model, batch, seq, ckpt, rank, targets, optim[, dtype, dq, accum, budget, bisect]}."""
     return [_cfg(**row) for row in json.loads(Path(path).read_text())]
 
 

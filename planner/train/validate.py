@@ -75,7 +75,7 @@ def main(argv=None) -> int:
             c = p["cfg"]
             groups.setdefault((c["model"], c["dtype"]), []).append(c)
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
-    for key, cfgs in groups.items():
+    for cfgs in groups.values():
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
             json.dump([{"model": c["model"], "batch": c["batch"], "seq": c["seq"], "ckpt": c["ckpt"], "rank": c["rank"],
                         "targets": c["targets"], "optim": c["optim"], "dtype": c["dtype"], "dq": c["dq"],

@@ -1,0 +1,289 @@
+"""`qfit calibrate`: refit coefficients from measured runs and write the report; sweep a user's GPU.
+
+The fit and the cross-validation live in calibration.py; this module does the file work.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from planner.calibration import (
+    CALIBRATION_DIR,
+    DEFAULTS_FILE,
+    FITTED_FILE,
+    cross_validate,
+    error_summary,
+    fit,
+    predict_rows,
+    prepare_rows,
+    read_runs,
+    user_cache_dir,
+    user_coefficients_file,
+)
+from planner.report import gib_str
+
+REPORT_FILE = CALIBRATION_DIR / "REPORT.md"
+PLOT_FILE = CALIBRATION_DIR / "predicted_vs_measured.png"
+VALIDATION_GLOB = str(CALIBRATION_DIR / "validation" / "*.csv")
+
+
+def expand_runs(pattern: str) -> list[str]:
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise ValueError(f"no run files match {pattern!r}")
+    return paths
+
+
+def _environment(df) -> dict:
+    row = df.iloc[0]
+    return {k: str(row[k]) for k in ("gpu_name", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "date")}
+
+
+def coefficients_document(coeffs, df, cv_model, cv_family, name: str) -> dict:
+    env = _environment(df)
+    ok = df[(df["status"] == "ok") & (df["budget_bytes"].astype(int) == 0)]
+    return {
+        "name": name,
+        "description": "fitted by `qfit calibrate --refit` from calibration/runs/*.csv",
+        "measured_on": {"gpu": env["gpu_name"], "runs": int(len(ok)), "models": sorted(set(ok["model"])),
+                        "stack": f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+                                 f"bitsandbytes {env['bitsandbytes']}, CUDA {env['cuda']}, driver {env['driver']}",
+                        "date": env["date"]},
+        "cross_validation": {"leave_one_model_out": error_summary(cv_model),
+                             "leave_one_family_out": error_summary(cv_family)},
+        "values": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in coeffs.values.items()},
+    }
+
+
+def _speed_cv(df, base) -> dict:
+    """Leave-one-model-out error of the throughput model on measured tokens/s."""
+    import numpy as np
+
+    from planner.calibration import _gpu_of, _row_settings
+    from planner.profiles import load_model
+    from planner.speed import tokens_per_second
+
+    errs = []
+    for m in sorted(set(df["model"])):
+        held = df["model"] == m
+        c = fit(df[~held], base)
+        for _, row in df[held].iterrows():
+            if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["tokens_per_s"]):
+                continue
+            lora, train = _row_settings(row)
+            pred = tokens_per_second(load_model(row["model"]), lora, train, _gpu_of(row), c)
+            errs.append((pred - float(row["tokens_per_s"])) / float(row["tokens_per_s"]))
+    e = np.abs(np.array(errs))
+    return {"runs": len(errs), "median_abs_pct": round(float(np.median(e) * 100), 1),
+            "max_abs_pct": round(float(e.max() * 100), 1)}
+
+
+def refit_and_report(paths: list[str], out_path: str | None = None, report_path: str | None = None) -> str:
+    """Fit on every run, cross-validate (never on fitted points), write coefficients and the report."""
+    from planner.calibration import _read
+
+    df = read_runs(paths)
+    base = _read(str(DEFAULTS_FILE))
+    coeffs = fit(df, base)
+    cv_model = cross_validate(df, "model", base)
+    cv_family = cross_validate(df, "family", base)
+    speed = _speed_cv(df, base)
+    doc = coefficients_document(coeffs, df, cv_model, cv_family, f"h200-{_environment(df)['date']}")
+    doc["cross_validation"]["speed_leave_one_model_out"] = speed
+    doc["values"]["speed_cv_error_pct"] = speed["median_abs_pct"]
+    out = Path(out_path) if out_path else FITTED_FILE
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    fitted_preds = predict_rows(prepare_rows(df, base), coeffs)
+    report = render_report(doc, cv_model, fitted_preds, df)
+    rpath = Path(report_path) if report_path else REPORT_FILE
+    rpath.write_text(report)
+    plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)
+    s = doc["cross_validation"]["leave_one_model_out"]
+    return (f"fitted {s['runs']} runs of {', '.join(s['models'])}: leave-one-model-out peak reserved "
+            f"median {s['reserved']['median_abs_pct']}% / max {s['reserved']['max_abs_pct']}%; "
+            f"peak allocated median {s['allocated']['median_abs_pct']}% / max {s['allocated']['max_abs_pct']}%\n"
+            f"wrote {out} and {rpath}" + (f" and {plot}" if plot else " (no plot: pip install matplotlib)"))
+
+
+def _pct(p: dict, kind: str) -> float:
+    return (p[f"predicted_{kind}"] - p[f"measured_{kind}"]) / p[f"measured_{kind}"] * 100
+
+
+def render_report(doc: dict, cv: list[dict], fitted: list[dict], df) -> str:
+    cvm = doc["cross_validation"]["leave_one_model_out"]
+    cvf = doc["cross_validation"]["leave_one_family_out"]
+    sp = doc["cross_validation"]["speed_leave_one_model_out"]
+    m = doc["measured_on"]
+    lines = [
+        "# Calibration report",
+        "",
+        "Generated by `qfit calibrate --refit` from the CSV files in `calibration/runs/` (raw integer bytes, one row per",
+        "configuration, environment in every row). `tests/test_calibration.py` refits on the CPU and checks these figures.",
+        "",
+        f"- GPU: {m['gpu']}; stack: {m['stack']}; measured {m['date']}",
+        f"- {cvm['runs']} completed configurations (plus OOM rows and allocator-cap bisection rows), models: {', '.join(m['models'])}",
+        "- Measured by `python -m planner.train.harness` (grids h200-a, h200-b, h200-c with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
+        "h200-alloc with the default allocator), 2 optimizer steps of 2 accumulated micro-batches on full-length random sequences.",
+        "",
+        "## Accuracy (cross-validated: every prediction comes from a fit that did not see that model)",
+        "",
+        "| | median abs error | max abs error | under-predicted runs | worst under-prediction |",
+        "|---|---|---|---|---|",
+    ]
+    for title, s in (("peak reserved, leave-one-model-out", cvm["reserved"]), ("peak allocated, leave-one-model-out", cvm["allocated"]),
+                     ("peak reserved, leave-one-family-out", cvf["reserved"]), ("peak allocated, leave-one-family-out", cvf["allocated"])):
+        lines.append(f"| {title} | {s['median_abs_pct']}% | {s['max_abs_pct']}% | {s['under_prediction_rate'] * 100:.1f}% | {s['worst_under_pct']}% |")
+    lines += ["", f"Throughput model (tokens/s), leave-one-model-out: median {sp['median_abs_pct']}%, max {sp['max_abs_pct']}% over {sp['runs']} runs.",
+              "", "The families are llama (Llama-2-7B, Llama-3.1-8B), mistral and qwen2; leave-one-family-out holds out both Llama models together.",
+              "", "![predicted vs measured](predicted_vs_measured.png)", "",
+              "## Fitted coefficients", "", "| coefficient | value |", "|---|---|"]
+    for k, v in doc["values"].items():
+        lines.append(f"| {k} | {v} |")
+    lines += ["", "## Every run: measured vs predicted (leave-one-model-out)", "",
+              "| run | phase | measured allocated GiB | predicted | err | measured reserved GiB | predicted | err |",
+              "|---|---|---|---|---|---|---|---|"]
+    for p in cv:
+        lines.append(f"| {p['run_id'].rsplit('|cap', 1)[0]} | {p['phase']} | {gib_str(p['measured_allocated'])} | "
+                     f"{gib_str(p['predicted_allocated'])} | {_pct(p, 'allocated'):+.1f}% | {gib_str(p['measured_reserved'])} | "
+                     f"{gib_str(p['predicted_reserved'])} | {_pct(p, 'reserved'):+.1f}% |")
+    lines += validation_section()
+    lines.append("")
+    return "\n".join(lines)
+
+
+def validation_section() -> list[str]:
+    """The emulated-budget runs (planner/train/validate.py), if present."""
+    import csv
+
+    lines = []
+    for path in sorted(glob.glob(VALIDATION_GLOB)):
+        plans_path = Path(path).with_suffix(".plans.json")
+        plans = json.loads(plans_path.read_text()) if plans_path.is_file() else []
+        rows = list(csv.DictReader(open(path)))
+        lines += ["", f"## Emulated smaller GPUs: `{Path(path).name}`", "",
+                  "qfit's recommended plan run on the H200 under `torch.cuda.set_per_process_memory_fraction` "
+                  "(budget = card memory - fitted CUDA context - predicted paged optimizer state).", "",
+                  "| card | model | seq | plan | budget GiB | ran | peak reserved GiB | card used (reserved + context) | next micro-batch predicted |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p in plans:
+            if not p.get("fits"):
+                lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | predicted not to fit | | | | | |")
+                continue
+            c = p["cfg"]
+            match = [r for r in rows if r["model"] == c["model"] and int(r["batch_size"]) == c["batch"]
+                     and int(r["seq_len"]) == c["seq"] and int(r["budget_bytes"]) == c["budget"]]
+            plan_s = f"{c['batch']}x{c['accum']} ckpt {'on' if c['ckpt'] else 'off'} r{c['rank']} {c['targets']} {c['optim']} {c['dtype']}"
+            nxt = ("fits" if p["next_batch_fits"] else f"does not fit ({gib_str(p['next_batch_needs_bytes'])} GiB)"
+                   if p["next_batch_needs_bytes"] else "none (micro-batch = effective batch)")
+            if not match:
+                lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | {plan_s} | {gib_str(c['budget'])} | not run (GPU time ran out) | | | {nxt} |")
+                continue
+            r = match[0]
+            used = int(r["peak_reserved_bytes"] or 0) + int(r["context_bytes"] or 0) + int(r["nvml_baseline_bytes"] or 0)
+            util = used / p["gpu_memory_bytes"] * 100
+            lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | {plan_s} | {gib_str(c['budget'])} | {r['status']} | "
+                         f"{gib_str(int(r['peak_reserved_bytes'] or 0))} | {gib_str(used)} GiB = {util:.0f}% | {nxt} |")
+    return lines
+
+
+def write_plot(preds: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, kind in zip(axes, ("allocated", "reserved")):
+        for model in sorted({p["model"] for p in preds}):
+            pts = [p for p in preds if p["model"] == model]
+            ax.scatter([p[f"measured_{kind}"] / 2**30 for p in pts], [p[f"predicted_{kind}"] / 2**30 for p in pts],
+                       label=model, s=18)
+        hi = max(max(p[f"measured_{kind}"], p[f"predicted_{kind}"]) for p in preds) / 2**30 * 1.05
+        ax.plot([0, hi], [0, hi], "k-", lw=0.8)
+        ax.plot([0, hi], [0, hi * 1.08], "k:", lw=0.6)
+        ax.plot([0, hi], [0, hi * 0.92], "k:", lw=0.6)
+        ax.set_xlabel(f"measured peak {kind} (GiB)")
+        ax.set_ylabel(f"predicted peak {kind} (GiB)")
+        ax.set_title(f"peak {kind}, leave-one-model-out (dotted: ±8%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- a user's own GPU
+
+def calibrate_this_gpu(target_model: str | None, echo=print) -> Path:
+    """Sweep this machine's GPU (a few minutes), fit, and write user coefficients for it."""
+    from planner.hardware import detect_gpu
+    from planner.profiles import match_gpu_name
+
+    found = detect_gpu()
+    if found is None:
+        raise ValueError("no NVIDIA GPU found: `qfit calibrate --gpu auto` runs on a CUDA machine "
+                         "(on a CPU, `qfit calibrate --refit` refits the committed data)")
+    name, total = found
+    spec = match_gpu_name(name)
+    key = spec.name if spec else f"{total}B"
+    cache = user_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    grid = _user_grid(target_model)
+    grid_file = cache / "calibrate-grid.json"
+    grid_file.write_text(json.dumps(grid))
+    runs = cache / f"calibrate-{key}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    for alloc in ("expandable_segments:True", ""):
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=alloc)
+        echo(f"sweeping {len(grid)} configurations (PYTORCH_CUDA_ALLOC_CONF={alloc or 'default'}) ...")
+        subprocess.run([sys.executable, "-m", "planner.train.harness", "--grid", str(grid_file), "--out", str(runs),
+                        "--workdir", str(cache / "models")], env=env, check=True)
+    df = read_runs([str(runs)])
+    coeffs = fit(df)
+    out = user_coefficients_file(key)
+    out.write_text(json.dumps({"name": f"user-{key}", "description": f"your calibration of {name} ({runs.name})",
+                               "measured_on": {"gpu": name, "runs": int((df['status'] == 'ok').sum()), "date": time.strftime('%Y-%m-%d')},
+                               "values": coeffs.values}, indent=2))
+    return out
+
+
+def _user_grid(target_model: str | None) -> list[dict]:
+    models = ["qwen2.5-0.5b"] + ([target_model] if target_model else [])
+    rows = []
+    for m in models:
+        for batch, seq, ckpt, rank, targets, optim in ((1, 512, True, 16, "all-linear", "paged_adamw_32bit"),
+                                                        (4, 512, False, 16, "attn", "adamw_torch"),
+                                                        (4, 1024, True, 16, "all-linear", "paged_adamw_32bit"),
+                                                        (2, 2048, True, 64, "all-linear", "paged_adamw_8bit")):
+            rows.append({"model": m, "batch": batch, "seq": seq, "ckpt": ckpt, "rank": rank, "targets": targets,
+                         "optim": optim, "bisect": batch == 4 and ckpt})
+    return rows
+
+
+def refit_from_user_runs(echo=print) -> Path:
+    """Refit for this GPU from `qfit run` measurements appended to the user's runs.csv."""
+    path = user_cache_dir() / "runs.csv"
+    if not path.is_file():
+        raise ValueError(f"no measured runs yet ({path} does not exist): train with `qfit run` first")
+    df = read_runs([str(path)])
+    if (df["status"] == "ok").sum() < 3:
+        raise ValueError(f"{path} has fewer than 3 completed runs: too few to refit")
+    gpu = str(df.iloc[-1]["gpu_name"])
+    from planner.profiles import match_gpu_name
+
+    spec = match_gpu_name(gpu)
+    key = spec.name if spec else gpu.replace(" ", "-")
+    coeffs = fit(df)
+    out = user_coefficients_file(key)
+    out.write_text(json.dumps({"name": f"user-runs-{key}", "description": f"refit from your runs on {gpu}",
+                               "measured_on": {"gpu": gpu, "runs": int((df['status'] == 'ok').sum())},
+                               "values": coeffs.values}, indent=2))
+    echo(f"refit {len(df)} runs on {gpu}")
+    return out

@@ -1,0 +1,163 @@
+"""The CLI through click's CliRunner: help for every command, exit codes, JSON schema, golden text."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from planner.cli import cli
+
+GOLDEN = Path(__file__).parent / "golden" / "plan_mistral-7b_t4.txt"
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "pandas", "numpy", "pynvml", "matplotlib", "accelerate")
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_command_has_help_with_an_example(command):
+    r = run(command, "--help")
+    assert r.exit_code == 0
+    assert "Example" in r.output
+
+
+def test_plan_golden_text():
+    """Regenerate after a deliberate change: QFIT_UPDATE_GOLDEN=1 pytest tests/test_cli.py"""
+    r = run("plan", "mistral-7b", "--gpu", "t4")
+    assert r.exit_code == 0
+    if os.environ.get("QFIT_UPDATE_GOLDEN"):
+        GOLDEN.write_text(r.output)
+    assert r.output == GOLDEN.read_text()
+
+
+def test_plan_text_rows_add_up():
+    r = run("plan", "mistral-7b", "--gpu", "t4")
+    lines = r.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Memory at peak"))
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("---"):
+            break
+        rows.append(float(line.split()[-1] if not line.rstrip().endswith("term") else line.split()[-4]))
+    total = next(line for line in lines if line.startswith("device used"))
+    assert abs(sum(rows) - float(total.split()[-1])) <= 0.01 * len(rows)
+
+
+def test_plan_json_schema():
+    r = run("plan", "mistral-7b", "--gpu", "t4", "--json")
+    doc = json.loads(r.output)
+    assert set(doc) >= {"model", "gpu", "settings", "params", "memory", "fits", "alternatives"}
+    assert set(doc["settings"]) >= {"batch_size", "grad_accum", "seq_len", "rank", "alpha", "lora_dropout", "targets",
+                                    "gradient_checkpointing", "optim", "compute_dtype", "double_quant"}
+    assert set(doc["params"]) == {"total", "trainable", "quantized"}
+    assert set(doc["memory"]) >= {"components", "peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes",
+                                  "gpu_capacity_bytes", "required_bytes"}
+    mem = doc["memory"]
+    assert all(isinstance(v, int) for v in mem["components"].values())
+    assert mem["peak_allocated_bytes"] <= mem["required_bytes"] <= mem["peak_reserved_bytes"] + 2**30
+    assert doc["fits"] is True and doc["settings"]["compute_dtype"] == "fp16"  # T4: no bf16
+    assert doc["params"]["total"] == 7_241_732_096
+    assert isinstance(doc["settings"]["targets"], list)
+
+
+def test_user_values_are_respected():
+    doc = json.loads(run("plan", "mistral-7b", "--gpu", "a100-80gb", "--batch-size", "2", "--grad-accum", "4",
+                         "--rank", "8", "--targets", "q_proj,v_proj", "--no-gradient-checkpointing",
+                         "--optim", "adamw_torch", "--seq-len", "1024", "--json").output)
+    s = doc["settings"]
+    assert (s["batch_size"], s["grad_accum"], s["rank"], s["targets"], s["gradient_checkpointing"], s["optim"],
+            s["seq_len"]) == (2, 4, 8, ["q_proj", "v_proj"], False, "adamw_torch", 1024)
+
+
+def test_bf16_on_t4_switches_and_says_so():
+    r = run("plan", "mistral-7b", "--gpu", "t4", "--compute-dtype", "bf16")
+    assert "no bf16: computing in fp16" in r.output
+
+
+def test_nothing_fits_says_why_and_what_would():
+    r = run("plan", "llama-3.1-70b", "--gpu", "rtx4090")
+    assert r.exit_code == 1
+    assert "does not fit" in r.output and "dominated by 4-bit base weights" in r.output
+    assert "would fit: one" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["plan", "mistrl-7b", "--gpu", "t4"], "unknown model 'mistrl-7b'. Did you mean: mistral-7b"),
+    (["plan", "mistral-7b", "--gpu", "t44"], "unknown GPU 't44'. Did you mean: t4"),
+    (["plan", "mistral-7b", "--gpu", "t4", "--rank", "0"], "--rank must be a positive integer"),
+    (["plan", "mistral-7b", "--gpu", "t4", "--batch-size", "-2"], "--batch-size must be a positive integer"),
+    (["plan", "mistral-7b", "--gpu", "t4", "--seq-len", "100000"], "exceeds Mistral-7B-v0.1's max_position_embeddings"),
+    (["plan", "mistral-7b", "--gpu", "t4", "--targets", "foo_proj"], "has no linear named 'foo_proj'"),
+    (["plan", "mistral-7b", "--gpu", "t4", "--optim", "sgd"], "Invalid value for '--optim'"),
+    (["plan", "mistral-7b", "--gpu", "t4", "--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+    (["plan", "mistral-7b", "--gpu", "lots"], "unknown GPU 'lots'"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2, r.output
+    err = r.stderr if hasattr(r, "stderr") else r.output
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_json_errors_are_json():
+    r = CliRunner().invoke(cli, ["plan", "mistrl-7b", "--gpu", "t4", "--json"])
+    assert r.exit_code == 2
+    assert "Did you mean" in json.loads(r.stdout)["error"]
+
+
+def test_malformed_config_json(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    r = CliRunner().invoke(cli, ["plan", str(tmp_path / "config.json"), "--gpu", "t4"])
+    assert r.exit_code == 2 and "missing field 'intermediate_size'" in r.stderr
+
+
+def test_save_writes_the_json_plan(tmp_path):
+    out = tmp_path / "plan.json"
+    run("plan", "qwen2.5-1.5b", "--gpu", "l4", "--save", str(out))
+    assert json.loads(out.read_text())["model"] == "qwen2.5-1.5b"
+
+
+def test_catalog_commands():
+    assert "mistral-7b" in run("models").output
+    gpus = json.loads(run("gpus", "--json").output)
+    assert len(gpus) >= 15 and all(isinstance(g["memory_bytes"], int) for g in gpus)
+
+
+def test_plan_path_imports_no_heavy_library():
+    """`qfit plan` stays light (accelerate tests/test_imports.py style)."""
+    code = ("import sys; from planner.cli import cli; "
+            "from click.testing import CliRunner; CliRunner().invoke(cli, ['plan', 'mistral-7b', '--gpu', 't4']); "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == "[]"
+
+
+def test_profile_writes_a_working_profile_for_an_unshipped_architecture(tmp_path):
+    """`qfit profile` on a config.json of an architecture qfit ships no profile for (Qwen3: q/k norms)."""
+    cfg = {"model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000,
+           "max_position_embeddings": 2048, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "qwen3-tiny.toml"
+    r = run("profile", str(tmp_path / "config.json"), "--name", "qwen3-tiny", "--out", str(out))
+    assert r.exit_code == 0
+    doc = json.loads(run("plan", str(out), "--gpu", "t4", "--json").output)
+    from planner.introspect import build_meta_model
+
+    assert doc["params"]["total"] == sum(p.numel() for p in build_meta_model(cfg).parameters())
+    assert doc["fits"]
+
+
+def test_profile_refuses_remote_code(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoModel": "x.Y"},
+                                                      "hidden_size": 8}))
+    r = CliRunner().invoke(cli, ["profile", str(tmp_path / "config.json")])
+    assert r.exit_code == 2 and "trust_remote_code" in r.stderr

@@ -1,0 +1,170 @@
+"""The memory model's terms against first principles, the real bitsandbytes layers, and properties."""
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner import memory
+from planner.calibration import load_coefficients
+from planner.memory import (estimate, lora_tensor_numels, optimizer_state_bytes, quant_constants_bytes,
+                            quantized_weights_bytes, resolve_targets, unquantized_weights_bytes)
+from planner.profiles import load_gpu, load_model
+from planner.search import Request, search
+from planner.specs import LoraSettings, MemoryBreakdown, TrainSettings
+
+MISTRAL = load_model("mistral-7b")
+COEFFS = load_coefficients()
+
+
+@pytest.fixture
+def no_rounding(monkeypatch):
+    """Turn off the allocator's 512-byte rounding to compare with exact tensor sizes."""
+    monkeypatch.setattr(memory, "ALLOC_GRANULE", 1)
+    for f in (quantized_weights_bytes, quant_constants_bytes, memory.lora_params_bytes, memory.lora_grads_bytes,
+              optimizer_state_bytes):
+        f.cache_clear()
+    yield
+    for f in (quantized_weights_bytes, quant_constants_bytes, memory.lora_params_bytes, memory.lora_grads_bytes,
+              optimizer_state_bytes):
+        f.cache_clear()
+
+
+def test_four_bit_is_half_a_byte_per_weight(no_rounding):
+    assert quantized_weights_bytes(MISTRAL) == MISTRAL.quantized_param_count // 2
+
+
+def test_quant_constants_first_principles(no_rounding):
+    n = MISTRAL.quantized_param_count
+    tensors = MISTRAL.num_hidden_layers * len(MISTRAL.layer_linears)
+    # no double quant: one fp32 absmax per 64 weights (0.5 bit/param) + a 16-entry fp32 code per tensor
+    assert quant_constants_bytes(MISTRAL, False) == 4 * n // 64 + tensors * 64
+    # double quant: uint8 absmax per 64, fp32 absmax per 256 blocks, code + offset per tensor (~0.127 bit/param)
+    dq = quant_constants_bytes(MISTRAL, True)
+    assert dq == n // 64 + 4 * n // (64 * 256) + tensors * (64 + 4)
+    assert 0.126 < dq * 8 / n < 0.128
+
+
+def test_lora_bytes_first_principles(no_rounding):
+    lora = LoraSettings(rank=8, targets=("attn",))
+    numels = lora_tensor_numels(MISTRAL, lora, resolve_targets(MISTRAL, lora.targets))
+    assert sum(numels) == 6_815_744
+    assert memory.lora_params_bytes(numels) == 4 * 6_815_744  # fp32
+    assert memory.lora_grads_bytes(numels) == 4 * 6_815_744
+    assert optimizer_state_bytes(numels, "adamw_torch") == (8 * 6_815_744, 0)
+
+
+def test_paged_and_8bit_optimizer_thresholds(no_rounding):
+    small, large, tiny = 65_536, 229_376, 1_024  # r16 x 4096 stays on the allocator; r16 x 14336 is paged
+    assert optimizer_state_bytes((small,), "paged_adamw_32bit") == (8 * small, 0)
+    assert optimizer_state_bytes((large,), "paged_adamw_32bit") == (0, 8 * large)
+    # 8-bit: 2 bytes/param + fp32 absmax per 256, fp32 below min_8bit_size (4096)
+    assert optimizer_state_bytes((small,), "adamw_8bit") == (2 * small + 2 * 4 * small // 256, 0)
+    assert optimizer_state_bytes((tiny,), "adamw_8bit") == (8 * tiny, 0)
+    assert optimizer_state_bytes((large,), "paged_adamw_8bit") == (2 * 4 * large // 256, 2 * large)
+
+
+def test_unquantized_are_fp32_after_prepare():
+    assert unquantized_weights_bytes(MISTRAL) == 4 * (2 * 32000 * 4096 + 65 * 4096)
+
+
+def test_static_terms_match_real_bitsandbytes_on_cpu(no_rounding, tmp_path):
+    """Load the tiny model exactly as users do (from_pretrained + BitsAndBytesConfig + prepare_model_for_kbit_training)
+    and count the bytes of every tensor it holds."""
+    import torch
+
+    from planner.profiles import PROFILES_DIR, _load_toml
+    from planner.train import stack
+
+    spec = load_model("tiny-llama")
+    cfg = _load_toml(PROFILES_DIR / "models" / "tiny-llama.toml")["config"]
+    for dq in (True, False):
+        path = tmp_path / f"m{dq}"
+        stack.save_random_model(stack.hf_config(cfg), str(path), torch.bfloat16)
+        model = stack.load_4bit(str(path), "bf16", dq)
+        packed = consts = unq = 0
+        for p in model.parameters():
+            if type(p).__name__ == "Params4bit":
+                packed += p.untyped_storage().nbytes()
+                qs = p.quant_state
+                consts += qs.absmax.nbytes + qs.code.nbytes
+                if qs.nested:
+                    consts += qs.state2.absmax.nbytes + qs.offset.nbytes  # state2.code is one shared tensor
+            else:
+                assert p.dtype == torch.float32
+                unq += p.nbytes
+        assert packed == quantized_weights_bytes(spec)
+        assert consts == quant_constants_bytes(spec, dq)
+        assert unq == unquantized_weights_bytes(spec)
+
+
+def test_breakdown_sums_to_its_totals():
+    b = estimate(MISTRAL, LoraSettings(), TrainSettings(batch_size=4, seq_len=1024), COEFFS)
+    assert b.peak_allocated_bytes == sum(getattr(b, f) for f in MemoryBreakdown.ALLOCATED_FIELDS)
+    assert b.device_used_bytes == sum(b.components().values())
+    assert b.peak_allocated_bytes <= b.required_bytes
+    assert all(isinstance(v, int) and v >= 0 for v in b.components().values())
+
+
+def test_peak_is_the_max_over_phases():
+    lora, train = LoraSettings(), TrainSettings(batch_size=2, seq_len=512, gradient_checkpointing=False)
+    phases = memory.phases(MISTRAL, lora, train, COEFFS)
+    b = estimate(MISTRAL, lora, train, COEFFS)
+    assert b.peak_allocated_bytes == max(sum(p.values()) for p in phases.values())
+    assert b.peak_phase in phases
+
+
+def test_logits_dominate_llama3_without_checkpointing_pressure():
+    """Llama-3's 128,256-entry vocabulary: the fp32 logits chain is the biggest activation term."""
+    llama3 = load_model("llama-3.1-8b")
+    b = estimate(llama3, LoraSettings(), TrainSettings(batch_size=8, seq_len=1024), COEFFS)
+    assert b.logits > b.saved_activations
+
+
+settings_ = dict(max_examples=40, deadline=None)
+models = st.sampled_from(["mistral-7b", "llama-3.1-8b", "qwen2.5-1.5b", "gemma-2-2b", "phi-3-mini", "llama-2-13b"])
+train_st = st.builds(TrainSettings, batch_size=st.integers(1, 32), seq_len=st.integers(16, 4096),
+                     gradient_checkpointing=st.booleans(), optim=st.sampled_from(
+                         ["adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"]),
+                     compute_dtype=st.sampled_from(["bf16", "fp16"]), double_quant=st.booleans(),
+                     expandable_segments=st.booleans())
+lora_st = st.builds(LoraSettings, rank=st.integers(1, 128), targets=st.sampled_from([("attn",), ("all-linear",)]),
+                    dropout=st.sampled_from([0.0, 0.05]))
+
+
+def _totals(b: MemoryBreakdown):
+    # Not peak_allocated alone: with a paged optimizer a larger LoRA tensor (>= 1e5 elements) moves its
+    # state from the allocator into managed memory, so torch's count can fall while the device total grows.
+    return (b.device_used_bytes, b.needs_bytes)
+
+
+@settings(**settings_)
+@given(models, lora_st, train_st)
+def test_memory_never_falls_when_batch_seq_or_rank_grow(name, lora, train):
+    m = load_model(name)
+    base = _totals(estimate(m, lora, train, COEFFS))
+    for bigger_train, bigger_lora in ((replace(train, batch_size=train.batch_size + 1), lora),
+                                      (replace(train, seq_len=train.seq_len + 64), lora),
+                                      (train, replace(lora, rank=lora.rank + 8))):
+        grown = _totals(estimate(m, bigger_lora, bigger_train, COEFFS))
+        assert all(g >= b for g, b in zip(grown, base))
+
+
+@settings(**settings_)
+@given(models, lora_st, train_st)
+def test_checkpointing_never_raises_memory(name, lora, train):
+    m = load_model(name)
+    off = estimate(m, lora, replace(train, gradient_checkpointing=False), COEFFS)
+    on = estimate(m, lora, replace(train, gradient_checkpointing=True), COEFFS)
+    assert on.peak_allocated_bytes <= off.peak_allocated_bytes
+    assert on.needs_bytes <= off.needs_bytes
+
+
+@settings(max_examples=15, deadline=None)
+@given(models, st.sampled_from([256, 512, 1024]), st.sampled_from(["t4", "l4", "rtx4090", "a100-40gb"]))
+def test_a_bigger_gpu_never_has_fewer_fitting_plans(name, seq, gpu_name):
+    m, small = load_model(name), load_gpu(gpu_name)
+    big = replace(small, memory_bytes=small.memory_bytes * 2)
+    req = Request(seq_len=seq)
+    assert len(search(m, big, req, COEFFS).fitting) >= len(search(m, small, req, COEFFS).fitting)
