@@ -139,6 +139,11 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df) -> str:
     for title, s in (("peak reserved, leave-one-model-out", cvm["reserved"]), ("peak allocated, leave-one-model-out", cvm["allocated"]),
                      ("peak reserved, leave-one-family-out", cvf["reserved"]), ("peak allocated, leave-one-family-out", cvf["allocated"])):
         lines.append(f"| {title} | {s['median_abs_pct']}% | {s['max_abs_pct']}% | {s['under_prediction_rate'] * 100:.1f}% | {s['worst_under_pct']}% |")
+    for mode, s in cvm.get("by_allocator", {}).items():
+        n = s["runs"]
+        lines.append(f"| peak reserved, leave-one-model-out, allocator `{mode}` ({n} runs, models: {', '.join(s['models'])}) | "
+                     f"{s['reserved']['median_abs_pct']}% | {s['reserved']['max_abs_pct']}% | "
+                     f"{s['reserved']['under_prediction_rate'] * 100:.1f}% | {s['reserved']['worst_under_pct']}% |")
     lines += ["", f"Throughput model (tokens/s), leave-one-model-out: median {sp['median_abs_pct']}%, max {sp['max_abs_pct']}% over {sp['runs']} runs.",
               "", "The families are llama (Llama-2-7B, Llama-3.1-8B), mistral and qwen2; leave-one-family-out holds out both Llama models together.",
               "", "![predicted vs measured](predicted_vs_measured.png)", "",

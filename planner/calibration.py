@@ -13,9 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from planner.memory import RESERVE_TERMS as RESERVE_FEATURES
+from planner.profiles import _data_dir
 from planner.specs import Coefficients
 
-CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "calibration"
+CALIBRATION_DIR = _data_dir("calibration")
 DEFAULTS_FILE = CALIBRATION_DIR / "defaults.json"
 FITTED_FILE = CALIBRATION_DIR / "coefficients.json"
 
@@ -304,8 +305,12 @@ def error_summary(preds: list[dict]) -> dict:
                 "under_prediction_rate": round(float(np.mean(err < 0)), 3),
                 "worst_under_pct": round(float(min(0.0, err.min()) * 100), 2)}
 
-    return {"runs": len(preds), "models": sorted({p["model"] for p in preds}),
-            "allocated": stats("allocated"), "reserved": stats("reserved")}
+    out = {"runs": len(preds), "models": sorted({p["model"] for p in preds}),
+           "allocated": stats("allocated"), "reserved": stats("reserved")}
+    modes = sorted({p["alloc_conf"] for p in preds})
+    if len(modes) > 1:  # the allocator modes separately: their reserve terms are fitted separately
+        out["by_allocator"] = {m: error_summary([p for p in preds if p["alloc_conf"] == m]) for m in modes}
+    return out
 
 
 def fit_speed(df, coeffs: Coefficients) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import sys
 import tomllib
 from functools import lru_cache
 from pathlib import Path
@@ -12,7 +13,14 @@ from pathlib import Path
 from planner.specs import GpuSpec, LinearSpec, ModelSpec
 from planner.units import looks_like_size, parse_size
 
-PROFILES_DIR = Path(os.environ.get("QFIT_PROFILES", Path(__file__).resolve().parent.parent / "profiles"))
+
+def _data_dir(name: str) -> Path:
+    """The repo's top-level folder (source checkout, editable install) or <prefix>/share/qfit (wheel)."""
+    here = Path(__file__).resolve().parent.parent / name
+    return here if here.is_dir() else Path(sys.prefix) / "share" / "qfit" / name
+
+
+PROFILES_DIR = Path(os.environ.get("QFIT_PROFILES") or _data_dir("profiles"))
 
 
 # model types whose modeling file applies config.sliding_window to every layer's mask (transformers 5)

@@ -8,8 +8,15 @@ from hypothesis import strategies as st
 
 from planner import memory
 from planner.calibration import load_coefficients
-from planner.memory import (estimate, lora_tensor_numels, optimizer_state_bytes, quant_constants_bytes,
-                            quantized_weights_bytes, resolve_targets, unquantized_weights_bytes)
+from planner.memory import (
+    estimate,
+    lora_tensor_numels,
+    optimizer_state_bytes,
+    quant_constants_bytes,
+    quantized_weights_bytes,
+    resolve_targets,
+    unquantized_weights_bytes,
+)
 from planner.profiles import load_gpu, load_model
 from planner.search import Request, search
 from planner.specs import LoraSettings, MemoryBreakdown, TrainSettings

@@ -12,7 +12,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback, TrainingArguments
 
-from planner.specs import LoraSettings, ModelSpec, TrainSettings
+from planner.specs import LoraSettings, TrainSettings
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # transformers 5.x renamed gradient_checkpointing -> activation_checkpointing (the old name is a deprecated alias)
