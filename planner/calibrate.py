@@ -100,7 +100,7 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     out = Path(out_path) if out_path else FITTED_FILE
     out.write_text(json.dumps(doc, indent=2) + "\n")
     fitted_preds = predict_rows(prepare_rows(df, base), coeffs)
-    report = render_report(doc, cv_model, fitted_preds, df)
+    report = render_report(doc, cv_model, fitted_preds, df, coeffs)
     rpath = Path(report_path) if report_path else REPORT_FILE
     rpath.write_text(report)
     plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)
@@ -115,7 +115,7 @@ def _pct(p: dict, kind: str) -> float:
     return (p[f"predicted_{kind}"] - p[f"measured_{kind}"]) / p[f"measured_{kind}"] * 100
 
 
-def render_report(doc: dict, cv: list[dict], fitted: list[dict], df) -> str:
+def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs) -> str:
     cvm = doc["cross_validation"]["leave_one_model_out"]
     cvf = doc["cross_validation"]["leave_one_family_out"]
     sp = doc["cross_validation"]["speed_leave_one_model_out"]
@@ -157,16 +157,22 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df) -> str:
         lines.append(f"| {p['run_id'].rsplit('|cap', 1)[0]} | {p['phase']} | {gib_str(p['measured_allocated'])} | "
                      f"{gib_str(p['predicted_allocated'])} | {_pct(p, 'allocated'):+.1f}% | {gib_str(p['measured_reserved'])} | "
                      f"{gib_str(p['predicted_reserved'])} | {_pct(p, 'reserved'):+.1f}% |")
-    lines += validation_section()
+    lines += validation_section(coeffs)
     lines.append("")
     return "\n".join(lines)
 
 
-def validation_section() -> list[str]:
-    """The emulated-budget runs (planner/train/validate.py), if present."""
+def validation_section(coeffs) -> list[str]:
+    """The emulated-budget runs (planner/train/validate.py), if present. They were not used by the fit:
+    their measured peak reserved is also a held-out test of the model (predicted with `coeffs`)."""
     import csv
 
+    from planner.memory import estimate
+    from planner.profiles import load_model
+
     lines = []
+    errs: list[float] = []
+    statuses: list[str] = []
     for path in sorted(glob.glob(VALIDATION_GLOB)):
         plans_path = Path(path).with_suffix(".plans.json")
         plans = json.loads(plans_path.read_text()) if plans_path.is_file() else []
@@ -174,7 +180,7 @@ def validation_section() -> list[str]:
         lines += ["", f"## Emulated smaller GPUs: `{Path(path).name}`", "",
                   "qfit's recommended plan run on the H200 under `torch.cuda.set_per_process_memory_fraction` "
                   "(budget = card memory - fitted CUDA context - predicted paged optimizer state).", "",
-                  "| card | model | seq | plan | budget GiB | ran | peak reserved GiB | card used (reserved + context) | next micro-batch predicted |",
+                  "| card | model | seq | plan | budget GiB | ran | peak reserved GiB (predicted, error) | card used (reserved + context) | next micro-batch predicted |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for p in plans:
             if not p.get("fits"):
@@ -190,11 +196,27 @@ def validation_section() -> list[str]:
                 lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | {plan_s} | {gib_str(c['budget'])} | not run (GPU time ran out) | | | {nxt} |")
                 continue
             r = match[0]
+            lora, train = _settings_of(r)
+            pred = estimate(load_model(r["model"]), lora, train, coeffs).peak_reserved_bytes
+            meas = int(r["peak_reserved_bytes"] or 0)
+            errs.append(abs(pred - meas) / meas * 100)
+            statuses.append(r["status"])
             used = int(r["peak_reserved_bytes"] or 0) + int(r["context_bytes"] or 0) + int(r["nvml_baseline_bytes"] or 0)
             util = used / p["gpu_memory_bytes"] * 100
             lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | {plan_s} | {gib_str(c['budget'])} | {r['status']} | "
-                         f"{gib_str(int(r['peak_reserved_bytes'] or 0))} | {gib_str(used)} GiB = {util:.0f}% | {nxt} |")
+                         f"{gib_str(meas)} ({gib_str(pred)}, {(pred - meas) / meas * 100:+.1f}%) | {gib_str(used)} GiB = {util:.0f}% | {nxt} |")
+    if errs:
+        errs.sort()
+        lines += ["", f"Held-out check: these {len(errs)} runs were never used by the fit; predicted vs measured peak "
+                      f"reserved: median {errs[len(errs) // 2]:.1f}%, max {errs[-1]:.1f}% absolute error. "
+                      f"{sum(st == 'oom' for st in statuses)} of {len(statuses)} runs OOMed."]
     return lines
+
+
+def _settings_of(row):
+    from planner.calibration import _row_settings
+
+    return _row_settings(row)
 
 
 def write_plot(preds: list[dict], path: Path) -> Path | None:
