@@ -210,7 +210,10 @@ def gpu_from_dict(doc: dict, origin: str) -> GpuSpec:
 def load_gpu(name: str) -> GpuSpec:
     """A catalog name ('t4', 'NVIDIA A100-SXM4-80GB') or a bare capacity ('24GiB', '16GB')."""
     if looks_like_size(name):
-        return GpuSpec.bare_capacity(parse_size(name), name)
+        size = parse_size(name)
+        if size <= 0:
+            raise ProfileError(f"--gpu {name}: a capacity must be positive, e.g. 24GiB")
+        return GpuSpec.bare_capacity(size, name)
     direct = PROFILES_DIR / "gpus" / f"{_norm(name)}.toml"
     if direct.is_file():
         return gpu_from_dict(_load_toml(direct), str(direct))

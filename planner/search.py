@@ -102,22 +102,37 @@ def candidates(model: ModelSpec, gpu: GpuSpec, req: Request) -> tuple[list[tuple
     return out, notes
 
 
-def make_plan(model: ModelSpec, gpu: GpuSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients) -> Plan:
-    memory = estimate(model, lora, train, coeffs)
-    capacity = int(gpu.memory_bytes * (1.0 - coeffs.get("safety_margin_frac")))
+def capacity_bytes(gpu: GpuSpec, coeffs: Coefficients) -> int:
+    """What a plan may use on one card: its memory less the calibrated safety margin."""
+    return int(gpu.memory_bytes * (1.0 - coeffs.get("safety_margin_frac")))
+
+
+def make_plan(model: ModelSpec, gpu: GpuSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients,
+              memo: dict | None = None) -> Plan:
+    """One candidate on one card. `memo` shares estimates between cards: memory does not depend on the GPU."""
+    if memo is None:
+        memory = estimate(model, lora, train, coeffs)
+    else:
+        memory = memo.get((model, lora, train))
+        if memory is None:
+            memory = memo[(model, lora, train)] = estimate(model, lora, train, coeffs)
+    capacity = capacity_bytes(gpu, coeffs)
     return Plan(model=model, gpu=gpu, lora=lora, train=train, memory=memory, capacity_bytes=capacity,
                 tokens_per_s=tokens_per_second(model, lora, train, gpu, coeffs))
 
 
-def search(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients) -> SearchResult:
+def rank_key(tier: int, plan: Plan) -> tuple:
+    """Fitting first; then the LoRA quality tier; longer sequences (auto mode); faster; the preferred optimizer."""
+    optim_pref = OPTIM_ORDER.index(plan.train.optim) if plan.train.optim in OPTIM_ORDER else 0
+    return (not plan.fits, tier, -plan.train.seq_len, -round(plan.tokens_per_s, 1), optim_pref, plan.memory.needs_bytes)
+
+
+def search(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, memo: dict | None = None) -> SearchResult:
     cands, notes = candidates(model, gpu, req)
     scored = []
     for tier, lora, train in cands:
-        plan = make_plan(model, gpu, lora, train, coeffs)
-        optim_pref = OPTIM_ORDER.index(train.optim) if train.optim in OPTIM_ORDER else 0
-        # fitting first; then LoRA quality tier; longer sequences (auto mode); faster; preferred optimizer
-        key = (not plan.fits, tier, -train.seq_len, -round(plan.tokens_per_s, 1), optim_pref, plan.memory.needs_bytes)
-        scored.append((key, plan))
+        plan = make_plan(model, gpu, lora, train, coeffs, memo)
+        scored.append((rank_key(tier, plan), plan))
     scored.sort(key=lambda kv: kv[0])
     plans = tuple(p for _, p in scored)
     best = plans[0] if plans and plans[0].fits else None

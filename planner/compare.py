@@ -1,0 +1,343 @@
+"""`qfit compare`: which GPU, how long, at what cost. Pure: no printing, no file or network I/O.
+
+For one model and one workload (total training tokens), every GPU asked gets a row: the best plan
+planner.search picks on it, the predicted peak, the estimated tokens/s, wall hours and cost, and
+for a GPU it does not fit on, why (the smallest configuration's need against the card) and how
+many of that GPU an FSDP-sharded 4-bit base would need (an estimate: multi-GPU runs are not
+supported yet). Rows within the limits (max hours, max cost) are sorted and the cost-time Pareto
+set is marked.
+
+What is measured and what is estimated:
+- peak memory: predicted by planner.memory with coefficients fitted on H200 runs;
+- tokens/s: planner.speed, a roofline model whose efficiencies (mfu, dequant_bw_frac,
+  step_overhead_s) were fitted on H200 runs (calibration/runs/h200-*.csv). On the H200 the speed is
+  'calibrated'; every other GPU is scaled by its datasheet TFLOP/s and bandwidth ('estimated from
+  datasheet ratio'), an error nobody has measured yet;
+- hours = total tokens / tokens_per_s / 3600, assuming packed sequences (no padding tokens);
+- cost = hours x price per GPU-hour (the profile's indicative price, or --price).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from planner.search import Request, SearchResult, search, smallest
+from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
+
+# Every speed run so far was measured on one H200 (calibration/runs/h200-*.csv); the coefficients
+# file does not record the GPU of its speed fit, so it is stated here.
+SPEED_CALIBRATED_ON = ("h200",)
+SPEED_CALIBRATED = "calibrated"
+SPEED_DATASHEET = "estimated from datasheet ratio"
+SPEED_NONE = "no speed facts"
+# Coefficient key of the cross-validated relative error of tokens/s (percent); absent -> 'unknown'.
+SPEED_ERROR_KEY = "speed_cv_error_pct"
+CHARS_PER_TOKEN = 4  # rough English average for BPE tokenizers; --dataset says it is an approximation
+MULTI_GPU_COUNTS = range(2, 9)  # 2..8 GPUs of one host
+SORT_KEYS = ("cost", "time")
+
+
+# --------------------------------------------------------------------------- workload
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """How many tokens the fine-tune processes. total_tokens = tokens_per_epoch x epochs."""
+
+    tokens_per_epoch: int
+    epochs: float = 1.0
+    examples: int | None = None  # None when given as a token count
+    approximate: bool = False  # True when counted from characters (--dataset), not a tokenizer
+
+    def __post_init__(self) -> None:
+        if self.examples is not None and self.examples < 1:
+            raise ValueError(f"--examples must be a positive integer, got {self.examples}")
+        if self.tokens_per_epoch < 1:
+            raise ValueError(f"the workload must have at least one token, got {self.tokens_per_epoch} "
+                             "(--tokens, or --examples x --avg-tokens)")
+        if not self.epochs > 0 or math.isinf(self.epochs):
+            raise ValueError(f"--epochs must be a positive number, got {self.epochs}")
+
+    @classmethod
+    def from_examples(cls, examples: int, avg_tokens: float, epochs: float = 1.0,
+                      approximate: bool = False) -> Workload:
+        if examples < 1:
+            raise ValueError(f"--examples must be a positive integer, got {examples}")
+        if not (avg_tokens > 0 and math.isfinite(avg_tokens)):
+            raise ValueError(f"--avg-tokens must be a positive number, got {avg_tokens}")
+        return cls(tokens_per_epoch=round(examples * avg_tokens), epochs=epochs, examples=examples,
+                   approximate=approximate)
+
+    @classmethod
+    def from_tokens(cls, tokens: int, epochs: float = 1.0) -> Workload:
+        if tokens < 1:
+            raise ValueError(f"--tokens must be a positive integer, got {tokens}")
+        return cls(tokens_per_epoch=tokens, epochs=epochs)
+
+    @property
+    def total_tokens(self) -> int:
+        return round(self.tokens_per_epoch * self.epochs)
+
+    @property
+    def avg_tokens(self) -> float | None:
+        return self.tokens_per_epoch / self.examples if self.examples else None
+
+
+def record_chars(record) -> int:
+    """Characters in the text fields of one dataset record: every string, at any depth
+    (chat 'messages' lists included); numbers, booleans and nulls are not text."""
+    if isinstance(record, str):
+        return len(record)
+    if isinstance(record, Mapping):
+        return sum(record_chars(v) for v in record.values())
+    if isinstance(record, (list, tuple)):
+        return sum(record_chars(v) for v in record)
+    return 0
+
+
+def approx_tokens(chars: int) -> int:
+    """1 token per CHARS_PER_TOKEN characters, rounded up: an approximation, not a tokenizer."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def workload_from_records(records: Iterable, epochs: float = 1.0) -> Workload:
+    """A dataset's records (dicts from json/jsonl/csv) -> an approximate Workload."""
+    examples = tokens = 0
+    for rec in records:
+        examples += 1
+        tokens += approx_tokens(record_chars(rec))
+    if examples == 0:
+        raise ValueError("--dataset holds no examples")
+    if tokens == 0:
+        raise ValueError("--dataset holds no text fields to count tokens in")
+    return Workload(tokens_per_epoch=tokens, epochs=epochs, examples=examples, approximate=True)
+
+
+# --------------------------------------------------------------------------- time and money
+
+def wall_hours(total_tokens: int, tokens_per_s: float) -> float | None:
+    """hours = tokens / tokens_per_s / 3600; None when there is no speed estimate."""
+    if tokens_per_s <= 0:
+        return None
+    return total_tokens / tokens_per_s / 3600.0
+
+
+def cost_usd(hours: float | None, price_usd_per_hour: float | None) -> float | None:
+    """cost = hours x price per GPU-hour; None when either is unknown."""
+    if hours is None or price_usd_per_hour is None:
+        return None
+    return hours * price_usd_per_hour
+
+
+def pareto_flags(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (hours, cost) points: True where no other point is at least as good on both and
+    strictly better on one (minimisation). Equal points are all on the front."""
+    flags = []
+    for i, (h, c) in enumerate(points):
+        dominated = any(h2 <= h and c2 <= c and (h2 < h or c2 < c)
+                        for j, (h2, c2) in enumerate(points) if j != i)
+        flags.append(not dominated)
+    return flags
+
+
+# --------------------------------------------------------------------------- the search, shared
+
+def search_all(model: ModelSpec, gpus: Sequence[GpuSpec], req: Request,
+               coeffs: Coefficients) -> dict[str, SearchResult]:
+    """planner.search.search for every GPU, with the memory estimates shared between GPUs (memory
+    depends on the model and settings, not on the card): 15 GPUs cost ~2 x 120 estimates, not 15 x 120."""
+    memo: dict = {}
+    return {gpu.name: search(model, gpu, req, coeffs, memo) for gpu in gpus}
+
+
+# --------------------------------------------------------------------------- multi-GPU estimate
+
+@dataclass(frozen=True, slots=True)
+class MultiGpuEstimate:
+    """Per-GPU memory of an FSDP-sharded 4-bit base on `count` GPUs. AN ESTIMATE, never measured.
+
+    per_gpu_needs = sharded / count + replicated + gathered_layer, where
+      sharded        = quantized weights + quantization constants (the 4-bit base, split evenly);
+      replicated     = everything else of the smallest single-GPU configuration, on every GPU
+                       (unquantized weights, LoRA, optimizer state, activations, logits, context,
+                       allocator slack): pessimistic, FSDP would shard some of it;
+      gathered_layer = one decoder layer's 4-bit weights and constants, all-gathered for its
+                       forward/backward (FSDP with bnb_4bit_quant_storage, no prefetch).
+    Communication buffers and the speed of a sharded run are not modelled.
+    """
+
+    count: int
+    per_gpu_needs_bytes: int
+    sharded_bytes: int
+    replicated_bytes: int
+    gathered_layer_bytes: int
+    capacity_bytes: int
+
+
+def fsdp_per_gpu_bytes(plan: Plan, count: int) -> MultiGpuEstimate:
+    """The estimate above for one plan (normally the smallest single-GPU configuration)."""
+    mem = plan.memory
+    sharded = mem.quantized_weights + mem.quant_constants
+    replicated = mem.needs_bytes - sharded
+    gathered = -(-sharded // plan.model.num_hidden_layers)
+    per_gpu = -(-sharded // count) + replicated + gathered
+    return MultiGpuEstimate(count=count, per_gpu_needs_bytes=per_gpu, sharded_bytes=sharded,
+                            replicated_bytes=replicated, gathered_layer_bytes=gathered,
+                            capacity_bytes=plan.capacity_bytes)
+
+
+def smallest_multi_gpu(plan: Plan, counts: Iterable[int] = MULTI_GPU_COUNTS) -> MultiGpuEstimate | None:
+    """The fewest GPUs (2..8) of plan.gpu on which the sharded estimate fits; None if even 8 do not."""
+    for n in counts:
+        est = fsdp_per_gpu_bytes(plan, n)
+        if est.per_gpu_needs_bytes <= est.capacity_bytes:
+            return est
+    return None
+
+
+# --------------------------------------------------------------------------- the comparison
+
+@dataclass(frozen=True, slots=True)
+class GpuOption:
+    """One GPU's row. Bytes are int; hours and USD are floats (None when unknown)."""
+
+    gpu: GpuSpec
+    plan: Plan | None  # the best fitting plan (planner.search's pick); None: does not fit
+    smallest: Plan  # the candidate that needs least memory (what 'does not fit' compares)
+    price_usd_per_hour: float | None
+    price_given: bool  # True when --price overrode the profile's price
+    speed_basis: str  # SPEED_CALIBRATED, SPEED_DATASHEET or SPEED_NONE
+    speed_error_pct: float | None  # cross-validated tokens/s error of the calibration; None: unknown
+    hours: float | None
+    cost_usd: float | None
+    pareto: bool = False
+    multi_gpu: MultiGpuEstimate | None = None  # only for a GPU the model does not fit on
+    notes: tuple[str, ...] = ()  # what the search changed (bf16 -> fp16, ...)
+
+    @property
+    def fits(self) -> bool:
+        return self.plan is not None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.plan.tokens_per_s if self.plan else 0.0
+
+    @property
+    def hours_range(self) -> tuple[float, float] | None:
+        """hours at tokens/s x (1 +/- error): None when either is unknown."""
+        if self.hours is None or self.speed_error_pct is None or self.speed_error_pct >= 100:
+            return None
+        e = self.speed_error_pct / 100.0
+        return self.hours / (1.0 + e), self.hours / (1.0 - e)
+
+    @property
+    def largest_term(self) -> tuple[str, int]:
+        """(MemoryBreakdown field, bytes) of the largest term in the smallest configuration."""
+        return max(self.smallest.memory.components().items(), key=lambda kv: kv[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    model: ModelSpec
+    workload: Workload
+    request: Request
+    options: tuple[GpuOption, ...]  # within the limits (fitting, sorted), then those that do not fit
+    excluded: tuple[GpuOption, ...]  # fit, but over --max-hours or --max-cost
+    sort: str
+    max_hours: float | None
+    max_cost: float | None
+    speed_calibrated_on: tuple[str, ...]
+    speed_error_pct: float | None
+
+    @property
+    def fitting(self) -> tuple[GpuOption, ...]:
+        return tuple(o for o in self.options if o.fits)
+
+    @property
+    def not_fitting(self) -> tuple[GpuOption, ...]:
+        return tuple(o for o in self.options if not o.fits)
+
+    @property
+    def pareto(self) -> tuple[GpuOption, ...]:
+        return tuple(o for o in self.options if o.pareto)
+
+
+def speed_basis(gpu: GpuSpec, calibrated_on: Sequence[str]) -> str:
+    if (gpu.bf16_tflops <= 0 and gpu.fp16_tflops <= 0) or gpu.bandwidth_gb_s <= 0:
+        return SPEED_NONE
+    return SPEED_CALIBRATED if gpu.name in calibrated_on else SPEED_DATASHEET
+
+
+def speed_error_pct(coeffs: Coefficients) -> float | None:
+    value = coeffs.values.get(SPEED_ERROR_KEY)
+    return float(value) if value is not None else None
+
+
+def _sort_key(sort: str):
+    def key(o: GpuOption):
+        # rows without a figure (no speed facts or no price) go after those with one
+        h = o.hours if o.hours is not None else math.inf
+        c = o.cost_usd if o.cost_usd is not None else math.inf
+        return (c, h, o.gpu.name) if sort == "cost" else (h, c, o.gpu.name)
+    return key
+
+
+def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeffs: Coefficients,
+            request: Request | None = None, prices: Mapping[str, float] | None = None,
+            max_hours: float | None = None, max_cost: float | None = None, sort: str = "cost",
+            calibrated_on: Sequence[str] = SPEED_CALIBRATED_ON) -> Comparison:
+    """Every GPU's best plan, time and cost for one workload; see the module docstring.
+
+    prices: GPU name -> USD per GPU-hour, overriding the profile's price.
+    """
+    if sort not in SORT_KEYS:
+        raise ValueError(f"--sort must be cost or time, got {sort!r}")
+    for flag, limit in (("--max-hours", max_hours), ("--max-cost", max_cost)):
+        if limit is not None and not limit > 0:
+            raise ValueError(f"{flag} must be a positive number, got {limit}")
+    prices = dict(prices or {})
+    names = {g.name for g in gpus}
+    for name, price in prices.items():
+        if name not in names:
+            raise ValueError(f"--price names {name}, which is not among the compared GPUs (add it to --gpus)")
+        if not price >= 0 or math.isinf(price):
+            raise ValueError(f"--price for {name} must be a non-negative number of USD per hour, got {price}")
+    request = request or Request()
+    err = speed_error_pct(coeffs)
+    results = search_all(model, gpus, request, coeffs)
+
+    rows = []
+    for gpu in gpus:
+        res = results[gpu.name]
+        price = prices.get(gpu.name, gpu.price_usd_per_hour)
+        best = res.best
+        hours = wall_hours(workload.total_tokens, best.tokens_per_s) if best else None
+        small = smallest(res.plans)
+        rows.append(GpuOption(
+            gpu=gpu, plan=best, smallest=small, price_usd_per_hour=price, price_given=gpu.name in prices,
+            speed_basis=speed_basis(gpu, calibrated_on), speed_error_pct=err, hours=hours,
+            cost_usd=cost_usd(hours, price) if best else None,
+            multi_gpu=None if best else smallest_multi_gpu(small), notes=res.notes,
+        ))
+
+    def within(o: GpuOption) -> bool:
+        if max_hours is not None and (o.hours is None or o.hours > max_hours):
+            return False
+        if max_cost is not None and (o.cost_usd is None or o.cost_usd > max_cost):
+            return False
+        return True
+
+    fitting = [o for o in rows if o.fits]
+    kept = [o for o in fitting if within(o)]
+    excluded = [o for o in fitting if not within(o)]
+    ranked = [o for o in kept if o.hours is not None and o.cost_usd is not None]
+    flags = pareto_flags([(o.hours, o.cost_usd) for o in ranked])
+    on_front = {o.gpu.name for o, f in zip(ranked, flags) if f}
+    kept = sorted((replace(o, pareto=o.gpu.name in on_front) for o in kept), key=_sort_key(sort))
+    return Comparison(
+        model=model, workload=workload, request=request,
+        options=tuple(kept) + tuple(o for o in rows if not o.fits),
+        excluded=tuple(sorted(excluded, key=_sort_key(sort))), sort=sort, max_hours=max_hours,
+        max_cost=max_cost, speed_calibrated_on=tuple(calibrated_on), speed_error_pct=err,
+    )

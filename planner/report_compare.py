@@ -1,0 +1,381 @@
+"""Rendering of `qfit compare`: text table, terminal bar chart, JSON objects and the cost-time PNG.
+
+Bytes become GiB text only through planner.report.gib_str. matplotlib is imported inside
+cost_time_png (an optional dependency).
+"""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from planner.compare import (
+    MULTI_GPU_COUNTS,
+    SPEED_CALIBRATED,
+    SPEED_ERROR_KEY,
+    SPEED_NONE,
+    Comparison,
+    GpuOption,
+    fsdp_per_gpu_bytes,
+)
+from planner.fitmap import require_matplotlib
+from planner.memory import resolve_targets
+from planner.report import component_labels, gib_str
+from planner.search import DEFAULT_SEQ_LEN
+from planner.specs import Plan, settings_dict
+
+DEFAULT_OPTIM = "paged_adamw_32bit"
+BAR_WIDTH = 32  # characters of the longest bar in the terminal chart
+
+
+
+# --------------------------------------------------------------------------- small formatters
+
+def plan_str(plan: Plan) -> str:
+    """'8 x 2, ckpt, r16 all-linear' (+ optimizer when not the QLoRA default, + fp16)."""
+    t, lora = plan.train, plan.lora
+    parts = [f"{t.batch_size} x {t.grad_accum}", "ckpt" if t.gradient_checkpointing else "no ckpt",
+             f"r{lora.rank} {','.join(lora.targets)}"]
+    if t.optim != DEFAULT_OPTIM:
+        parts.append(t.optim)
+    if t.compute_dtype != "bf16":
+        parts.append(t.compute_dtype)
+    return ", ".join(parts)
+
+
+def config_str(plan: Plan) -> str:
+    """The longer form used in 'does not fit' lines."""
+    t, lora = plan.train, plan.lora
+    return (f"micro-batch {t.batch_size} x accumulation {t.grad_accum}, seq {t.seq_len}, r{lora.rank} {','.join(lora.targets)}, "
+            f"{'checkpointing' if t.gradient_checkpointing else 'no checkpointing'}, {t.optim}")
+
+
+def _figure(x: float) -> str:
+    """2 decimals from 1 up, 3 significant digits below (a small job's 0.00614 h is not 0.01)."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 1 or x == 0:
+        return f"{x:,.2f}"
+    return f"{x:.3g}"
+
+
+def hours_str(hours: float | None) -> str:
+    return "-" if hours is None else _figure(hours)
+
+
+def usd_str(usd: float | None) -> str:
+    return "-" if usd is None else _figure(usd)
+
+
+def tps_str(o: GpuOption) -> str:
+    if not o.fits or o.speed_basis == SPEED_NONE:
+        return "-"
+    tag = "calibrated" if o.speed_basis == SPEED_CALIBRATED else "est."
+    return f"{o.tokens_per_s:,.0f} ({tag})"
+
+
+def price_str(o: GpuOption) -> str:
+    if o.price_usd_per_hour is None:
+        return "-"
+    return f"{o.price_usd_per_hour:.2f}" + (" (given)" if o.price_given else "")
+
+
+def multi_gpu_str(o: GpuOption) -> str:
+    m = o.multi_gpu
+    if m is None:
+        n_max = max(MULTI_GPU_COUNTS)
+        per = fsdp_per_gpu_bytes(o.smallest, n_max).per_gpu_needs_bytes
+        return (f"Not even {n_max} x {o.gpu.name} with FSDP sharding would fit "
+                f"(estimate: {gib_str(per)} GiB per GPU)")
+    return (f"Estimate: {m.count} x {o.gpu.name} with FSDP sharding would fit ({gib_str(m.per_gpu_needs_bytes)} GiB "
+            f"per GPU of {gib_str(m.capacity_bytes)} usable; multi-GPU runs are not supported yet)")
+
+
+def reason_str(o: GpuOption) -> str:
+    """Why a GPU does not fit, in one line."""
+    s = o.smallest
+    term, term_bytes = o.largest_term
+    return (f"smallest configuration ({config_str(s)}) needs {gib_str(s.memory.needs_bytes)} GiB; the card has "
+            f"{gib_str(o.gpu.memory_bytes)} GiB ({gib_str(s.capacity_bytes)} usable); largest term: "
+            f"{component_labels(s)[term]} {gib_str(term_bytes)} GiB. {multi_gpu_str(o)}.")
+
+
+def short_reason_str(o: GpuOption) -> str:
+    """reason_str without the configuration (printed once above the lines when shared)."""
+    s = o.smallest
+    term, term_bytes = o.largest_term
+    m = o.multi_gpu
+    if m is None:
+        per = fsdp_per_gpu_bytes(s, max(MULTI_GPU_COUNTS)).per_gpu_needs_bytes
+        multi = f"not even {max(MULTI_GPU_COUNTS)} x {o.gpu.name} with FSDP ({gib_str(per)} GiB per GPU)"
+    else:
+        multi = f"{m.count} x {o.gpu.name} with FSDP would fit ({gib_str(m.per_gpu_needs_bytes)} GiB per GPU)"
+    return (f"needs {gib_str(s.memory.needs_bytes)} GiB, the card {gib_str(o.gpu.memory_bytes)} GiB "
+            f"({gib_str(s.capacity_bytes)} usable); largest term: {component_labels(s)[term]} "
+            f"{gib_str(term_bytes)} GiB; estimate: {multi}.")
+
+
+def not_fitting_lines(c: Comparison) -> list[str]:
+    """One line per GPU that does not fit, saying why; the smallest configuration once when shared."""
+    rows = c.not_fitting
+    configs = {config_str(o.smallest) for o in rows}
+    width = max(len(o.gpu.name) for o in rows)
+    if len(configs) == 1:
+        lines = [f"Does not fit, even in the smallest configuration ({configs.pop()}):"]
+        lines += [f"  {o.gpu.name:<{width}}  {short_reason_str(o)}" for o in rows]
+    else:
+        lines = ["Does not fit:"] + [f"  {o.gpu.name:<{width}}  {reason_str(o)}" for o in rows]
+    lines.append("  (FSDP estimate: the 4-bit base weights and constants sharded over the GPUs, everything else "
+                 "replicated, plus one gathered layer; multi-GPU runs are not supported yet.)")
+    return lines
+
+
+def workload_str(c: Comparison) -> str:
+    w = c.workload
+    approx = "~" if w.approximate else ""
+    epochs = f"{w.epochs:g} epoch{'s' if w.epochs != 1 else ''}"
+    if w.examples:
+        what = f"{w.examples:,} examples x {approx}{w.avg_tokens:,.0f} tokens x {epochs}"
+    else:
+        what = f"{w.tokens_per_epoch:,} tokens x {epochs}"
+    return f"{what} = {approx}{w.total_tokens:,} tokens"
+
+
+def speed_note(c: Comparison) -> str:
+    on = ", ".join(c.speed_calibrated_on)
+    if c.speed_error_pct is None:
+        band = f"error band unknown (the coefficients carry no {SPEED_ERROR_KEY})"
+    else:
+        band = (f"typical error +/-{c.speed_error_pct:g}% (median, leave-one-model-out on {on}); "
+                "the datasheet ratio adds an error not measured yet")
+    return (f"tokens/s: calibrated on {on} runs, other GPUs estimated from the datasheet ratio "
+            f"(TFLOP/s, bandwidth); {band}.")
+
+
+def price_note(c: Comparison) -> str:
+    dates = sorted({o.gpu.price_date for o in c.options + c.excluded if o.gpu.price_date and not o.price_given})
+    given = [o.gpu.name for o in c.options + c.excluded if o.price_given]
+    text = "USD = hours x price per GPU-hour"
+    if dates:
+        text += f"; profile prices are indicative on-demand prices as of {', '.join(dates)}"
+    if given:
+        text += f"; given with --price: {', '.join(given)}"
+    return text + "; override with --price GPU=USD."
+
+
+# --------------------------------------------------------------------------- text
+
+def table_rows(c: Comparison) -> list[list[str]]:
+    rows = []
+    for o in c.options:
+        p = o.plan or o.smallest
+        rows.append([
+            "*" if o.pareto else "", o.gpu.name,
+            "yes" if o.fits else "no",
+            plan_str(o.plan) if o.plan else "-",
+            gib_str(o.plan.memory.peak_reserved_bytes) if o.plan else "-",
+            f"{gib_str(p.memory.needs_bytes)} / {gib_str(o.gpu.memory_bytes)}",
+            tps_str(o), hours_str(o.hours), price_str(o), usd_str(o.cost_usd),
+        ])
+    return rows
+
+
+HEADERS = ["", "GPU", "fits", "plan (micro x accum, ckpt, LoRA)", "peak GiB", "needs / card GiB",
+           "tokens/s", "hours", "USD/h", "USD"]
+
+
+def bar_chart(c: Comparison, metric: str | None = None, width: int = BAR_WIDTH) -> str:
+    """A compact terminal view: one bar per fitting GPU, of hours (sort time) or USD (sort cost)."""
+    metric = metric or ("hours" if c.sort == "time" else "cost")
+    rows = [o for o in c.options if o.fits and o.hours is not None]
+    if metric == "cost":
+        rows = [o for o in rows if o.cost_usd is not None]
+    if not rows:
+        return ""
+    value = (lambda o: o.cost_usd) if metric == "cost" else (lambda o: o.hours)
+    top = max(value(o) for o in rows) or 1.0
+    name_w = max(len(o.gpu.name) for o in rows)
+    lines = [f"{'USD' if metric == 'cost' else 'hours'} per GPU (* Pareto):"]
+    for o in rows:
+        v = value(o)
+        n = max(1, round(width * v / top)) if v > 0 else 0
+        fig = usd_str(v) if metric == "cost" else hours_str(v)
+        lines.append(f"  {'*' if o.pareto else ' '} {o.gpu.name:<{name_w}}  {'#' * n:<{width}}  {fig}")
+    return "\n".join(lines)
+
+
+def render_text(c: Comparison) -> str:
+    m = c.model
+    seq = c.request.seq_len or DEFAULT_SEQ_LEN
+    out = [f"qfit compare: {m.display_name} ({m.total_param_count / 1e9:.2f} B params), "
+           f"{workload_str(c)}, seq {seq}"]
+    if c.workload.approximate:
+        out.append("tokens: approximate, 1 token per 4 characters of the dataset's text fields (no tokenizer).")
+    limits = []
+    if c.max_hours is not None:
+        limits.append(f"--max-hours {c.max_hours:g}")
+    if c.max_cost is not None:
+        limits.append(f"--max-cost {c.max_cost:g}")
+    out.append(f"sorted by {'cost' if c.sort == 'cost' else 'time'}" + (f"; limits: {', '.join(limits)}" if limits else ""))
+    out.append("")
+    out.append(tabulate(table_rows(c), headers=HEADERS, disable_numparse=True))
+    out.append("")
+    if c.pareto:
+        out.append("* Pareto: no other GPU here is both faster and cheaper.")
+    out.append(speed_note(c))
+    out.append(f"hours = tokens / tokens/s / 3600 with packed sequences (no padding); {price_note(c)}")
+    out.append("peak: predicted peak reserved by the allocator; needs: what must fit on the card "
+               "(allocator budget + CUDA context + paged optimizer state); both are model estimates.")
+    if c.not_fitting:
+        out.append("")
+        out += not_fitting_lines(c)
+    if c.excluded:
+        out.append("")
+        out.append("Over the limits (fit, not shown above):")
+        for o in c.excluded:
+            out.append(f"  {o.gpu.name}: {hours_str(o.hours)} h, {usd_str(o.cost_usd)} USD")
+    if not c.fitting:
+        out.append("")
+        out.append("No single GPU here fits " + (f"within {', '.join(limits)}." if c.excluded else f"{m.display_name}."))
+    chart = bar_chart(c)
+    if chart:
+        out.append("")
+        out.append(chart)
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- JSON
+
+def _settings(plan: Plan) -> dict:
+    """The `settings` object of `qfit plan --json` (targets resolved to module names)."""
+    return settings_dict(plan.lora, plan.train, resolve_targets(plan.model, plan.lora.targets))
+
+
+def option_dict(o: GpuOption, c: Comparison) -> dict:
+    plan = o.plan
+    small = o.smallest
+    term, term_bytes = o.largest_term
+    d = {
+        "gpu": o.gpu.name,
+        "display_name": o.gpu.display_name,
+        "fits": o.fits,
+        "settings": _settings(plan) if plan else None,
+        "peak_reserved_bytes": plan.memory.peak_reserved_bytes if plan else None,
+        "needs_bytes": plan.memory.needs_bytes if plan else small.memory.needs_bytes,
+        "capacity_bytes": small.capacity_bytes,
+        "memory_bytes": o.gpu.memory_bytes,
+        "tokens_per_s": round(o.tokens_per_s, 1) if plan else None,
+        "speed_basis": o.speed_basis,
+        "speed_error_pct": o.speed_error_pct,
+        "total_tokens": c.workload.total_tokens,
+        "tokens_approximate": c.workload.approximate,
+        "hours": o.hours,
+        "hours_range": list(o.hours_range) if o.hours_range else None,
+        "price_usd_per_hour": o.price_usd_per_hour,
+        "price_basis": "--price" if o.price_given else (f"profile {o.gpu.price_date}".strip() if o.price_usd_per_hour is not None else None),
+        "cost_usd": o.cost_usd,
+        "pareto": o.pareto,
+        "memory_basis": "predicted",
+        "reason": None if o.fits else reason_str(o),
+        "smallest": None if o.fits else {
+            "settings": _settings(small),
+            "needs_bytes": small.memory.needs_bytes, "largest_term": term, "largest_term_bytes": term_bytes,
+        },
+        "multi_gpu": None,
+        "notes": list(o.notes),
+    }
+    if not o.fits and o.multi_gpu is not None:
+        m = o.multi_gpu
+        d["multi_gpu"] = {
+            "count": m.count, "per_gpu_needs_bytes": m.per_gpu_needs_bytes, "sharded_bytes": m.sharded_bytes,
+            "replicated_bytes": m.replicated_bytes, "gathered_layer_bytes": m.gathered_layer_bytes,
+            "capacity_bytes": m.capacity_bytes, "basis": "estimate: FSDP-sharded 4-bit base; multi-GPU runs are not supported yet",
+        }
+    return d
+
+
+def to_json_list(c: Comparison) -> list[dict]:
+    """Every GPU within the limits (fitting, in sort order), then those that do not fit."""
+    return [option_dict(o, c) for o in c.options]
+
+
+# --------------------------------------------------------------------------- PNG
+
+def cost_time_png(c: Comparison, path: str) -> str:
+    """Cost (USD) against wall time (hours) for every fitting GPU, Pareto front highlighted and labelled.
+    Returns the path. Raises fitmap.MatplotlibMissing (a ValueError) when matplotlib is missing."""
+    require_matplotlib("--plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # optional dependency; no pyplot, no global backend state
+
+    pts = [o for o in c.options if o.fits and o.hours is not None and o.cost_usd is not None]
+    fig = Figure(figsize=(8, 5.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    others = [o for o in pts if not o.pareto]
+    front = sorted((o for o in pts if o.pareto), key=lambda o: o.hours)
+    ax.scatter([o.hours for o in others], [o.cost_usd for o in others], s=36, color="0.6", zorder=2,
+               label="other GPUs")
+    if front:
+        ax.step([o.hours for o in front], [o.cost_usd for o in front], where="post", color="tab:red",
+                alpha=0.5, zorder=1)
+        ax.scatter([o.hours for o in front], [o.cost_usd for o in front], s=70, color="tab:red",
+                   edgecolor="black", zorder=3, label="Pareto: no other GPU both faster and cheaper")
+    if pts:
+        hs = [o.hours for o in pts]
+        if max(hs) / max(min(hs), 1e-9) > 10:
+            ax.set_xscale("log")
+        cs = [o.cost_usd for o in pts if o.cost_usd > 0]
+        if cs and max(cs) / min(cs) > 10:
+            ax.set_yscale("log")
+        ax.margins(x=0.12, y=0.12)
+    ax.set_xlabel("wall time (hours, estimated)")
+    ax.set_ylabel("cost (USD, hours x price per GPU-hour)")
+    ax.set_title(f"{c.model.display_name}: {workload_str(c)}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.text(0.01, 0.01, "tokens/s calibrated on " + ", ".join(c.speed_calibrated_on)
+             + "; other GPUs estimated from datasheet ratios", fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    labels = [(o, f"{o.gpu.name}\n{hours_str(o.hours)} h, ${usd_str(o.cost_usd)}", {"fontsize": 8, "fontweight": "bold"})
+              for o in front]
+    labels += [(o, o.gpu.name, {"fontsize": 7, "color": "0.35"}) for o in others]
+    _place_labels(ax, fig.canvas.get_renderer(), labels, [(o.hours, o.cost_usd) for o in pts])
+    fig.savefig(path, format="png")
+    return path
+
+
+_LABEL_OFFSETS = ((6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"),
+                  (-6, -4, "right", "top"), (0, 9, "center", "bottom"), (0, -9, "center", "top"))
+
+
+def _place_labels(ax, renderer, labels, points) -> None:
+    """Greedy label placement: per point, the first offset whose text box overlaps no placed label,
+    no point and stays inside the axes; else the one overlapping least."""
+    pix = [ax.transData.transform(p) for p in points]
+    inside = ax.get_window_extent(renderer)
+    placed = []
+
+    def overlap(a, b) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    for o, text, style in labels:
+        best = None
+        for dx, dy, ha, va in _LABEL_OFFSETS:
+            ann = ax.annotate(text, (o.hours, o.cost_usd), textcoords="offset points", xytext=(dx, dy),
+                              ha=ha, va=va, **style)
+            box = ann.get_window_extent(renderer)
+            score = sum(overlap(box, b) for b in placed)
+            score += sum(100.0 for x, y in pix if box.x0 - 3 < x < box.x1 + 3 and box.y0 - 3 < y < box.y1 + 3)
+            score += 0.0 if (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0
+                             and box.y1 <= inside.y1) else 1e6
+            if best is None or score < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (score, ann, box)
+            else:
+                ann.remove()
+            if score == 0:
+                break
+        placed.append(best[2])

@@ -1,0 +1,489 @@
+"""`qfit compare`: the numbers (planner.compare) separately from the text (planner.cli_compare).
+
+Numbers: fits equals planner.search's verdict, hours = tokens / tokens_per_s / 3600, cost = hours x
+price, the Pareto set on a constructed set and on real rows, --price, sorting, --max-hours and
+--max-cost, the FSDP estimate for Llama-3.1-70B on an RTX 4090. Text: the table lists every catalog
+GPU, the --json schema, one-line errors with exit code 2, --dataset, --plot and the fit map PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from planner.calibration import load_coefficients
+from planner.cli_compare import compare_cmd, parse_count
+from planner.compare import (
+    SPEED_CALIBRATED,
+    SPEED_DATASHEET,
+    Workload,
+    approx_tokens,
+    compare,
+    fsdp_per_gpu_bytes,
+    pareto_flags,
+    record_chars,
+    search_all,
+    workload_from_records,
+)
+from planner.fitmap import FIT_MAP_BATCHES, FIT_MAP_SEQ_LENS, fit_map, fit_map_png
+from planner.memory import quant_constants_bytes, quantized_weights_bytes
+from planner.profiles import all_gpus, gpu_names, load_gpu, load_model
+from planner.search import Request, search
+from planner.specs import Coefficients, LoraSettings, TrainSettings, settings_dict
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+WORKLOAD = Workload.from_examples(5000, 350, 3)  # 5,250,000 tokens: the brief's example
+SETTINGS_KEYS = set(settings_dict(LoraSettings(), TrainSettings(), ("q_proj",)))  # `qfit plan --json`'s shape
+
+
+@pytest.fixture(scope="module")
+def coeffs() -> Coefficients:
+    return load_coefficients()
+
+
+@pytest.fixture(scope="module")
+def gpus():
+    gs = all_gpus()
+    assert len(gs) >= 15, "the catalog should hold at least 15 GPUs"
+    return gs
+
+
+@pytest.fixture(scope="module")
+def mistral_cmp(coeffs, gpus):
+    return compare(load_model("mistral-7b"), WORKLOAD, gpus, coeffs)
+
+
+@pytest.fixture(scope="module")
+def llama70_cmp(coeffs, gpus):
+    return compare(load_model("llama-3.1-70b"), WORKLOAD, gpus, coeffs)
+
+
+def _points(cmp):
+    return [(o.hours, o.cost_usd) for o in cmp.fitting if o.hours is not None and o.cost_usd is not None]
+
+
+# =========================================================================== numbers
+
+def test_workload_totals():
+    assert WORKLOAD.total_tokens == 5000 * 350 * 3 == 5_250_000
+    assert Workload.from_tokens(2_000_000, epochs=2.5).total_tokens == 5_000_000
+    assert Workload.from_examples(3, 100.5).tokens_per_epoch == 302  # round(301.5): banker's rounding to even
+    for bad in (lambda: Workload.from_examples(0, 350), lambda: Workload.from_examples(10, 0),
+                lambda: Workload.from_tokens(0), lambda: Workload.from_tokens(-5),
+                lambda: Workload.from_tokens(100, epochs=0)):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_dataset_token_approximation():
+    assert approx_tokens(0) == 0 and approx_tokens(1) == 1 and approx_tokens(8) == 2 and approx_tokens(9) == 3
+    chat = {"messages": [{"role": "user", "content": "abcd" * 10}, {"role": "assistant", "content": "xy"}],
+            "id": 17, "score": 0.5, "ok": True, "none": None}
+    assert record_chars(chat) == len("user") + 40 + len("assistant") + 2  # numbers, bools, nulls are not text
+    wl = workload_from_records([{"text": "a" * 400}, {"text": "b" * 40}], epochs=2)
+    assert (wl.examples, wl.tokens_per_epoch, wl.total_tokens, wl.approximate) == (2, 110, 220, True)
+    with pytest.raises(ValueError):
+        workload_from_records([])
+
+
+@pytest.mark.parametrize("model_name", ["mistral-7b", "llama-3.1-70b", "qwen2.5-0.5b", "gemma-2-9b"])
+def test_search_all_is_planner_search(model_name, coeffs, gpus):
+    """search_all shares memory estimates between GPUs; its plans must be search()'s, in order."""
+    model = load_model(model_name)
+    for req in (Request(), Request(seq_len=2048)):
+        shared = search_all(model, gpus, req, coeffs)
+        for gpu in gpus:
+            ref = search(model, gpu, req, coeffs)
+            assert shared[gpu.name].plans == ref.plans, gpu.name
+            assert shared[gpu.name].best == ref.best, gpu.name
+            assert shared[gpu.name].notes == ref.notes, gpu.name
+
+
+def test_fits_and_best_plan_match_search(mistral_cmp, llama70_cmp, coeffs):
+    for cmp in (mistral_cmp, llama70_cmp):
+        assert {o.gpu.name for o in cmp.options + cmp.excluded} == set(gpu_names())
+        for o in cmp.options:
+            ref = search(cmp.model, o.gpu, Request(), coeffs)
+            assert o.fits == (ref.best is not None), o.gpu.name
+            assert o.plan == ref.best
+            if o.fits:
+                assert o.plan.memory.needs_bytes <= o.plan.capacity_bytes
+            else:
+                assert o.smallest.memory.needs_bytes > o.smallest.capacity_bytes
+    assert all(o.fits for o in mistral_cmp.options)  # a 7B model fits every catalog GPU
+    llama = {o.gpu.name: o for o in llama70_cmp.options}
+    assert not llama["rtx4090"].fits and llama["h200"].fits
+
+
+def test_hours_and_cost_formulas(mistral_cmp):
+    tokens = WORKLOAD.total_tokens
+    for o in mistral_cmp.fitting:
+        assert o.tokens_per_s > 0
+        assert o.hours == pytest.approx(tokens / o.tokens_per_s / 3600, rel=1e-12)
+        assert o.price_usd_per_hour == o.gpu.price_usd_per_hour
+        assert o.cost_usd == pytest.approx(o.hours * o.price_usd_per_hour, rel=1e-12)
+
+
+def test_speed_basis_and_error_band(mistral_cmp, coeffs, gpus):
+    basis = {o.gpu.name: o.speed_basis for o in mistral_cmp.options}
+    assert basis["h200"] == SPEED_CALIBRATED
+    assert all(b == SPEED_DATASHEET for name, b in basis.items() if name != "h200")
+    err = coeffs.values.get("speed_cv_error_pct")
+    assert mistral_cmp.speed_error_pct == (float(err) if err is not None else None)
+    without = Coefficients(name="x", description="x",
+                           values={k: v for k, v in coeffs.values.items() if k != "speed_cv_error_pct"})
+    cmp = compare(load_model("mistral-7b"), WORKLOAD, [load_gpu("h200")], without)
+    assert cmp.speed_error_pct is None and cmp.options[0].hours_range is None
+    with_err = Coefficients(name="x", description="x", values={**coeffs.values, "speed_cv_error_pct": 20.0})
+    o = compare(load_model("mistral-7b"), WORKLOAD, [load_gpu("h200")], with_err).options[0]
+    lo, hi = o.hours_range
+    assert lo == pytest.approx(o.hours / 1.2) and hi == pytest.approx(o.hours / 0.8)
+
+
+def test_pareto_on_a_constructed_set():
+    pts = [(1.0, 10.0), (2.0, 5.0), (3.0, 5.0), (4.0, 1.0), (2.0, 6.0), (1.0, 10.0), (5.0, 1.0), (0.5, 20.0)]
+    # (3,5) is beaten by (2,5); (2,6) by (2,5); (5,1) by (4,1); the duplicate (1,10) pair stays on the front
+    assert pareto_flags(pts) == [True, True, False, True, False, True, False, True]
+    assert pareto_flags([]) == []
+    assert pareto_flags([(1.0, 1.0)]) == [True]
+
+
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), max_size=25))
+def test_pareto_property(raw):
+    pts = [(float(h), float(c)) for h, c in raw]
+    flags = pareto_flags(pts)
+
+    def dominates(a, b):
+        return a[0] <= b[0] and a[1] <= b[1] and a != b
+
+    front = [p for p, f in zip(pts, flags) if f]
+    for p, f in zip(pts, flags):
+        if f:
+            assert not any(dominates(q, p) for q in pts)
+        else:
+            assert any(dominates(q, p) for q in front)
+
+
+def test_pareto_rows_of_a_comparison(mistral_cmp):
+    rows = [o for o in mistral_cmp.fitting]
+    for o in rows:
+        beaten = any(q.hours <= o.hours and q.cost_usd <= o.cost_usd and (q.hours < o.hours or q.cost_usd < o.cost_usd)
+                     for q in rows if q is not o)
+        assert o.pareto == (not beaten), o.gpu.name
+    fastest = min(rows, key=lambda o: o.hours)
+    cheapest = min(rows, key=lambda o: o.cost_usd)
+    assert fastest.pareto and cheapest.pareto
+
+
+def test_price_override(coeffs, gpus, mistral_cmp):
+    cmp = compare(load_model("mistral-7b"), WORKLOAD, gpus, coeffs, prices={"h200": 0.01, "t4": 0.0})
+    by = {o.gpu.name: o for o in cmp.options}
+    ref = {o.gpu.name: o for o in mistral_cmp.options}
+    assert by["h200"].price_given and by["h200"].price_usd_per_hour == 0.01
+    assert by["h200"].cost_usd == pytest.approx(by["h200"].hours * 0.01)
+    assert by["t4"].cost_usd == 0.0
+    assert by["h200"].pareto  # cheapest non-free and among the fastest
+    assert not by["a100-80gb"].price_given and by["a100-80gb"].cost_usd == ref["a100-80gb"].cost_usd
+    with pytest.raises(ValueError, match="not among the compared GPUs"):
+        compare(load_model("mistral-7b"), WORKLOAD, [load_gpu("t4")], coeffs, prices={"h200": 1.0})
+    with pytest.raises(ValueError, match="--price"):
+        compare(load_model("mistral-7b"), WORKLOAD, [load_gpu("h200")], coeffs, prices={"h200": -1.0})
+
+
+@pytest.mark.parametrize("sort", ["cost", "time"])
+def test_sorting(sort, coeffs, gpus):
+    cmp = compare(load_model("llama-3.1-70b"), WORKLOAD, gpus, coeffs, sort=sort)
+    fitting = [o for o in cmp.options if o.fits]
+    key = [o.cost_usd if sort == "cost" else o.hours for o in fitting]
+    assert key == sorted(key)
+    n = len(fitting)
+    assert all(o.fits for o in cmp.options[:n]) and not any(o.fits for o in cmp.options[n:])
+    with pytest.raises(ValueError, match="--sort"):
+        compare(load_model("mistral-7b"), WORKLOAD, gpus, coeffs, sort="speed")
+
+
+def test_max_hours_and_max_cost_filters(coeffs, gpus, mistral_cmp):
+    hours = sorted(o.hours for o in mistral_cmp.fitting)
+    costs = sorted(o.cost_usd for o in mistral_cmp.fitting)
+    max_h, max_c = hours[len(hours) // 2], costs[len(costs) // 2]
+    model = load_model("mistral-7b")
+    for kw, attr, limit in (({"max_hours": max_h}, "hours", max_h), ({"max_cost": max_c}, "cost_usd", max_c)):
+        cmp = compare(model, WORKLOAD, gpus, coeffs, **kw)
+        assert cmp.fitting and cmp.excluded
+        assert all(getattr(o, attr) <= limit for o in cmp.fitting)
+        assert all(getattr(o, attr) > limit for o in cmp.excluded)
+        assert {o.gpu.name for o in cmp.fitting + cmp.excluded} == {o.gpu.name for o in mistral_cmp.fitting}
+        assert not any(o.pareto for o in cmp.excluded)
+        pts = _points(cmp)  # the front is recomputed among what is kept
+        assert [o.pareto for o in cmp.fitting] == pareto_flags(pts)
+    both = compare(model, WORKLOAD, gpus, coeffs, max_hours=max_h, max_cost=max_c)
+    assert all(o.hours <= max_h and o.cost_usd <= max_c for o in both.fitting)
+    for bad in ({"max_hours": 0}, {"max_cost": -1.0}):
+        with pytest.raises(ValueError):
+            compare(model, WORKLOAD, gpus, coeffs, **bad)
+
+
+def test_multi_gpu_estimate_llama70b_on_rtx4090(llama70_cmp):
+    """per GPU = ceil(sharded / N) + replicated + one gathered layer, sharded = the 4-bit base;
+    N is the fewest GPUs (2..8) for which that fits the card's usable capacity."""
+    o = next(o for o in llama70_cmp.options if o.gpu.name == "rtx4090")
+    assert not o.fits
+    m = o.multi_gpu
+    assert m is not None and 2 <= m.count <= 8
+    model = load_model("llama-3.1-70b")
+    small = o.smallest
+    sharded = quantized_weights_bytes(model) + quant_constants_bytes(model, small.train.double_quant)
+    assert m.sharded_bytes == sharded
+    assert m.replicated_bytes == small.memory.needs_bytes - sharded
+    assert m.gathered_layer_bytes == math.ceil(sharded / model.num_hidden_layers)
+    assert m.per_gpu_needs_bytes == math.ceil(sharded / m.count) + m.replicated_bytes + m.gathered_layer_bytes
+    assert m.per_gpu_needs_bytes <= m.capacity_bytes == small.capacity_bytes
+    assert fsdp_per_gpu_bytes(small, m.count - 1).per_gpu_needs_bytes > m.capacity_bytes  # the fewest
+    # the 4-bit base of a 70B model is what does not fit: at least 30 GiB of the ~47 GiB needed
+    assert o.largest_term[0] == "quantized_weights" and sharded > 30 * 2**30
+    # a GPU too small even for 8 shards says so (the replicated part alone is most of a T4)
+    t4 = next(o for o in llama70_cmp.options if o.gpu.name == "t4")
+    assert t4.multi_gpu is None
+    assert fsdp_per_gpu_bytes(t4.smallest, 8).per_gpu_needs_bytes > t4.smallest.capacity_bytes
+    # and the fitting GPUs carry no multi-GPU estimate
+    assert all(x.multi_gpu is None for x in llama70_cmp.fitting)
+
+
+def test_bare_capacity_gpu_has_no_time(coeffs):
+    cmp = compare(load_model("qwen2.5-0.5b"), WORKLOAD, [load_gpu("24GiB"), load_gpu("l4")], coeffs)
+    bare = next(o for o in cmp.options if o.gpu.name == "24GiB")
+    assert bare.fits and bare.hours is None and bare.cost_usd is None and not bare.pareto
+    assert cmp.options[0].gpu.name == "l4"  # rows with figures first
+
+
+# =========================================================================== fit map
+
+def test_fit_map_grid_is_monotone(coeffs):
+    model, gpu = load_model("mistral-7b"), load_gpu("rtx4090")
+    grid = fit_map(model, gpu, Request(), coeffs)
+    assert [row[0].batch_size for row in grid] == list(FIT_MAP_BATCHES)
+    assert [c.seq_len for c in grid[0]] == list(FIT_MAP_SEQ_LENS)
+    for i, row in enumerate(grid):
+        for j, cell in enumerate(row):
+            assert cell.shown.train.batch_size == cell.batch_size and cell.shown.train.seq_len == cell.seq_len
+            assert cell.shown.lora.rank == 16 and cell.shown.lora.targets == ("all-linear",)
+            if cell.fits:  # anything smaller in either direction fits too
+                assert all(grid[k][j].fits for k in range(i)) and all(row[k].fits for k in range(j))
+    assert grid[0][0].fits and not grid[-1][-1].fits
+
+
+def test_fit_map_beyond_context(coeffs):
+    grid = fit_map(load_model("llama-2-7b"), load_gpu("h200"), Request(), coeffs)  # 4096 positions
+    assert all(row[-1].beyond_model and not row[-1].fits for row in grid)
+    assert not any(c.beyond_model for c in grid[0][:-1])
+
+
+# =========================================================================== text (CLI)
+
+ARGS = ["mistral-7b", "--examples", "5000", "--avg-tokens", "350", "--epochs", "3"]
+
+
+def run(args):
+    return CliRunner().invoke(compare_cmd, args)
+
+
+def test_help_ends_with_an_example():
+    res = run(["--help"])
+    assert res.exit_code == 0
+    assert "Example: qfit compare mistral-7b --examples 5000 --avg-tokens 350 --epochs 3" in res.output
+
+
+def test_table_lists_every_catalog_gpu():
+    res = run(ARGS)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("qfit compare: Mistral-7B") and "5,250,000 tokens" in lines[0]
+    rows = [ln for ln in lines if ln.split()[:1] in (["*"], *([n] for n in gpu_names()))
+            and (" yes " in ln or " no " in ln)]
+    assert len(rows) >= 15
+    assert {n for n in gpu_names() if any(f" {n} " in f" {r} " for r in rows)} == set(gpu_names())
+    assert any(r.startswith("*") for r in rows)  # Pareto rows are marked
+    assert "(calibrated)" in res.stdout and "(est.)" in res.stdout
+    assert "USD per GPU" in res.stdout  # the terminal bar chart
+
+
+def test_table_for_a_model_that_fits_few_gpus():
+    res = run(["llama-3.1-70b", "--tokens", "2M", "--gpus", "rtx4090,h200,t4"])
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "Does not fit" in out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("rtx4090") and "needs" in ln)
+    assert "x rtx4090 with FSDP would fit" in line
+    assert "not even 8 x t4" in out and "multi-GPU runs are not supported yet" in out
+
+
+def test_json_schema():
+    res = run(ARGS + ["--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert isinstance(doc, list) and len(doc) == len(gpu_names())
+    for d in doc:
+        for key in ("gpu", "fits", "settings", "peak_reserved_bytes", "needs_bytes", "tokens_per_s", "hours",
+                    "cost_usd", "pareto", "speed_basis", "reason", "multi_gpu", "price_usd_per_hour"):
+            assert key in d, key
+        assert d["fits"] is True
+        assert set(d["settings"]) == SETTINGS_KEYS
+        assert isinstance(d["peak_reserved_bytes"], int) and isinstance(d["needs_bytes"], int)
+        assert d["cost_usd"] == pytest.approx(d["hours"] * d["price_usd_per_hour"])
+        assert d["hours"] == pytest.approx(d["total_tokens"] / d["tokens_per_s"] / 3600, rel=1e-3)
+    costs = [d["cost_usd"] for d in doc]
+    assert costs == sorted(costs)
+    assert any(d["pareto"] for d in doc)
+    assert next(d for d in doc if d["gpu"] == "h200")["speed_basis"] == "calibrated"
+
+
+def test_json_for_gpus_that_do_not_fit():
+    res = run(["llama-3.1-70b", "--tokens", "2M", "--gpus", "rtx4090,h200", "--json"])
+    doc = {d["gpu"]: d for d in json.loads(res.stdout)}
+    r = doc["rtx4090"]
+    assert r["fits"] is False and r["settings"] is None and r["hours"] is None and r["cost_usd"] is None
+    assert "needs" in r["reason"] and r["needs_bytes"] > r["capacity_bytes"]
+    assert 2 <= r["multi_gpu"]["count"] <= 8 and "estimate" in r["multi_gpu"]["basis"]
+    assert set(r["smallest"]["settings"]) == SETTINGS_KEYS
+    assert doc["h200"]["fits"] is True
+
+
+def test_cli_price_sort_and_limits():
+    res = run(ARGS + ["--price", "h200=0.05", "--sort", "time", "--json"])
+    doc = json.loads(res.stdout)
+    h = next(d for d in doc if d["gpu"] == "h200")
+    assert h["price_usd_per_hour"] == 0.05 and h["price_basis"] == "--price"
+    hours = [d["hours"] for d in doc]
+    assert hours == sorted(hours)
+    res = run(ARGS + ["--max-hours", "1", "--max-cost", "0.7", "--json"])
+    doc = json.loads(res.stdout)
+    assert doc and all(d["hours"] <= 1 and d["cost_usd"] <= 0.7 for d in doc)
+    text = run(ARGS + ["--max-hours", "1"]).stdout
+    assert "Over the limits" in text and "--max-hours 1" in text
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--tokens", "1M", "--gpus", "h2000"], "Did you mean: h200"),
+    (["--tokens", "1M", "--price", "h200=abc"], "must be a number"),
+    (["--tokens", "1M", "--price", "h200"], "GPU=USD_PER_HOUR"),
+    (["--tokens", "1M", "--price", "h2000=3"], "unknown GPU"),
+    (["--examples", "0", "--avg-tokens", "350"], "--examples must be a positive integer"),
+    (["--tokens", "0"], "--tokens"),
+    (["--tokens", "-5"], "--tokens"),
+    (["--examples", "100"], "--avg-tokens"),
+    ([], "give the workload"),
+    (["--tokens", "1M", "--examples", "5", "--avg-tokens", "3"], "give one workload"),
+    (["--examples", "abc", "--avg-tokens", "3"], "--examples"),
+    (["--tokens", "1M", "--sort", "speed"], "--sort"),
+    (["--tokens", "1M", "--max-hours", "0"], "--max-hours"),
+    (["--tokens", "1M", "--epochs", "-1"], "--epochs"),
+    (["--tokens", "1M", "--seq-len", "999999"], "max_position_embeddings"),
+    (["--dataset", "/nonexistent/data.jsonl"], "no such file"),
+    (["--tokens", "1M", "--plot", "out.txt"], ".png"),
+])
+def test_errors_are_one_line_exit_2(args, fragment):
+    res = run(["mistral-7b", *args])
+    assert res.exit_code == 2, res.output
+    assert res.stdout == ""
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert fragment in err
+    js = run(["mistral-7b", *args, "--json"])
+    assert js.exit_code == 2
+    assert set(json.loads(js.stdout)) == {"error"} and fragment in json.loads(js.stdout)["error"]
+
+
+def test_unknown_model_error():
+    res = run(["mistrl-7b", "--tokens", "1M"])
+    assert res.exit_code == 2 and "Did you mean: mistral-7b" in res.stderr
+
+
+def test_count_parsing():
+    assert parse_count("2M", "--tokens") == 2_000_000
+    assert parse_count("800k", "--tokens") == 800_000
+    assert parse_count("5,250,000", "--tokens") == 5_250_000
+    assert parse_count("2.5e6", "--tokens") == 2_500_000
+
+
+def test_dataset_jsonl_json_csv(tmp_path):
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"instruction": "a" * 300, "output": "b" * 100, "id": i}) for i in range(10)) + "\n")
+    res = run(["mistral-7b", "--dataset", str(jl), "--epochs", "2", "--gpus", "h200", "--json"])
+    d = json.loads(res.stdout)[0]
+    assert d["total_tokens"] == 10 * 100 * 2 and d["tokens_approximate"] is True
+    text = run(["mistral-7b", "--dataset", str(jl), "--gpus", "h200"]).stdout
+    assert "approximate" in text and "1 token per 4 characters" in text
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps({"train": [{"text": "x" * 40}] * 5}))
+    assert json.loads(run(["mistral-7b", "--dataset", str(js), "--gpus", "h200", "--json"]).stdout)[0]["total_tokens"] == 50
+    cs = tmp_path / "d.csv"
+    cs.write_text("id,prompt,score\n1,abcdefgh,0.5\n2,abcd,1\n")
+    assert json.loads(run(["mistral-7b", "--dataset", str(cs), "--gpus", "h200", "--json"]).stdout)[0]["total_tokens"] == 3
+    bad = tmp_path / "d.jsonl.bad"
+    bad.write_text("{}")
+    res = run(["mistral-7b", "--dataset", str(bad)])
+    assert res.exit_code == 2 and ".jsonl, .json or .csv" in res.stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{not json\n')
+    res = run(["mistral-7b", "--dataset", str(broken)])
+    assert res.exit_code == 2 and "line 2" in res.stderr
+
+
+def test_plot_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cost.png"
+    res = run(ARGS + ["--plot", str(out)])
+    assert res.exit_code == 0, res.output
+    data = out.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+    assert "plot: wrote" in res.stderr or "plot: wrote" in res.stdout
+    res = run(ARGS + ["--plot", str(tmp_path / "no" / "such" / "dir.png")])
+    assert res.exit_code == 2 and "cannot write" in res.stderr
+
+
+def test_plot_without_matplotlib(monkeypatch, tmp_path):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    res = run(ARGS + ["--plot", str(tmp_path / "x.png")])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == "error: --plot needs matplotlib: pip install matplotlib"
+    from planner.fitmap import MatplotlibMissing
+
+    with pytest.raises(MatplotlibMissing, match="pip install matplotlib"):
+        fit_map_png(load_model("mistral-7b"), load_gpu("t4"), Request(), load_coefficients(), str(tmp_path / "f.png"))
+
+
+def test_fit_map_png(tmp_path, coeffs):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "fit.png"
+    assert fit_map_png(load_model("llama-2-7b"), load_gpu("t4"), Request(), coeffs, str(out)) == str(out)
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_compare_path_imports_stay_light():
+    """The modules on the `qfit compare` path import no heavy library at module level."""
+    code = ("import sys, planner.cli_compare, planner.compare, planner.report_compare, planner.fitmap\n"
+            "heavy = ['torch', 'transformers', 'peft', 'bitsandbytes', 'pandas', 'matplotlib', 'numpy']\n"
+            "print(','.join(m for m in heavy if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_wired_into_qfit_if_the_group_has_it():
+    cli_mod = pytest.importorskip("planner.cli")
+    if "compare" not in cli_mod.cli.commands:
+        pytest.skip("planner.cli does not register compare yet")
+    res = CliRunner().invoke(cli_mod.cli, ["compare", *ARGS[0:1], "--tokens", "1M", "--gpus", "h2000"])
+    assert res.exit_code == 2 and res.stderr.startswith("error: unknown GPU")
+    assert CliRunner().invoke(cli_mod.cli, ["compare", *ARGS]).exit_code == 0
+    # as `qfit plan`: exit 1 when no GPU fits
+    res = CliRunner().invoke(cli_mod.cli, ["compare", "llama-3.1-70b", "--tokens", "1M", "--gpus", "t4,rtx4090"])
+    assert res.exit_code == 1 and "Does not fit" in res.stdout
