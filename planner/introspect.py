@@ -7,7 +7,6 @@ inside the functions (this module must not slow `qfit plan`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 # HF config.json fields a profile keeps verbatim (those that exist for the model type).
@@ -101,13 +100,9 @@ def inventory(model) -> dict:
 
 def read_config_json(path: str | Path) -> dict:
     """config.json -> the fields a profile keeps. Raises IntrospectionError naming what is wrong."""
-    p = Path(path)
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise IntrospectionError(f"{p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(raw, dict):
-        raise IntrospectionError(f"{p} must hold a JSON object")
+    from planner.profiles import read_json_object
+
+    raw = read_json_object(Path(path))
     if "text_config" in raw and "hidden_size" not in raw:  # multimodal wrappers keep the LM inside
         raw = {**raw["text_config"], "model_type": raw["text_config"].get("model_type", raw.get("model_type"))}
     return {k: raw[k] for k in CONFIG_FIELDS if k in raw}

@@ -86,13 +86,14 @@ def _load_toml(path: Path) -> dict:
         return tomllib.load(fh)
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=2)
+def _catalog(kind: str) -> dict[str, tuple[Path, dict]]:
+    """Every profile of one kind ("models" or "gpus"): stem -> (path, document)."""
+    return {path.stem: (path, _load_toml(path)) for path in sorted((PROFILES_DIR / kind).glob("*.toml"))}
+
+
 def _model_docs() -> dict[str, tuple[Path, dict]]:
-    out = {}
-    for path in sorted((PROFILES_DIR / "models").glob("*.toml")):
-        with path.open("rb") as fh:
-            out[path.stem] = (path, tomllib.load(fh))
-    return out
+    return _catalog("models")
 
 
 def model_names() -> list[str]:
@@ -138,16 +139,24 @@ def _load_model_file(path: Path) -> ModelSpec:
     return model_from_config_json(path)
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; ProfileError (one line) otherwise."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except OSError as exc:
+        raise ProfileError(f"cannot read {path}: {exc.strerror}") from None
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path} must hold a JSON object")
+    return raw
+
+
 def model_from_config_json(path: Path) -> ModelSpec:
     """Read a Hugging Face config.json with the standard library and lay out its modules."""
     from planner.architectures import KNOWN_MODEL_TYPES, layout
 
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(raw, dict):
-        raise ProfileError(f"{path} must hold a JSON object")
+    raw = read_json_object(path)
     if "model_type" not in raw:
         raise ProfileError(f"{path}: missing field 'model_type'")
     if raw["model_type"] not in KNOWN_MODEL_TYPES:
@@ -170,13 +179,8 @@ def model_from_config_json(path: Path) -> ModelSpec:
 
 # --------------------------------------------------------------------------- GPU profiles
 
-@lru_cache(maxsize=1)
 def _gpu_docs() -> dict[str, tuple[Path, dict]]:
-    out = {}
-    for path in sorted((PROFILES_DIR / "gpus").glob("*.toml")):
-        with path.open("rb") as fh:
-            out[path.stem] = (path, tomllib.load(fh))
-    return out
+    return _catalog("gpus")
 
 
 def gpu_names() -> list[str]:
