@@ -164,8 +164,10 @@ def _breakdown(it: dict, coeffs: Coefficients):
 
 
 def fit_reserve(items: list[dict], coeffs: Coefficients) -> dict:
-    """reserved - allocated per allocator mode: non-negative least squares on the activation terms and a constant."""
+    """reserved - allocated per allocator mode: non-negative least squares (relative error) on memory.reserve_features."""
     import numpy as np
+
+    from planner.memory import reserve_features
 
     out = {}
     for mode in ("expandable", "default"):
@@ -175,12 +177,12 @@ def fit_reserve(items: list[dict], coeffs: Coefficients) -> dict:
         a, b = [], []
         for it in sel:
             bd = _breakdown(it, coeffs)
-            a.append([getattr(bd, f) / it["reserved"] for f in RESERVE_FEATURES] + [1.0 / it["reserved"]])
+            feats = reserve_features(it["model"], it["train"], bd.components())
+            a.append([feats[f] / it["reserved"] for f in RESERVE_FEATURES])
             b.append((it["reserved"] - it["alloc"]) / it["reserved"])
-        sol = _nnls(np.array(a), np.array(b))
+        sol = _nnls(np.array(a), np.array(b), iterations=3000)
         for f, v in zip(RESERVE_FEATURES, sol):
             out[f"reserve_{f}_{mode}"] = float(v)
-        out[f"reserve_const_{mode}"] = float(sol[-1])
     return out
 
 

@@ -29,7 +29,7 @@ PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer: paged 
 FP32 = DTYPE_BYTES["fp32"]
 BOOL_MASK = 1  # torch.native_dropout returns a bool mask, 1 byte per element
 INT64 = 8
-RESERVE_TERMS = ("saved_activations", "layer_working_set", "logits")  # what the allocator slack scales with
+RESERVE_TERMS = ("logits_block", "logits_block_ckpt", "layer_working_set", "saved_activations")  # see reserve_features
 
 
 def alloc(n_bytes: int) -> int:
@@ -292,13 +292,25 @@ def cuda_context_bytes(coeffs: Coefficients) -> int:
     return int(coeffs.get("cuda_context_bytes"))
 
 
-def allocator_reserve_bytes(terms: dict[str, int], train: TrainSettings, coeffs: Coefficients) -> int:
+def reserve_features(model: ModelSpec, train: TrainSettings, terms: dict[str, int]) -> dict[str, int]:
+    """What the allocator's slack at the peak scales with, in bytes: the fp32 logits tensor (the
+    largest single block of a step; under checkpointing its freed block is not reused by the
+    recomputation that follows), the layer working set and the saved activations."""
+    logits_block = FP32 * model.vocab_size * train.tokens_per_micro_batch
+    return {
+        "logits_block": logits_block,
+        "logits_block_ckpt": logits_block if train.gradient_checkpointing else 0,
+        "layer_working_set": terms["layer_working_set"],
+        "saved_activations": terms["saved_activations"],
+    }
+
+
+def allocator_reserve_bytes(model: ModelSpec, train: TrainSettings, terms: dict[str, int], coeffs: Coefficients) -> int:
     """Reserved minus allocated at the peak: the caching allocator keeps freed blocks that the next
-    request cannot reuse. Per allocator mode, calibrated fractions of the per-step terms (saved
-    activations, the layer working set, the logits chain) plus a constant."""
+    request cannot reuse. Per allocator mode, calibrated fractions of reserve_features()."""
     mode = "expandable" if train.expandable_segments else "default"
-    per_step = sum(coeffs.get(f"reserve_{name}_{mode}") * terms[name] for name in RESERVE_TERMS)
-    return int(per_step + coeffs.get(f"reserve_const_{mode}"))
+    feats = reserve_features(model, train, terms)
+    return int(sum(coeffs.get(f"reserve_{name}_{mode}") * v for name, v in feats.items()))
 
 
 def required_budget_bytes(peak_allocated: int, activation_part: int, train: TrainSettings,
@@ -364,7 +376,7 @@ def estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs:
     activation_part = terms["saved_activations"] + terms["layer_working_set"] + terms["logits"]
     return MemoryBreakdown(
         **terms,
-        allocator_reserve=allocator_reserve_bytes(terms, train, coeffs),
+        allocator_reserve=allocator_reserve_bytes(model, train, terms, coeffs),
         cuda_context=cuda_context_bytes(coeffs),
         paged_optimizer_state=paged_state_bytes(model, lora, train),
         peak_phase=peak_phase,
