@@ -75,7 +75,7 @@ def _row_settings(row):
     from planner.specs import LoraSettings, TrainSettings
 
     lora = LoraSettings(rank=int(row["rank"]), alpha=int(row["alpha"]), dropout=float(row["lora_dropout"]),
-                        targets=(row["targets"],))
+                        targets=tuple(str(row["targets"]).split(",")))
     train = TrainSettings(batch_size=int(row["batch_size"]), grad_accum=int(row["grad_accum"]),
                           seq_len=int(row["seq_len"]), gradient_checkpointing=str(row["gradient_checkpointing"]) == "True",
                           optim=row["optim"], compute_dtype=row["compute_dtype"],

@@ -14,6 +14,8 @@ import click
 
 from planner import __version__
 from planner.calibration import load_coefficients
+from planner.cli_compare import compare_cmd
+from planner.cli_run import run_cmd
 from planner.profiles import ProfileError, all_gpus, gpu_names, load_gpu, load_model, match_gpu_name, model_names
 from planner.search import AUTO_SEQ_LENS, Request, search
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
@@ -369,17 +371,8 @@ def profile_cmd(source, name, out_path, trust_remote_code):
     return 0
 
 
-def _add_optional_commands() -> None:
-    """Commands living in their own modules (light at import time)."""
-    for module, attr in (("planner.cli_run", "run_cmd"), ("planner.cli_compare", "compare_cmd")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ImportError:
-            continue
-        cli.add_command(getattr(mod, attr))
-
-
-_add_optional_commands()
+cli.add_command(run_cmd)
+cli.add_command(compare_cmd)
 
 
 def main() -> None:  # console entry point

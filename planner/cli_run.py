@@ -1,0 +1,146 @@
+"""`qfit run`: the command-line shell around planner.train.runner (parse -> call -> print -> exit).
+
+Module level imports the standard library, click and light planner modules only, so that
+`qfit plan` (which loads this module to register the command) never imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from planner.data import FORMATS
+from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, also for Ctrl-C before training starts
+
+
+class RunCommand(click.Command):
+    """Usage errors (bad option values) as one `error:` line and exit code 2, also when the command
+    runs on its own rather than inside the `qfit` group."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args=args, prog_name=prog_name or "qfit run", complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            _fail(exc.format_message(), hint="qfit run --help")
+        except click.exceptions.Abort:
+            click.echo("aborted.", err=True)
+            sys.exit(1)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+
+
+def _fail(message: str, hint: str | None = None) -> None:
+    message = " ".join(str(message).split())
+    click.echo(f"error: {message}" + (f" (see `{hint}`)" if hint else ""), err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _targets(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(t.strip() for t in value.split(",") if t.strip())
+    if not names:
+        raise click.BadParameter("name attn, all-linear, or a comma list of module names", param_hint="--targets")
+    return names
+
+
+@click.command("run", cls=RunCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", required=False)
+@click.option("--dataset", metavar="FILE|HF_ID",
+              help="Training data: a .json, .jsonl, .csv or .parquet file (alpaca, chat or text rows). "
+                   "Example: --dataset data/train.jsonl")
+@click.option("--demo", is_flag=True,
+              help="Fine-tune a tiny built-in model on built-in data, on the CPU, in well under a minute "
+                   "(no download). Example: qfit run --demo --output /tmp/demo")
+@click.option("--output", "-o", metavar="DIR",
+              help="Where the adapter, checkpoints, plan.json and run_report.json go; refused if it holds "
+                   "files unless --overwrite or --resume. Example: --output runs/mistral-alpaca")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier qfit run in --output (other directories are never deleted). "
+                   "Example: --output runs/a --overwrite")
+@click.option("--resume", metavar="DIR",
+              help="Continue the run saved in DIR from its last checkpoint, with its saved settings; no step "
+                   "is lost. Example: qfit run --resume runs/mistral-alpaca")
+@click.option("--epochs", type=float, metavar="X",
+              help="Passes over the data (default 1). Example: --epochs 3")
+@click.option("--max-steps", type=int, metavar="N",
+              help="Optimizer steps instead of --epochs. Example: --max-steps 500")
+@click.option("--seq-len", type=int, metavar="N",
+              help="Tokens per row (longer rows are cut); default: chosen from the data's lengths. Memory grows "
+                   "with it. Example: --seq-len 1024")
+@click.option("--effective-batch", type=int, metavar="N",
+              help="Rows per optimizer step, = micro-batch x accumulation (default 16); never changed by the "
+                   "OOM guard. Example: --effective-batch 32")
+@click.option("--batch-size", type=int, metavar="N",
+              help="Micro-batch per forward/backward (default: the planned one). Example: --batch-size 4")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), metavar="PLAN.JSON",
+              help="Use the settings of a plan saved by `qfit plan MODEL --save PLAN.JSON`; options given "
+                   "here override it. Example: --plan plan.json")
+@click.option("--rank", type=int, metavar="N",
+              help="LoRA rank; higher: more capacity and memory. Example: --rank 16")
+@click.option("--alpha", type=int, metavar="N", help="LoRA alpha (default 2 x rank). Example: --alpha 32")
+@click.option("--lora-dropout", type=float, metavar="P",
+              help="LoRA dropout (default 0.05). Example: --lora-dropout 0.1")
+@click.option("--targets", metavar="attn|all-linear|NAMES",
+              help="Modules to adapt: attn, all-linear, or a comma list of names. Example: --targets q_proj,v_proj")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in backward (less memory, ~30% slower); default: planned. "
+                   "Example: --gradient-checkpointing")
+@click.option("--optim", type=click.Choice(OPTIMIZERS),
+              help="Optimizer (default: planned). Example: --optim paged_adamw_8bit")
+@click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES),
+              help="Compute dtype (default bf16 where the GPU has it, else fp16). Example: --compute-dtype fp16")
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
+              help="Row format instead of detecting it from the first row. Example: --format chat")
+@click.option("--save-steps", type=int, metavar="N",
+              help="Checkpoint every N steps (default: a tenth of the run, at most 500). Example: --save-steps 100")
+@click.option("--learning-rate", type=float, metavar="LR",
+              help="Peak learning rate of the cosine schedule (default 2e-4; demo 5e-3). Example: --learning-rate 1e-4")
+def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, seq_len, effective_batch, batch_size,
+            plan_path, rank, alpha, lora_dropout, targets, gradient_checkpointing, optim, compute_dtype, fmt,
+            save_steps, learning_rate):
+    """Fine-tune with QLoRA using the planned settings; an out-of-memory error never loses progress.
+
+    Plans for the GPU found (its free memory), prints the plan, trains (4-bit NF4 base, LoRA,
+    transformers' Trainer), and writes a standard PEFT adapter plus run_report.json to --output.
+    Without a GPU it trains on the CPU. Ctrl-C or SIGTERM saves a checkpoint; --resume continues.
+
+    MODEL is a profile name (`qfit models`), a Hugging Face id, or a local model directory.
+
+    \b
+    Example:
+      qfit run --demo --output /tmp/qfit-demo
+      qfit run mistral-7b --dataset train.jsonl --output runs/m7 --epochs 2
+      qfit run --resume runs/m7
+    """
+    from planner.data import DataError
+    from planner.profiles import ProfileError
+    from planner.train import runner  # light at import time; torch is imported when training starts
+
+    if resume and output and output != resume:
+        _fail(f"--resume {resume} continues the run in that directory: drop --output {output}")
+    if not resume and not output:
+        _fail("--output DIR is required (where the adapter and checkpoints go), or --resume DIR")
+    try:
+        opts = runner.RunOptions(
+            output=resume or output, model=model, dataset=dataset, demo=demo, overwrite=overwrite,
+            resume=bool(resume), epochs=epochs, max_steps=max_steps, seq_len=seq_len, effective_batch=effective_batch,
+            batch_size=batch_size, plan_path=plan_path, rank=rank, alpha=alpha, lora_dropout=lora_dropout,
+            targets=_targets(targets), gradient_checkpointing=gradient_checkpointing, optim=optim,
+            compute_dtype=compute_dtype, fmt=fmt, save_steps=save_steps, learning_rate=learning_rate)
+        result = runner.run(opts, echo=click.echo)
+    except (runner.RunError, DataError, ProfileError) as exc:
+        _fail(str(exc))
+    except click.BadParameter as exc:
+        _fail(exc.format_message())
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted before training started: nothing was saved", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+    return 0

@@ -1,0 +1,476 @@
+"""`qfit run` on the CPU: the demo end to end, the OOM back-off, stop and resume, and the checks
+that come before any model is loaded. Everything trains the tiny demo model (planner/demo), so
+nothing is downloaded; the whole file takes about a minute on two CPU cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from planner.cli_run import run_cmd
+from planner.train import runner
+from planner.train.harness import FIELDS  # imports transformers now, before any test fakes CUDA
+from planner.train.runner import RunError, RunOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One qfit cache (demo model + tokenizer, runs.csv) for the module; the user's is never touched."""
+    path = tmp_path_factory.mktemp("qfit-cache")
+    old = os.environ.get("QFIT_CACHE")
+    os.environ["QFIT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("QFIT_CACHE", None)
+    else:
+        os.environ["QFIT_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def demo_dir(cache):
+    from planner import demo
+
+    return demo.prepare()
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def quiet(opts: RunOptions, **kw):
+    lines: list[str] = []
+    result = runner.run(opts, echo=lines.append, **kw)
+    return result, "\n".join(lines)
+
+
+def logged_steps(report: dict) -> list[int]:
+    return [h["step"] for h in report["loss"]["history"]]
+
+
+# --------------------------------------------------------------------------- the demo, end to end
+
+@pytest.fixture(scope="module")
+def demo_run(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(run_cmd, ["--demo", "--output", str(out)], catch_exceptions=False)
+    seconds = time.perf_counter() - t0
+    report = json.loads((out / "run_report.json").read_text())
+    return res, out, report, seconds
+
+
+def test_demo_trains_and_the_loss_goes_down(demo_run):
+    res, out, report, seconds = demo_run
+    assert res.exit_code == 0, res.output
+    assert seconds < 120
+    hist = [h["loss"] for h in report["loss"]["history"]]
+    assert len(hist) == report["steps"]["planned"] == report["steps"]["completed"] == 120
+    first, last = sum(hist[:10]) / 10, sum(hist[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "plan.json", "run_report.json"):
+        assert (out / name).is_file(), name
+    assert "adapter:" in res.output and "PeftModel.from_pretrained" in res.output
+    if not cuda():
+        assert "CPU mode" in res.output and "calibration data not appended" in res.output
+
+
+def test_demo_report_reads_settings_back_from_the_model(demo_run):
+    _, _, report, _ = demo_run
+    planned, effect = report["planned"], report["in_effect"]
+    for key in ("batch_size", "grad_accum", "gradient_checkpointing", "optim", "compute_dtype", "rank", "alpha",
+                "double_quant"):
+        assert effect[key] == planned[key], key
+    assert effect["gradient_checkpointing"] is False  # prepare_model_for_kbit_training did not turn it on
+    assert effect["quant_type"] == "nf4" and effect["quantized_linears"] == 14  # 2 layers x 7 linears
+    assert effect["lora_layers"] == 14 and sorted(effect["targets"]) == sorted(planned["targets"])
+    assert effect["lr_scheduler"].endswith("(cosine)") and effect["warmup_steps"] == 6  # 5% of 120
+    assert report["memory"]["predicted"]["peak_allocated_bytes"] > 0
+    assert report["speed"]["tokens_per_s"] > 0 and report["oom_events"] == []
+    if not cuda():  # nothing to measure on the CPU, nothing appended to the calibration data
+        assert report["memory"]["measured"]["peak_allocated_bytes"] == 0 and "CPU" in report["memory"]["note"]
+        assert report["calibration_row"] is None
+
+
+def test_adapter_loads_on_a_fresh_4bit_base_and_generates(demo_run, demo_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    _, out, _, _ = demo_run
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 16 and Path(cfg["base_model_name_or_path"]) == demo_dir
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(str(demo_dir), quantization_config=bnb)
+    model = PeftModel.from_pretrained(base, str(out))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained weights, not the zero init
+    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n### Instruction:\nGreet the user.\n\n### Response:\n")
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+
+
+# --------------------------------------------------------------------------- OOM back-off
+
+def _oom_injector(at_step: int):
+    """Raises the CUDA allocator's message once, mid-accumulation, during step at_step + 1."""
+    from transformers import TrainerCallback
+
+    class InjectOOM(TrainerCallback):
+        fired = 0
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            if state.global_step == at_step and not self.fired:
+                InjectOOM.fired += 1
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+    return InjectOOM()
+
+
+@pytest.mark.parametrize("at_step", [3, 0], ids=["mid-run", "first-step"])
+def test_oom_halves_the_micro_batch_and_loses_no_step(cache, tmp_path, at_step):
+    inject = _oom_injector(at_step)
+    opts = RunOptions(output=str(tmp_path / "run"), demo=True, max_steps=8, effective_batch=8, batch_size=4,
+                      gradient_checkpointing=True, save_steps=100, progress=False)
+    res, text = quiet(opts, callbacks=(inject,))
+    rep = res.report
+    assert inject.fired == 1 and res.status == "completed"
+    (event,) = rep["oom_events"]
+    assert (event["micro_batch_before"], event["grad_accum_before"]) == (4, 2)
+    assert (event["micro_batch_after"], event["grad_accum_after"]) == (2, 4)
+    assert event["step"] == at_step + 1
+    eff = rep["in_effect"]
+    assert (eff["batch_size"], eff["grad_accum"], eff["effective_batch"]) == (2, 4, 8)  # effective batch unchanged
+    assert rep["steps"]["completed"] == rep["steps"]["planned"] == 8  # no lost steps
+    assert logged_steps(rep) == list(range(1, 9))  # every step once: none lost, none repeated
+    lrs = [h["learning_rate"] for h in rep["loss"]["history"]][1:]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] > 0  # the cosine schedule resumed, not restarted
+    if at_step:
+        assert event["resumed_from"].endswith(f"checkpoint-{at_step}")  # saved right after the OOM
+    else:
+        assert event["resumed_from"] is None  # nothing finished yet: restarted from the initial weights
+    assert eff["gradient_checkpointing"] is True  # as asked, read back from the model
+    assert "no step lost" in text
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert (saved["settings"]["batch_size"], saved["settings"]["grad_accum"]) == (2, 4)  # --resume keeps it
+
+
+def test_backoff_keeps_the_effective_batch():
+    assert runner.backoff(8, 2) == (4, 4)
+    assert runner.backoff(6, 1) == (3, 2)
+    assert runner.backoff(3, 4) == (1, 12)
+    with pytest.raises(ValueError):
+        runner.backoff(1, 8)
+
+
+def test_oom_detection():
+    import torch
+
+    assert runner.is_cuda_oom(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert runner.is_cuda_oom(torch.OutOfMemoryError("anything"))
+    assert not runner.is_cuda_oom(RuntimeError("shape mismatch"))
+    assert not runner.is_cuda_oom(ValueError("CUDA out of memory."))
+
+
+# --------------------------------------------------------------------------- stop and resume
+
+def _signal_at(step: int, sig: int):
+    from transformers import TrainerCallback
+
+    class SendSignal(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                os.kill(os.getpid(), sig)
+
+    return SendSignal()
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_loses_no_step(cache, tmp_path):
+    out = tmp_path / "run"
+    opts = RunOptions(output=str(out), demo=True, max_steps=10, effective_batch=4, save_steps=100, progress=False)
+    first, text = quiet(opts, callbacks=(_signal_at(4, signal.SIGTERM),))
+    assert first.status == "interrupted" and first.exit_code == 128 + signal.SIGTERM
+    assert first.checkpoint.endswith("checkpoint-4") and (out / "checkpoint-4" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "run_report.json").read_text())["status"] == "interrupted"
+    assert f"qfit run --resume {out}" in text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+    res = CliRunner().invoke(run_cmd, ["--resume", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "run_report.json").read_text())
+    assert rep["status"] == "completed" and rep["steps"]["completed"] == 10
+    assert rep["steps"]["resumed_from"].endswith("checkpoint-4") and rep["steps"]["run_in_this_process"] == 6
+    assert logged_steps(rep) == list(range(1, 11))
+    lrs = [h["learning_rate"] for h in rep["loss"]["history"]][1:]
+    assert lrs == sorted(lrs, reverse=True)  # optimizer and scheduler state came back from the checkpoint
+    assert (out / "adapter_model.safetensors").is_file()
+
+    again = CliRunner().invoke(run_cmd, ["--resume", str(out)])
+    assert again.exit_code == 2 and "is complete" in again.output
+
+
+def test_sigint_in_a_real_process_then_resume(cache, tmp_path):
+    """The CLI in a subprocess, interrupted from outside while it trains."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "QFIT_CACHE": str(cache)}
+    cmd = [sys.executable, "-c", "from planner.cli_run import run_cmd; run_cmd()",
+           "--demo", "--output", str(out), "--max-steps", "3000", "--save-steps", "5000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait until training has started
+        lines.append(line)
+        if line.startswith("training:"):
+            break
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, "".join(lines) + rest
+    assert "Traceback" not in rest and "qfit run --resume" in rest
+    rep = json.loads((out / "run_report.json").read_text())
+    step = rep["steps"]["completed"]
+    assert rep["status"] == "interrupted" and 0 < step < 3000
+    assert (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
+
+
+# --------------------------------------------------------------------------- checks before any model is loaded
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    from planner.train import stack
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(stack, "load_4bit", refuse)
+
+
+def test_bad_data_is_reported_before_the_model_loads(cache, demo_dir, tmp_path, no_model_load):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "z"}\n')
+    res = CliRunner().invoke(run_cmd, [str(demo_dir), "--dataset", str(bad), "--output", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == "error: bad.jsonl row 2: missing field 'output' (alpaca rows need instruction and " \
+                                 "output, input is optional; --format picks another layout)"
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--demo", "--output", "{full}"], "exists and is not empty: pass --overwrite"),
+    (["--demo", "--output", "{full}", "--overwrite"], "was not written by qfit run"),
+    (["--demo", "--output", "{o}", "--max-steps", "0"], "--max-steps must be a positive integer"),
+    (["--demo", "--output", "{o}", "--epochs", "1", "--max-steps", "3"], "--epochs or --max-steps, not both"),
+    (["--demo", "--output", "{o}", "--optim", "sgd"], "Invalid value for '--optim'"),
+    (["--demo", "--output", "{o}", "--targets", "qproj"], "has no linear named 'qproj'"),
+    (["--demo", "--output", "{o}", "--seq-len", "4096"], "exceeds tiny-llama (qfit demo)'s max_position_embeddings"),
+    (["--output", "{o}", "--dataset", "x.jsonl"], "name a MODEL"),
+    (["tiny-llama", "--output", "{o}", "--dataset", "x.jsonl"], "has no Hugging Face id"),
+    (["--resume", "{o}"], "nothing to resume"),
+    (["--resume", "{o}", "--rank", "8"], "--resume continues a run with its saved settings: drop --rank"),
+    (["--demo"], "--output DIR is required"),
+    (["--demo", "--output", "{o}", "--plan", "{o}/none.json"], "drop MODEL, --dataset and --plan"),
+])
+def test_user_mistakes_are_one_line_exit_2(cache, tmp_path, no_model_load, args, expect):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    args = [a.format(full=full, o=tmp_path / "o") for a in args]
+    res = CliRunner().invoke(run_cmd, args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], res.output
+    assert "Traceback" not in res.output
+    assert (full / "notes.txt").read_text() == "mine"
+
+
+def test_model_not_available_offline(cache, tmp_path, monkeypatch, no_model_load):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(RunError, match="not in the local Hugging Face cache") as err:
+        runner.resolve_model("mistral-7b")
+    assert "huggingface-cli download mistralai/Mistral-7B-v0.1" in str(err.value)
+    with pytest.raises(RunError, match="not in the local Hugging Face cache"):
+        runner.resolve_model("someone/not-a-model")
+    with pytest.raises(RunError, match="no config.json"):
+        runner.resolve_model(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- plan file and CLI shape
+
+def test_saved_plan_drives_the_run(demo_run, demo_dir, tmp_path):
+    """plan.json (the `qfit plan --save` layout) of the demo run, used with --plan on the same model
+    given as a local directory, with one override on top."""
+    _, out, report, _ = demo_run
+    plan = json.loads((out / "plan.json").read_text())
+    res, text = quiet(RunOptions(output=str(tmp_path / "p"), model=str(demo_dir), dataset=str(ROOT / "planner" /
+                      "demo" / "instructions.jsonl"), plan_path=str(out / "plan.json"), rank=4, max_steps=2,
+                      progress=False))
+    eff = res.report["in_effect"]
+    assert res.status == "completed"
+    assert eff["rank"] == 4 and eff["seq_len"] == plan["settings"]["seq_len"]
+    assert eff["effective_batch"] == plan["settings"]["batch_size"] * plan["settings"]["grad_accum"]
+    assert eff["optim"] == plan["settings"]["optim"] and "micro-batch is planned again" in text
+
+
+def test_every_option_has_help_ending_with_an_example():
+    import click
+
+    options = [p for p in run_cmd.params if isinstance(p, click.Option) and p.name != "help"]
+    assert len(options) >= 20
+    for opt in options:
+        assert re.fullmatch(r".*\bExample: \S[^\n]*", opt.help or "", re.S), opt.name
+    assert re.search(r"Example:\n(\s+qfit run [^\n]+\n)+\s*$", run_cmd.help)
+
+
+def test_importing_the_command_stays_light():
+    code = ("import sys, planner.cli_run, planner.train.runner, planner.data, planner.demo; "
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'pandas', 'pynvml', 'tokenizers') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- CUDA only
+
+@pytest.mark.gpu
+def test_demo_on_cuda_measures_memory_and_appends_calibration(cache, tmp_path):
+    import csv
+
+    res, text = quiet(RunOptions(output=str(tmp_path / "g"), demo=True, max_steps=20, progress=False))
+    rep = res.report
+    measured = rep["memory"]["measured"]
+    assert res.status == "completed" and rep["device"]["kind"] == "cuda"
+    assert measured["peak_allocated_bytes"] > 0 and measured["peak_reserved_bytes"] >= measured["peak_allocated_bytes"]
+    assert measured["probe_peak_allocated_bytes"] > 0  # the fit probe ran at the full length
+    with open(cache / "runs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0].keys()) == FIELDS and rows[-1]["model"] == "tiny-llama"
+    assert int(rows[-1]["peak_allocated_bytes"]) == measured["peak_allocated_bytes"]
+    assert "measured" in text and "predicted" in text
+
+
+# --------------------------------------------------------------------------- GPU logic, with the GPU faked
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """torch sees CUDA devices and NVML reports them; nothing is allocated (no CUDA needed)."""
+    import torch
+
+    from planner import hardware
+
+    gib = 1024**3
+    gpus = [{"index": 0, "name": "Tesla T4", "total_bytes": 15 * gib, "free_bytes": 12 * gib},
+            {"index": 1, "name": "NVIDIA H200", "total_bytes": 140 * gib, "free_bytes": 139 * gib}]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(hardware, "detect_gpus", lambda: gpus)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    return gpus
+
+
+def test_detect_device_plans_for_free_memory_on_one_gpu(fake_gpus, monkeypatch):
+    dev = runner.detect_device()
+    assert dev.kind == "cuda" and dev.name == "Tesla T4"
+    assert dev.spec.name == "t4" and dev.spec.memory_bytes == fake_gpus[0]["free_bytes"] < dev.total_bytes
+    assert any("2 GPUs visible" in n for n in dev.notes)
+    assert any("in use by other processes" in n for n in dev.notes)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # CUDA device 0 is NVML's GPU 1
+    assert runner.detect_device().spec.name == "h200"
+
+
+def test_bf16_on_a_gpu_without_it_becomes_fp16_and_says_so(fake_gpus):
+    dev = runner.detect_device()
+    req, _ = runner.build_request(RunOptions(output="x", compute_dtype="bf16", effective_batch=16), None, 512)
+    plan, notes = runner.plan_run(runner.load_model("qwen2.5-0.5b"), dev, req)
+    assert plan.train.compute_dtype == "fp16" and any("no bf16" in n for n in notes)
+    assert plan.train.effective_batch == 16 and plan.fits
+
+
+def test_nothing_fits_is_a_run_error(fake_gpus):
+    dev = runner.detect_device()
+    req, _ = runner.build_request(RunOptions(output="x"), None, 4096)
+    with pytest.raises(RunError, match="does not fit: the smallest configuration"):
+        runner.plan_run(runner.load_model("llama-2-70b"), dev, req)
+
+
+def test_alloc_conf_is_set_for_the_plan_and_a_user_value_is_kept(fake_gpus, monkeypatch):
+    assert runner.set_alloc_conf(True) is None
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert "kept" in runner.set_alloc_conf(True)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_calibration_row_uses_the_harness_layout(cache, fake_gpus):
+    import csv
+
+    dev = runner.detect_device()
+    req, _ = runner.build_request(RunOptions(output="x", effective_batch=8), None, 256)
+    plan, _ = runner.plan_run(runner.load_model("qwen2.5-0.5b"), dev, req)
+    effect = {"compute_dtype": "fp16", "double_quant": True, "alloc_conf": "expandable_segments:True",
+              "batch_size": plan.train.batch_size, "grad_accum": plan.train.grad_accum, "gradient_checkpointing": False,
+              "rank": 16, "alpha": 32, "lora_dropout": 0.05, "optim": "paged_adamw_32bit"}
+    report = {"in_effect": effect, "library_versions": {"torch": "2.x"}, "speed": {"padded_tokens_per_s": 1000.0}}
+    progress = type("P", (), {"train_seconds": 2.0, "steps_run": 4})()
+    collator = runner.PadCollator(0)
+    collator.longest = 200
+    measured = {"peak_allocated_bytes": 5 * 1024**3, "peak_reserved_bytes": 6 * 1024**3}
+    path = runner._append_calibration(report, plan, dev, {"seq_len": 256}, measured, progress, collator)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == FIELDS
+    row = rows[-1]
+    assert (row["model"], row["seq_len"], row["status"], row["budget_bytes"]) == ("qwen2.5-0.5b", "200", "ok", "0")
+    assert int(row["peak_allocated_bytes"]) == measured["peak_allocated_bytes"] and row["gpu_name"] == "Tesla T4"
+
+
+def test_fit_probe_backs_off_until_the_longest_micro_batch_fits():
+    """The probe's loop on the CPU, with a model that 'runs out of memory' above micro-batch 2."""
+    import types
+
+    import torch
+
+    from planner.specs import TrainSettings
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+            self.shapes = []
+
+        def forward(self, input_ids, labels):
+            self.shapes.append(tuple(input_ids.shape))
+            if input_ids.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (stub)")
+            return types.SimpleNamespace(loss=(self.w * input_ids.float().mean()).sum())
+
+    model, lines = Stub(), []
+    state = runner._State(train=TrainSettings(batch_size=12, grad_accum=2, seq_len=64, gradient_checkpointing=False))
+    runner._fit_probe(model, state, 512, lines.append, device="cpu")
+    assert model.shapes == [(12, 64), (6, 64), (3, 64), (1, 64)]  # always the full sequence length
+    assert (state.train.batch_size, state.train.grad_accum) == (1, 24) and state.train.effective_batch == 24
+    assert [e["phase"] for e in state.oom_events] == ["probe"] * 3 and model.w.grad is None
+    assert lines[-1].startswith("fit probe: micro-batch 1 x 64 tokens ran")
