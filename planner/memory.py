@@ -369,18 +369,30 @@ def paged_state_bytes(model: ModelSpec, lora: LoraSettings, train: TrainSettings
 
 
 def estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients) -> MemoryBreakdown:
-    """Peak memory of one QLoRA training step: the max over the phases (see phases()) of named sums."""
+    """Peak memory of one QLoRA training step.
+
+    For each phase (see phases()): allocated = the sum of its named terms, reserved = allocated +
+    allocator_reserve_bytes, required = required_budget_bytes. The peak is the phase with the largest
+    reserved memory (what the card must hold); its terms are the rows of the breakdown, and the
+    smallest budget is the max over phases, so no phase is left out of "fits".
+    """
     by_phase = phases(model, lora, train, coeffs)
-    peak_phase, terms = max(by_phase.items(), key=lambda kv: sum(kv[1].values()))
-    peak_allocated = sum(terms.values())
-    activation_part = terms["saved_activations"] + terms["layer_working_set"] + terms["logits"]
+
+    def reserved(terms):
+        return sum(terms.values()) + allocator_reserve_bytes(model, train, terms, coeffs)
+
+    def required(terms):
+        activation_part = terms["saved_activations"] + terms["layer_working_set"] + terms["logits"]
+        return required_budget_bytes(sum(terms.values()), activation_part, train, coeffs)
+
+    peak_phase, terms = max(by_phase.items(), key=lambda kv: reserved(kv[1]))
     return MemoryBreakdown(
         **terms,
         allocator_reserve=allocator_reserve_bytes(model, train, terms, coeffs),
         cuda_context=cuda_context_bytes(coeffs),
         paged_optimizer_state=paged_state_bytes(model, lora, train),
         peak_phase=peak_phase,
-        required_bytes=required_budget_bytes(peak_allocated, activation_part, train, coeffs),
+        required_bytes=max(required(t) for t in by_phase.values()),
     )
 
 
