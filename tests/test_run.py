@@ -73,9 +73,8 @@ def demo_run(cache, tmp_path_factory):
 
 
 def test_demo_trains_and_the_loss_goes_down(demo_run):
-    res, out, report, seconds = demo_run
+    res, out, report, _ = demo_run  # the demo's wall time is a benchmark (benchmarks/bench_demo.py), not a test
     assert res.exit_code == 0, res.output
-    assert seconds < 120
     hist = [h["loss"] for h in report["loss"]["history"]]
     assert len(hist) == report["steps"]["planned"] == report["steps"]["completed"] == 120
     first, last = sum(hist[:10]) / 10, sum(hist[-10:]) / 10
