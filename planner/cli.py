@@ -178,7 +178,8 @@ def no_fit_advice(model, req: Request, coeffs, gpu) -> list[str]:
 @click.option("--save", type=click.Path(dir_okay=False), help="Also write the plan JSON to this file (for `qfit run --plan`).")
 @click.option("--coefficients", type=click.Path(exists=True, dir_okay=False), help="Use this coefficients file instead of the calibrated one.")
 @click.option("--fit-map", type=click.Path(dir_okay=False), help="Write a PNG heatmap of micro-batch x sequence length: fits or not, GiB per cell.")
-def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, **knobs):
+@click.option("--exact", is_flag=True, help="Also trace the recommended step on fake tensors (real transformers + peft + bitsandbytes; needs the train extra, ~10 s).")
+def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, **knobs):
     """Plan a QLoRA fine-tune: peak memory by named term, and the fastest settings that fit.
 
     MODEL is a short name (`qfit models`), a Hugging Face id, or a path to a config.json.
@@ -206,6 +207,9 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, **knobs):
         from planner.fitmap import fit_map_png
 
         fit_map_png(spec, gpu_spec, req, coeffs, fit_map)
+    exact_text = None
+    if exact and result.best is not None:
+        exact_text = _exact(spec, result.best, doc)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif result.best is None:
@@ -215,9 +219,26 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, **knobs):
         click.echo("\n".join(no_fit_advice(spec, req, coeffs, gpu_spec)))
     else:
         click.echo(render_plan(result, spec, coeffs, gpu_spec.display_name))
+        if exact_text:
+            click.echo("\n" + exact_text)
     if save and not as_json:
         click.echo(f"\nplan saved to {save} (use it with `qfit run --plan {save}`)")
     return 0 if result.best is not None else 1
+
+
+def _exact(spec, best, doc: dict) -> str:
+    """`--exact`: trace the recommended plan; adds doc["exact"] and returns the text section."""
+    try:
+        import torch  # noqa: F401  (the train extra)
+    except ImportError:
+        raise UserError("--exact traces the real stack: install the train extra (pip install -e '.[train]')") from None
+    from planner.cli_exact import exact_json, exact_section
+    from planner.exact import device_for, trace_step
+
+    device = device_for(best.gpu)
+    traced = trace_step(spec, best.lora, best.train, device=device)
+    doc["exact"] = exact_json(spec, best.lora, best.train, best.memory, result=traced, device=device)
+    return exact_section(spec, best.lora, best.train, best.memory, result=traced, device=device)
 
 
 # --------------------------------------------------------------------------- catalogs

@@ -47,9 +47,10 @@ def test_quant_constants_first_principles(no_rounding):
     tensors = MISTRAL.num_hidden_layers * len(MISTRAL.layer_linears)
     # no double quant: one fp32 absmax per 64 weights (0.5 bit/param) + a 16-entry fp32 code per tensor
     assert quant_constants_bytes(MISTRAL, False) == 4 * n // 64 + tensors * 64
-    # double quant: uint8 absmax per 64, fp32 absmax per 256 blocks, code + offset per tensor (~0.127 bit/param)
+    # double quant: uint8 absmax per 64, fp32 absmax per 256 blocks, code + offset + the nested 256-entry
+    # map per tensor, and the shared map (~0.127 bit/param)
     dq = quant_constants_bytes(MISTRAL, True)
-    assert dq == n // 64 + 4 * n // (64 * 256) + tensors * (64 + 4)
+    assert dq == n // 64 + 4 * n // (64 * 256) + tensors * (64 + 4 + 1024) + 1024
     assert 0.126 < dq * 8 / n < 0.128
 
 
@@ -97,12 +98,13 @@ def test_static_terms_match_real_bitsandbytes_on_cpu(no_rounding, tmp_path):
                 qs = p.quant_state
                 consts += qs.absmax.nbytes + qs.code.nbytes
                 if qs.nested:
-                    consts += qs.state2.absmax.nbytes + qs.offset.nbytes  # state2.code is one shared tensor
+                    # the nested map: on the CPU one tensor is shared, on the GPU each weight holds a copy
+                    consts += qs.state2.absmax.nbytes + qs.offset.nbytes + qs.state2.code.nbytes
             else:
                 assert p.dtype == torch.float32
                 unq += p.nbytes
         assert packed == quantized_weights_bytes(spec)
-        assert consts == quant_constants_bytes(spec, dq)
+        assert consts + (1024 if dq else 0) == quant_constants_bytes(spec, dq)  # + the shared map
         assert unq == unquantized_weights_bytes(spec)
 
 

@@ -1,0 +1,114 @@
+"""`qfit plan --exact`: the traced breakdown beside the analytic one (numbers in planner/exact.py).
+
+Example (once cli.py wires it):  qfit plan mistral-7b --gpu h200 --exact
+
+`exact_json` gathers the numbers, `exact_section` renders them; both trace the step unless given an
+ExactResult. Bytes stay int until gib_str turns them into GiB at display. Standard library and
+tabulate only at module level: the trace imports torch inside planner.exact.trace_step.
+"""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from planner.exact import CATEGORY_LABELS, CATEGORY_TO_FIELD, ExactResult, trace_step
+from planner.report import gib_str
+from planner.specs import LoraSettings, MemoryBreakdown, TrainSettings
+
+FIELD_LABELS = {
+    "quantized_weights": "4-bit base weights",
+    "quant_constants": "quantization constants",
+    "unquantized_weights": "unquantized weights (fp32)",
+    "lora_params": "LoRA weights",
+    "lora_grads": "LoRA gradients",
+    "optimizer_state": "optimizer state (allocator)",
+    "saved_activations": "saved activations + batches",
+    "layer_working_set": "layer working set (recompute, backward, kernels)",
+    "logits": "logits chain",
+    "other": "not in the analytic model (cuBLAS workspaces, rotary buffers, scalars)",
+}
+
+
+def _signed_gib(n_bytes: int) -> str:
+    return ("+" if n_bytes >= 0 else "") + gib_str(n_bytes)
+
+
+def _result(model_spec, lora: LoraSettings, train: TrainSettings, result: ExactResult | None, device) -> ExactResult:
+    return result if result is not None else trace_step(model_spec, lora, train, device=device)
+
+
+def exact_json(model_spec, lora: LoraSettings, train: TrainSettings, breakdown: MemoryBreakdown,
+               result: ExactResult | None = None, device=None) -> dict:
+    """The `exact` object of `qfit plan --exact --json`: traced bytes per analytic field and per category.
+    device: the plan's GpuSpec (or a planner.exact.CudaDevice); default H200. Raises ValueError (one line)."""
+    res = _result(model_spec, lora, train, result, device)
+    traced = res.as_fields()
+    fields = {}
+    for name in (*MemoryBreakdown.ALLOCATED_FIELDS, "other"):
+        analytic = getattr(breakdown, name, 0) if name != "other" else 0
+        fields[name] = {"analytic_bytes": analytic, "traced_bytes": traced.get(name, 0)}
+    return {
+        "model": res.model,
+        "peak_allocated_bytes": res.peak_allocated_bytes,
+        "peak_allocated_without_cublas_workspace_bytes": res.tensor_peak_bytes,
+        "analytic_peak_allocated_bytes": breakdown.peak_allocated_bytes,
+        "peak_phase": res.peak_phase,
+        "analytic_peak_phase": breakdown.peak_phase,
+        "peak_op": res.peak_op,
+        "fields": fields,
+        "categories": dict(res.categories),
+        "static": dict(res.static),
+        "phase_peaks": dict(res.phase_peaks),
+        "paged_optimizer_bytes": res.paged_optimizer_bytes,
+        "analytic_paged_optimizer_bytes": breakdown.paged_optimizer_state,
+        "layers_traced": list(res.layers_traced),
+        "num_hidden_layers": res.num_hidden_layers,
+        "extrapolated": res.extrapolated,
+        "attn_implementation": res.attn_implementation,
+        "optimizer": res.optimizer,
+        "device": res.device,
+        "trace_seconds": res.trace_seconds,
+        "notes": list(res.notes),
+    }
+
+
+def exact_section(model_spec, lora: LoraSettings, train: TrainSettings, breakdown: MemoryBreakdown,
+                  result: ExactResult | None = None, device=None) -> str:
+    """Plain-text section: analytic vs traced per term, the traced categories, and how it was traced."""
+    doc = exact_json(model_spec, lora, train, breakdown, result, device)
+    rows = []
+    for name, v in doc["fields"].items():
+        a, t = v["analytic_bytes"], v["traced_bytes"]
+        if name == "other" and not t:
+            continue
+        rows.append([FIELD_LABELS.get(name, name), gib_str(a) if name != "other" else "-", gib_str(t),
+                     _signed_gib(t - a) if name != "other" else ""])
+    a_peak, t_peak = doc["analytic_peak_allocated_bytes"], doc["peak_allocated_bytes"]
+    err = (t_peak - a_peak) / a_peak * 100 if a_peak else 0.0
+    rows.append(["-" * 48, "", "", ""])
+    rows.append(["peak allocated", gib_str(a_peak), gib_str(t_peak), _signed_gib(t_peak - a_peak)])
+    table = tabulate(rows, headers=["Exact mode: allocated at the peak", "analytic GiB", "traced GiB", "diff GiB"],
+                     tablefmt="plain", colalign=("left", "right", "right", "right"), disable_numparse=True)
+    lines = [table, "",
+             f"traced peak: {doc['peak_phase']} (op {doc['peak_op']}); analytic peak: {doc['analytic_peak_phase']}; "
+             f"traced - analytic = {err:+.1f}%"]
+    cats = sorted(doc["categories"].items(), key=lambda kv: -kv[1])
+    detail = [[CATEGORY_LABELS.get(k, k), gib_str(v), CATEGORY_TO_FIELD.get(k) or "-"] for k, v in cats]
+    lines += ["", tabulate(detail, headers=["traced, alive at the peak", "GiB", "analytic field"], tablefmt="plain",
+                           colalign=("left", "right", "left"), disable_numparse=True)]
+    last_mb = max((k.split(":")[0] for k in doc["phase_peaks"] if k.startswith("step 2, micro-batch")), default="")
+    phase_rows = [[k.split(": ", 1)[1], gib_str(v)] for k, v in doc["phase_peaks"].items()
+                  if (last_mb and k.startswith(last_mb + ":")) or k == "step 2: optimizer step"]
+    if phase_rows:
+        lines += ["", tabulate(phase_rows, headers=[f"traced peak per phase ({last_mb})", "GiB"], tablefmt="plain",
+                               colalign=("left", "right"), disable_numparse=True)]
+    if doc["paged_optimizer_bytes"] or doc["analytic_paged_optimizer_bytes"]:
+        lines.append(f"paged optimizer state (CUDA managed memory, outside the allocator): traced "
+                     f"{gib_str(doc['paged_optimizer_bytes'])} GiB, analytic {gib_str(doc['analytic_paged_optimizer_bytes'])} GiB")
+    how = (f"traced at {' and '.join(str(n) for n in doc['layers_traced'])} of {doc['num_hidden_layers']} decoder layers"
+           + (", extrapolated per phase" if doc["extrapolated"] else "")
+           + f" on fake tensors for {doc['device']} ({doc['attn_implementation']} attention, {doc['optimizer']}), "
+           f"{doc['trace_seconds']:.1f} s")
+    lines += ["", how]
+    lines += [f"note: {n}" for n in doc["notes"]]
+    return "\n".join(lines)
