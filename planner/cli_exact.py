@@ -47,9 +47,16 @@ def exact_json(model_spec, lora: LoraSettings, train: TrainSettings, breakdown: 
     for name in (*MemoryBreakdown.ALLOCATED_FIELDS, "other"):
         analytic = getattr(breakdown, name, 0) if name != "other" else 0
         fields[name] = {"analytic_bytes": analytic, "traced_bytes": traced.get(name, 0)}
+    # traced allocated + the fitted allocator slack, CUDA context and paged state give reserved and device use
+    slack = breakdown.allocator_reserve
+    reserved = res.peak_allocated_bytes + slack
     return {
         "model": res.model,
         "peak_allocated_bytes": res.peak_allocated_bytes,
+        "peak_reserved_bytes": reserved,
+        "device_used_bytes": reserved + breakdown.cuda_context + res.paged_optimizer_bytes,
+        "analytic_peak_reserved_bytes": breakdown.peak_reserved_bytes,
+        "analytic_device_used_bytes": breakdown.device_used_bytes,
         "peak_allocated_without_cublas_workspace_bytes": res.tensor_peak_bytes,
         "analytic_peak_allocated_bytes": breakdown.peak_allocated_bytes,
         "peak_phase": res.peak_phase,
@@ -87,6 +94,10 @@ def exact_section(model_spec, lora: LoraSettings, train: TrainSettings, breakdow
     err = (t_peak - a_peak) / a_peak * 100 if a_peak else 0.0
     rows.append(["-" * 48, "", "", ""])
     rows.append(["peak allocated", gib_str(a_peak), gib_str(t_peak), _signed_gib(t_peak - a_peak)])
+    for label, key in (("peak reserved (+ fitted allocator slack)", "peak_reserved_bytes"),
+                       ("device used (+ CUDA context, paged state)", "device_used_bytes")):
+        a, t = doc[f"analytic_{key}"], doc[key]
+        rows.append([label, gib_str(a), gib_str(t), _signed_gib(t - a)])
     table = tabulate(rows, headers=["Exact mode: allocated at the peak", "analytic GiB", "traced GiB", "diff GiB"],
                      tablefmt="plain", colalign=("left", "right", "right", "right"), disable_numparse=True)
     lines = [table, "",

@@ -217,6 +217,9 @@ def test_exact_json_numbers(tiny):
     assert doc["analytic_peak_allocated_bytes"] == breakdown.peak_allocated_bytes
     assert sum(v["traced_bytes"] for v in doc["fields"].values()) == res.peak_allocated_bytes
     assert all(isinstance(v, int) for v in doc["categories"].values())
+    # reserved and device use: the traced allocation plus the fitted allocator, context and paged terms
+    assert doc["peak_reserved_bytes"] == res.peak_allocated_bytes + breakdown.allocator_reserve
+    assert doc["device_used_bytes"] == doc["peak_reserved_bytes"] + breakdown.cuda_context + res.paged_optimizer_bytes
     json.dumps(doc)
 
 
@@ -224,6 +227,7 @@ def test_exact_section_text(tiny):
     spec, breakdown, res = tiny
     text = exact_section(spec, LORA, SMALL, breakdown, result=res)
     assert "traced GiB" in text and "analytic GiB" in text and "peak allocated" in text
+    assert "peak reserved (+ fitted allocator slack)" in text
     assert " GB" not in text
     assert res.peak_phase in text
 
