@@ -13,19 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from planner.calibration import (
-    CALIBRATION_DIR,
-    DEFAULTS_FILE,
-    FITTED_FILE,
-    cross_validate,
-    error_summary,
-    fit,
-    predict_rows,
-    prepare_rows,
-    read_runs,
-    user_cache_dir,
-    user_coefficients_file,
-)
+from planner.calibration import CALIBRATION_DIR, DEFAULTS_FILE, FITTED_FILE, user_cache_dir, user_coefficients_file
+from planner.fit import cross_validate, error_summary, fit, predict_rows, prepare_rows, read_runs
 from planner.report import gib_str
 
 REPORT_FILE = CALIBRATION_DIR / "REPORT.md"
@@ -65,7 +54,7 @@ def _speed_cv(df, base) -> dict:
     """Leave-one-model-out error of the throughput model on measured tokens/s."""
     import numpy as np
 
-    from planner.calibration import _gpu_of, _row_settings
+    from planner.fit import _gpu_of, _row_settings
     from planner.profiles import load_model
     from planner.speed import tokens_per_second
 
@@ -214,7 +203,7 @@ def validation_section(coeffs) -> list[str]:
 
 
 def _settings_of(row):
-    from planner.calibration import _row_settings
+    from planner.fit import _row_settings
 
     return _row_settings(row)
 

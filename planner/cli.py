@@ -14,8 +14,6 @@ import click
 
 from planner import __version__
 from planner.calibration import load_coefficients
-from planner.cli_compare import compare_cmd
-from planner.cli_run import run_cmd
 from planner.profiles import ProfileError, all_gpus, gpu_names, load_gpu, load_model, match_gpu_name, model_names
 from planner.search import AUTO_SEQ_LENS, Request, search
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
@@ -26,7 +24,24 @@ class UserError(Exception):
 
 
 class QfitGroup(click.Group):
-    """Every user mistake becomes one line on stderr (or {"error": ...} with --json) and exit code 2."""
+    """Every user mistake becomes one line on stderr (or {"error": ...} with --json) and exit code 2.
+
+    Commands in their own modules load only when invoked (click's "Further Deferring Imports"):
+    `qfit plan` does not compile `qfit run`'s or `qfit compare`'s code.
+    """
+
+    LAZY = {"run": ("planner.cli_run", "run_cmd"), "compare": ("planner.cli_compare", "compare_cmd")}
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx, name):
+        if name in self.LAZY:
+            import importlib
+
+            module, attr = self.LAZY[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
@@ -390,10 +405,6 @@ def profile_cmd(source, name, out_path, trust_remote_code):
     else:
         click.echo(text, nl=False)
     return 0
-
-
-cli.add_command(run_cmd)
-cli.add_command(compare_cmd)
 
 
 def main() -> None:  # console entry point

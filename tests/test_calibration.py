@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from planner.calibrate import refit_and_report
-from planner.calibration import CALIBRATION_DIR, FITTED_FILE, load_coefficients, read_runs
+from planner.calibration import CALIBRATION_DIR, FITTED_FILE, load_coefficients
+from planner.fit import read_runs
 
 RUNS = sorted(glob.glob(str(CALIBRATION_DIR / "runs" / "*.csv")))
 

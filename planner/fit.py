@@ -1,0 +1,302 @@
+"""Fitting the coefficients to measured runs, and cross-validating them (numpy/pandas inside functions).
+
+Used by `qfit calibrate`; kept apart from calibration.py so that `qfit plan` does not compile it.
+"""
+
+from __future__ import annotations
+
+from planner.calibration import DEFAULTS_FILE, _read
+from planner.memory import RESERVE_TERMS as RESERVE_FEATURES
+from planner.specs import Coefficients
+
+ALLOC_KEYS = ("act_scale", "bwd_temp_factor", "logits_fwd_bytes", "logits_bwd_bytes")
+RIDGE = 1e-2  # pulls coefficients the data cannot identify back to their first-principles defaults
+
+
+def read_runs(paths):
+    """Measured runs (calibration/runs/*.csv) -> one DataFrame; bytes stay int64."""
+    import pandas as pd
+
+    frames = [pd.read_csv(p, dtype={"alloc_conf": str, "error": str}, keep_default_na=False) for p in paths]
+    df = pd.concat(frames, ignore_index=True)
+    df["source_file"] = [str(p) for p, f in zip(paths, frames) for _ in range(len(f))]
+    return df
+
+
+def _row_settings(row):
+    from planner.specs import LoraSettings, TrainSettings
+
+    lora = LoraSettings(rank=int(row["rank"]), alpha=int(row["alpha"]), dropout=float(row["lora_dropout"]),
+                        targets=tuple(str(row["targets"]).split(",")))
+    train = TrainSettings(batch_size=int(row["batch_size"]), grad_accum=int(row["grad_accum"]),
+                          seq_len=int(row["seq_len"]), gradient_checkpointing=str(row["gradient_checkpointing"]) == "True",
+                          optim=row["optim"], compute_dtype=row["compute_dtype"],
+                          double_quant=str(row["double_quant"]) == "True",
+                          expandable_segments="expandable_segments:True" in str(row["alloc_conf"]))
+    return lora, train
+
+
+def _with(coeffs: Coefficients, **values) -> Coefficients:
+    return Coefficients(name=coeffs.name, description=coeffs.description, values={**coeffs.values, **values})
+
+
+def prepare_rows(df, base: Coefficients) -> list[dict]:
+    """Per measured row: the model's phase sums at the base coefficients and their exact
+    derivatives with respect to ALLOC_KEYS (every phase is linear in them), plus the measured
+    targets corrected for memory that earlier configurations of the same process left behind
+    (after_load_allocated minus the predicted static weights)."""
+    from planner.memory import phases, quant_constants_bytes, quantized_weights_bytes, unquantized_weights_bytes
+    from planner.profiles import load_model
+
+    out = []
+    for _, row in df.iterrows():
+        if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["peak_allocated_bytes"]):
+            continue
+        model = load_model(row["model"])
+        lora, train = _row_settings(row)
+        static = (quantized_weights_bytes(model) + quant_constants_bytes(model, train.double_quant)
+                  + unquantized_weights_bytes(model))
+        offset = int(row["after_load_allocated_bytes"]) - static
+        p0 = phases(model, lora, train, base)
+        names = list(p0)
+        base_tot = {n: sum(p0[n].values()) for n in names}
+        grads = {}
+        for key in ALLOC_KEYS:
+            p1 = phases(model, lora, train, _with(base, **{key: base.get(key) + 1.0}))
+            grads[key] = {n: sum(p1[n].values()) - base_tot[n] for n in names}
+        out.append({"row": row, "model": model, "lora": lora, "train": train, "offset": offset,
+                    "alloc": int(row["peak_allocated_bytes"]) - offset,
+                    "reserved": int(row["peak_reserved_bytes"]) - offset,
+                    "base": base_tot, "grads": grads, "phases": names})
+    return out
+
+
+def _predict_alloc(item: dict, theta: dict, base: Coefficients) -> tuple[float, str]:
+    best, best_phase = -1.0, ""
+    for n in item["phases"]:
+        v = item["base"][n] + sum((theta[k] - base.get(k)) * item["grads"][k][n] for k in ALLOC_KEYS)
+        if v > best:
+            best, best_phase = v, n
+    return best, best_phase
+
+
+def fit_alloc(items: list[dict], base: Coefficients, iterations: int = 8) -> dict:
+    """Least squares on relative error, the max over phases handled by re-assigning each row to
+    its arg-max phase and re-solving (the phases are linear in the coefficients)."""
+    import numpy as np
+
+    theta = {k: base.get(k) for k in ALLOC_KEYS}
+    for _ in range(iterations):
+        a_rows, b_rows = [], []
+        for it in items:
+            _, ph = _predict_alloc(it, theta, base)
+            y = it["alloc"]
+            const = it["base"][ph] - sum(base.get(k) * it["grads"][k][ph] for k in ALLOC_KEYS)
+            a_rows.append([it["grads"][k][ph] / y for k in ALLOC_KEYS])
+            b_rows.append((y - const) / y)
+        prior = [base.get(k) for k in ALLOC_KEYS]
+        for j in range(len(ALLOC_KEYS)):  # ridge toward the defaults, relative scale
+            r = [0.0] * len(ALLOC_KEYS)
+            r[j] = RIDGE / prior[j]
+            a_rows.append(r)
+            b_rows.append(RIDGE)
+        sol, *_ = np.linalg.lstsq(np.array(a_rows), np.array(b_rows), rcond=None)
+        new = {k: float(max(0.0, v)) for k, v in zip(ALLOC_KEYS, sol)}
+        if all(abs(new[k] - theta[k]) < 1e-6 for k in ALLOC_KEYS):
+            theta = new
+            break
+        theta = new
+    return theta
+
+
+def _breakdown(it: dict, coeffs: Coefficients):
+    from planner.memory import estimate
+
+    return estimate(it["model"], it["lora"], it["train"], coeffs)
+
+
+def fit_reserve(items: list[dict], coeffs: Coefficients) -> dict:
+    """reserved - allocated per allocator mode: non-negative least squares (relative error) on memory.reserve_features."""
+    import numpy as np
+
+    from planner.memory import reserve_features
+
+    out = {}
+    for mode in ("expandable", "default"):
+        sel = [it for it in items if it["train"].expandable_segments == (mode == "expandable")]
+        if len(sel) < 3:
+            continue
+        a, b = [], []
+        for it in sel:
+            bd = _breakdown(it, coeffs)
+            feats = reserve_features(it["model"], it["train"], bd.components())
+            a.append([feats[f] / it["reserved"] for f in RESERVE_FEATURES])
+            b.append((it["reserved"] - it["alloc"]) / it["reserved"])
+        sol = _nnls(np.array(a), np.array(b), iterations=3000)
+        for f, v in zip(RESERVE_FEATURES, sol):
+            out[f"reserve_{f}_{mode}"] = float(v)
+    return out
+
+
+def _nnls(a, b, iterations: int = 200):
+    """Non-negative least squares by projected coordinate descent (small problems only)."""
+    import numpy as np
+
+    x = np.zeros(a.shape[1])
+    ata, atb = a.T @ a, a.T @ b
+    for _ in range(iterations):
+        for j in range(len(x)):
+            if ata[j, j] <= 0:
+                continue
+            x[j] = max(0.0, x[j] + (atb[j] - ata[j] @ x) / ata[j, j])
+    return x
+
+
+def fit_required(df, coeffs: Coefficients) -> dict:
+    """The smallest allocator budget that ran, from the cap bisections: per mode, a fraction of the
+    activation terms plus a constant above the predicted peak allocated, taken as the largest
+    observed excess so that a plan's budget is never below a measured failure."""
+    from planner.profiles import load_model
+
+    out = {}
+    groups = {}
+    for _, row in df.iterrows():
+        if int(row["budget_bytes"]) == 0:
+            continue
+        key = row["run_id"].rsplit("|cap", 1)[0]
+        groups.setdefault(key, []).append(row)
+    for mode in ("expandable", "default"):
+        excess = []
+        for key, rows in groups.items():
+            if ("expandable_segments:True" in key) != (mode == "expandable"):
+                continue
+            ok = [int(r["budget_bytes"]) for r in rows if r["status"] == "ok"]
+            if not ok:
+                continue
+            r0 = rows[0]
+            model = load_model(r0["model"])
+            lora, train = _row_settings(r0)
+            bd = _breakdown({"model": model, "lora": lora, "train": train}, coeffs)
+            static_offset = int(r0["after_load_allocated_bytes"]) - (
+                bd.quantized_weights + bd.quant_constants + bd.unquantized_weights)
+            act = bd.saved_activations + bd.layer_working_set + bd.logits
+            excess.append((min(ok) - static_offset - bd.peak_allocated_bytes) / max(act, 1))
+        if excess:
+            out[f"required_frac_{mode}"] = float(max(0.0, max(excess)))
+            out[f"required_const_{mode}"] = 0.0
+    return out
+
+
+def fit_context(df, coeffs: Coefficients) -> int:
+    """CUDA context + lazily loaded kernels and library handles: NVML used minus peak reserved minus
+    managed (paged) memory, on the first configuration of each process (later rows also carry
+    managed memory that bitsandbytes' page manager has not returned)."""
+    from planner.memory import paged_state_bytes
+    from planner.profiles import load_model
+
+    vals = []
+    for _, grp in df.groupby("source_file"):
+        row = grp.iloc[0]
+        if row["status"] != "ok" or not str(row["nvml_used_bytes"]):
+            continue
+        lora, train = _row_settings(row)
+        paged = paged_state_bytes(load_model(row["model"]), lora, train)
+        vals.append(int(row["nvml_used_bytes"]) - int(row["nvml_baseline_bytes"]) + int(row["nvml_baseline_bytes"])
+                    - int(row["peak_reserved_bytes"]) - paged)
+    return int(max(vals)) if vals else int(coeffs.get("cuda_context_bytes"))
+
+
+def fit(df, base: Coefficients | None = None) -> Coefficients:
+    """Fit every measured coefficient from runs; returns new Coefficients (no I/O)."""
+    base = base or _read(str(DEFAULTS_FILE))
+    items = prepare_rows(df, base)
+    theta = fit_alloc(items, base)
+    coeffs = _with(base, **theta)
+    coeffs = _with(coeffs, **fit_reserve(items, coeffs))
+    coeffs = _with(coeffs, **fit_required(df, coeffs))
+    coeffs = _with(coeffs, cuda_context_bytes=fit_context(df, coeffs))
+    coeffs = _with(coeffs, **fit_speed(df, coeffs))
+    return coeffs
+
+
+def predict_rows(items: list[dict], coeffs: Coefficients) -> list[dict]:
+    """Measured vs predicted peak allocated and reserved for prepared rows."""
+    out = []
+    for it in items:
+        bd = _breakdown(it, coeffs)
+        r = it["row"]
+        out.append({
+            "model": r["model"], "run_id": r["run_id"], "alloc_conf": r["alloc_conf"] or "default",
+            "measured_allocated": it["alloc"], "predicted_allocated": bd.peak_allocated_bytes,
+            "measured_reserved": it["reserved"], "predicted_reserved": bd.peak_reserved_bytes,
+            "phase": bd.peak_phase, "tokens_per_s": float(r["tokens_per_s"] or 0),
+        })
+    return out
+
+
+def cross_validate(df, by: str = "model", base: Coefficients | None = None) -> list[dict]:
+    """Leave-one-group-out: fit on every other group, predict the held-out one (never a fitted point)."""
+    from planner.profiles import load_model
+
+    base = base or _read(str(DEFAULTS_FILE))
+    keyf = (lambda m: m) if by == "model" else (lambda m: load_model(m).model_type)
+    groups = sorted({keyf(m) for m in df["model"]})
+    preds = []
+    for g in groups:
+        held = df["model"].map(keyf) == g
+        coeffs = fit(df[~held], base)
+        preds += predict_rows(prepare_rows(df[held], base), coeffs)
+    return preds
+
+
+def error_summary(preds: list[dict]) -> dict:
+    import numpy as np
+
+    def stats(kind):
+        err = np.array([(p[f"predicted_{kind}"] - p[f"measured_{kind}"]) / p[f"measured_{kind}"] for p in preds])
+        return {"median_abs_pct": round(float(np.median(np.abs(err)) * 100), 2),
+                "max_abs_pct": round(float(np.max(np.abs(err)) * 100), 2),
+                "under_prediction_rate": round(float(np.mean(err < 0)), 3),
+                "worst_under_pct": round(float(min(0.0, err.min()) * 100), 2)}
+
+    out = {"runs": len(preds), "models": sorted({p["model"] for p in preds}),
+           "allocated": stats("allocated"), "reserved": stats("reserved")}
+    modes = sorted({p["alloc_conf"] for p in preds})
+    if len(modes) > 1:  # the allocator modes separately: their reserve terms are fitted separately
+        out["by_allocator"] = {m: error_summary([p for p in preds if p["alloc_conf"] == m]) for m in modes}
+    return out
+
+
+def fit_speed(df, coeffs: Coefficients) -> dict:
+    """Per micro-batch time = FLOPs / (peak x mfu) + dequant bytes / (bandwidth x eff) + calls x overhead:
+    (1/mfu, overhead) by non-negative least squares on relative error; eff stays at its default."""
+    import numpy as np
+
+    from planner.profiles import load_model
+    from planner.speed import dequant_bytes, linear_calls, step_flops
+
+    a, b = [], []
+    for _, row in df.iterrows():
+        if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["tokens_per_s"]):
+            continue
+        model = load_model(row["model"])
+        lora, train = _row_settings(row)
+        gpu = _gpu_of(row)
+        t_meas = train.tokens_per_micro_batch / float(row["tokens_per_s"])
+        t_deq = dequant_bytes(model, train) / (gpu.bandwidth_gb_s * 1e9 * coeffs.get("dequant_bw_frac"))
+        f = step_flops(model, lora, train) / (gpu.tflops(train.compute_dtype) * 1e12)
+        a.append([f / t_meas, linear_calls(model, train) / t_meas])
+        b.append((t_meas - t_deq) / t_meas)
+    if len(a) < 3:
+        return {}
+    inv_mfu, overhead = _nnls(np.array(a), np.array(b), iterations=5000)
+    out = {"linear_call_overhead_s": float(overhead)}
+    if inv_mfu > 0:
+        out["mfu"] = float(1.0 / inv_mfu)
+    return out
+
+
+def _gpu_of(row):
+    from planner.profiles import load_gpu, match_gpu_name
+
+    return match_gpu_name(str(row["gpu_name"])) or load_gpu("h200")
