@@ -156,6 +156,7 @@ def validation_section(coeffs) -> list[str]:
     their measured peak reserved is also a held-out test of the model (predicted with `coeffs`)."""
     import csv
 
+    from planner.fit import _row_settings
     from planner.memory import estimate
     from planner.profiles import load_model
 
@@ -185,7 +186,7 @@ def validation_section(coeffs) -> list[str]:
                 lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | {plan_s} | {gib_str(c['budget'])} | not run (GPU time ran out) | | | {nxt} |")
                 continue
             r = match[0]
-            lora, train = _settings_of(r)
+            lora, train = _row_settings(r)
             pred = estimate(load_model(r["model"]), lora, train, coeffs).peak_reserved_bytes
             meas = int(r["peak_reserved_bytes"] or 0)
             errs.append(abs(pred - meas) / meas * 100)
@@ -200,12 +201,6 @@ def validation_section(coeffs) -> list[str]:
                       f"reserved: median {errs[len(errs) // 2]:.1f}%, max {errs[-1]:.1f}% absolute error. "
                       f"{sum(st == 'oom' for st in statuses)} of {len(statuses)} runs OOMed."]
     return lines
-
-
-def _settings_of(row):
-    from planner.fit import _row_settings
-
-    return _row_settings(row)
 
 
 def write_plot(preds: list[dict], path: Path) -> Path | None:

@@ -330,15 +330,11 @@ def required_budget_bytes(peak_allocated: int, activation_part: int, train: Trai
 
 # --------------------------------------------------------------------------- the estimate
 
-def attention_implementation(model: ModelSpec) -> str:
-    return model.attn_implementation
-
-
 def phases(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients) -> dict[str, dict[str, int]]:
     """Allocated bytes per named term, for each phase of a training step whose max can be the peak."""
     names = resolve_targets(model, lora.targets)
     numels = lora_tensor_numels(model, lora, names)
-    attn_impl = attention_implementation(model)
+    attn_impl = model.attn_implementation
 
     weights = {
         "quantized_weights": quantized_weights_bytes(model),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from planner.memory import estimate
-from planner.specs import OPTIMIZERS, Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
+from planner.specs import Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
 from planner.speed import tokens_per_second
 
 DEFAULT_EFFECTIVE_BATCH = 16
@@ -151,6 +151,3 @@ def next_larger_batch(plan: Plan, coeffs: Coefficients) -> Plan | None:
     bigger = replace(t, batch_size=t.batch_size * 2, grad_accum=t.grad_accum // 2)
     return make_plan(plan.model, plan.gpu, plan.lora, bigger, coeffs)
 
-
-def optimizers() -> tuple[str, ...]:
-    return OPTIMIZERS

@@ -6,7 +6,7 @@ offending flag in the ValueError, so the CLI can turn it into a one-line error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("bf16", "fp16")
@@ -290,6 +290,3 @@ def settings_dict(lora: LoraSettings, train: TrainSettings, targets: tuple[str, 
         "expandable_segments": train.expandable_segments,
     }
 
-
-def field_names(cls) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))

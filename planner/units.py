@@ -34,7 +34,3 @@ def looks_like_size(text: str) -> bool:
     m = _SIZE_RE.match(text)
     return bool(m) and m.group(2).lower() in _SIZE_UNITS and m.group(2) != ""
 
-
-def gib(n_bytes: int) -> float:
-    """Bytes -> GiB as a float, for display only."""
-    return n_bytes / GiB
