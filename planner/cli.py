@@ -18,6 +18,10 @@ from planner.profiles import ProfileError, all_gpus, gpu_names, load_gpu, load_m
 from planner.search import AUTO_SEQ_LENS, Request, search
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
 
+# modules of the `train` extra: a command that needs them says how to install them instead of a traceback
+TRAIN_EXTRA_MODULES = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "pandas", "numpy",
+                       "pynvml", "tokenizers", "safetensors", "pyarrow"}
+
 
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit code 2."""
@@ -56,6 +60,10 @@ class QfitGroup(click.Group):
             _fail(exc.format_message(), as_json, hint=exc.ctx.command_path if exc.ctx else "qfit")
         except (UserError, ProfileError, ValueError) as exc:
             _fail(str(exc), as_json)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+                raise
+            _fail(f"this command needs the train extra (missing module '{exc.name}'): pip install -e '.[train]'", as_json)
         except click.ClickException as exc:
             _fail(exc.format_message(), as_json)
         sys.exit(rv if isinstance(rv, int) else 0)

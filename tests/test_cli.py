@@ -166,3 +166,15 @@ def test_profile_refuses_remote_code(tmp_path):
                                                       "hidden_size": 8}))
     r = CliRunner().invoke(cli, ["profile", str(tmp_path / "config.json")])
     assert r.exit_code == 2 and "trust_remote_code" in r.stderr
+
+
+def test_missing_train_extra_is_one_line(tmp_path):
+    """Without the train extra, commands that need it say how to install it (exit 2), no traceback."""
+    code = ("import sys; sys.modules['pandas'] = None; sys.modules['transformers'] = None; "
+            "from planner.cli import cli; cli.main(sys.argv[1:])")
+    for args in (["calibrate", "--refit", "--out", str(tmp_path / "c.json"), "--report", str(tmp_path / "r.md")],
+                 ["run", "--demo", "--output", str(tmp_path / "run")]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                             cwd=Path(__file__).parent.parent)
+        assert out.returncode == 2, out.stderr
+        assert "needs the train extra" in out.stderr and "Traceback" not in out.stderr
