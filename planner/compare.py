@@ -3,8 +3,8 @@
 For one model and one workload (total training tokens), every GPU asked gets a row: the best plan
 planner.search picks on it, the predicted peak, the estimated tokens/s, wall hours and cost, and
 for a GPU it does not fit on, why (the smallest configuration's need against the card) and how
-many of that GPU an FSDP-sharded 4-bit base would need (an estimate: multi-GPU runs are not
-supported yet). Rows within the limits (max hours, max cost) are sorted and the cost-time Pareto
+many of that GPU an FSDP-sharded 4-bit base would need (planner.multigpu's estimate: multi-GPU
+runs are not supported yet). Rows within the limits (max hours, max cost) are sorted and the cost-time Pareto
 set is marked.
 
 What is measured and what is estimated:
@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from planner.multigpu import FSDP_OPTIM, FsdpMemory, fsdp_per_gpu
 from planner.search import Request, SearchResult, search, smallest
 from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
 
@@ -155,42 +156,56 @@ def search_all(model: ModelSpec, gpus: Sequence[GpuSpec], req: Request,
 
 @dataclass(frozen=True, slots=True)
 class MultiGpuEstimate:
-    """Per-GPU memory of an FSDP-sharded 4-bit base on `count` GPUs. AN ESTIMATE, never measured.
+    """Per-GPU memory of FSDP full-shard QLoRA on `count` GPUs. AN ESTIMATE, never measured.
 
-    per_gpu_needs = sharded / count + replicated + gathered_layer, where
-      sharded        = quantized weights + quantization constants (the 4-bit base, split evenly);
-      replicated     = everything else of the smallest single-GPU configuration, on every GPU
-                       (unquantized weights, LoRA, optimizer state, activations, logits, context,
-                       allocator slack): pessimistic, FSDP would shard some of it;
-      gathered_layer = one decoder layer's 4-bit weights and constants, all-gathered for its
-                       forward/backward (FSDP with bnb_4bit_quant_storage, no prefetch).
-    Communication buffers and the speed of a sharded run are not modelled.
+    The numbers come from planner.multigpu.fsdp_per_gpu (the single source of the FSDP model; see
+    its docstring for the facts modelled), for the smallest single-GPU configuration's LoRA and
+    batch settings with the optimizer switched to adamw_torch (bitsandbytes' optimizers do not
+    work under FSDP2) and rank-0 CPU loading (FSDP_LOADING). The training phase reads
+      per_gpu_needs = shard + replicated + gathered_layer, where
+      shard          = this GPU's 1/N of the 4-bit base, constants, compute-dtype unquantized
+                       weights, LoRA weights, gradients and AdamW state;
+      gathered_layer = two decoder layers all-gathered (current + prefetch) and the root unit
+                       (embeddings, lm_head, final norm) in the compute dtype;
+      replicated     = per-rank activations, logits, allocator slack, CUDA context, NCCL buffers.
+    per_gpu_needs_bytes is the max of that and the load phase (memory.load_needs_bytes).
+    Communication time and the speed of a sharded run are not modelled.
     """
 
     count: int
     per_gpu_needs_bytes: int
-    sharded_bytes: int
+    sharded_bytes: int  # total, before dividing: everything FSDP shards over the GPUs
+    shard_bytes: int  # per GPU: this GPU's shards
     replicated_bytes: int
     gathered_layer_bytes: int
     capacity_bytes: int
+    memory: FsdpMemory
 
 
-def fsdp_per_gpu_bytes(plan: Plan, count: int) -> MultiGpuEstimate:
+FSDP_LOADING = "rank0_cpu"  # accelerate fsdp_cpu_ram_efficient_loading; "full" never lets a 70B load on 24 GiB
+
+
+def fsdp_per_gpu_bytes(plan: Plan, count: int, coeffs: Coefficients) -> MultiGpuEstimate:
     """The estimate above for one plan (normally the smallest single-GPU configuration)."""
-    mem = plan.memory
-    sharded = mem.quantized_weights + mem.quant_constants
-    replicated = mem.needs_bytes - sharded
-    gathered = -(-sharded // plan.model.num_hidden_layers)
-    per_gpu = -(-sharded // count) + replicated + gathered
-    return MultiGpuEstimate(count=count, per_gpu_needs_bytes=per_gpu, sharded_bytes=sharded,
-                            replicated_bytes=replicated, gathered_layer_bytes=gathered,
-                            capacity_bytes=plan.capacity_bytes)
+    train = replace(plan.train, optim=FSDP_OPTIM)
+    mem = fsdp_per_gpu(plan.model, plan.lora, train, coeffs, count, loading=FSDP_LOADING)
+    shard_fields = ("quantized_weights", "quant_constants", "unquantized_weights", "lora_params", "lora_grads",
+                    "optimizer_state")
+    shard = sum(getattr(mem, f) for f in shard_fields)
+    whole = fsdp_per_gpu(plan.model, plan.lora, train, coeffs, 1, loading=FSDP_LOADING)
+    sharded = sum(getattr(whole, f) for f in shard_fields)
+    gathered = mem.gathered_layers + mem.gathered_root
+    replicated = mem.training_needs_bytes - shard - gathered
+    return MultiGpuEstimate(count=count, per_gpu_needs_bytes=mem.needs_bytes, sharded_bytes=sharded,
+                            shard_bytes=shard, replicated_bytes=replicated, gathered_layer_bytes=gathered,
+                            capacity_bytes=plan.capacity_bytes, memory=mem)
 
 
-def smallest_multi_gpu(plan: Plan, counts: Iterable[int] = MULTI_GPU_COUNTS) -> MultiGpuEstimate | None:
+def smallest_multi_gpu(plan: Plan, coeffs: Coefficients,
+                       counts: Iterable[int] = MULTI_GPU_COUNTS) -> MultiGpuEstimate | None:
     """The fewest GPUs (2..8) of plan.gpu on which the sharded estimate fits; None if even 8 do not."""
     for n in counts:
-        est = fsdp_per_gpu_bytes(plan, n)
+        est = fsdp_per_gpu_bytes(plan, n, coeffs)
         if est.per_gpu_needs_bytes <= est.capacity_bytes:
             return est
     return None
@@ -213,6 +228,7 @@ class GpuOption:
     cost_usd: float | None
     pareto: bool = False
     multi_gpu: MultiGpuEstimate | None = None  # only for a GPU the model does not fit on
+    multi_gpu_max: MultiGpuEstimate | None = None  # the estimate on max(MULTI_GPU_COUNTS) GPUs, same rows
     notes: tuple[str, ...] = ()  # what the search changed (bf16 -> fp16, ...)
 
     @property
@@ -318,7 +334,9 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
             gpu=gpu, plan=best, smallest=small, price_usd_per_hour=price, price_given=gpu.name in prices,
             speed_basis=speed_basis(gpu, calibrated_on), speed_error_pct=err, hours=hours,
             cost_usd=cost_usd(hours, price) if best else None,
-            multi_gpu=None if best else smallest_multi_gpu(small), notes=res.notes,
+            multi_gpu=None if best else smallest_multi_gpu(small, coeffs),
+            multi_gpu_max=None if best else fsdp_per_gpu_bytes(small, max(MULTI_GPU_COUNTS), coeffs),
+            notes=res.notes,
         ))
 
     def within(o: GpuOption) -> bool:

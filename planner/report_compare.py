@@ -15,7 +15,6 @@ from planner.compare import (
     SPEED_NONE,
     Comparison,
     GpuOption,
-    fsdp_per_gpu_bytes,
 )
 from planner.fitmap import require_matplotlib
 from planner.memory import resolve_targets
@@ -83,7 +82,7 @@ def multi_gpu_str(o: GpuOption) -> str:
     m = o.multi_gpu
     if m is None:
         n_max = max(MULTI_GPU_COUNTS)
-        per = fsdp_per_gpu_bytes(o.smallest, n_max).per_gpu_needs_bytes
+        per = o.multi_gpu_max.per_gpu_needs_bytes
         return (f"Not even {n_max} x {o.gpu.name} with FSDP sharding would fit "
                 f"(estimate: {gib_str(per)} GiB per GPU)")
     return (f"Estimate: {m.count} x {o.gpu.name} with FSDP sharding would fit ({gib_str(m.per_gpu_needs_bytes)} GiB "
@@ -105,7 +104,7 @@ def short_reason_str(o: GpuOption) -> str:
     term, term_bytes = o.largest_term
     m = o.multi_gpu
     if m is None:
-        per = fsdp_per_gpu_bytes(s, max(MULTI_GPU_COUNTS)).per_gpu_needs_bytes
+        per = o.multi_gpu_max.per_gpu_needs_bytes
         multi = f"not even {max(MULTI_GPU_COUNTS)} x {o.gpu.name} with FSDP ({gib_str(per)} GiB per GPU)"
     else:
         multi = f"{m.count} x {o.gpu.name} with FSDP would fit ({gib_str(m.per_gpu_needs_bytes)} GiB per GPU)"
@@ -124,8 +123,9 @@ def not_fitting_lines(c: Comparison) -> list[str]:
         lines += [f"  {o.gpu.name:<{width}}  {short_reason_str(o)}" for o in rows]
     else:
         lines = ["Does not fit:"] + [f"  {o.gpu.name:<{width}}  {reason_str(o)}" for o in rows]
-    lines.append("  (FSDP estimate: the 4-bit base weights and constants sharded over the GPUs, everything else "
-                 "replicated, plus one gathered layer; multi-GPU runs are not supported yet.)")
+    lines.append("  (FSDP estimate: 4-bit base, constants, bf16/fp16 unquantized weights, LoRA and AdamW state "
+                 "sharded over the GPUs, two gathered layers and the root unit, activations per GPU, rank 0 "
+                 "loading on CPU; multi-GPU runs are not supported yet.)")
     return lines
 
 
@@ -287,7 +287,7 @@ def option_dict(o: GpuOption, c: Comparison) -> dict:
         m = o.multi_gpu
         d["multi_gpu"] = {
             "count": m.count, "per_gpu_needs_bytes": m.per_gpu_needs_bytes, "sharded_bytes": m.sharded_bytes,
-            "replicated_bytes": m.replicated_bytes, "gathered_layer_bytes": m.gathered_layer_bytes,
+            "shard_bytes": m.shard_bytes, "replicated_bytes": m.replicated_bytes, "gathered_layer_bytes": m.gathered_layer_bytes,
             "capacity_bytes": m.capacity_bytes, "basis": "estimate: FSDP-sharded 4-bit base; multi-GPU runs are not supported yet",
         }
     return d

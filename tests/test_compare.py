@@ -9,9 +9,9 @@ GPU, the --json schema, one-line errors with exit code 2, --dataset, --plot and 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -34,6 +34,7 @@ from planner.compare import (
 )
 from planner.fitmap import FIT_MAP_BATCHES, FIT_MAP_SEQ_LENS, fit_map, fit_map_png
 from planner.memory import quant_constants_bytes, quantized_weights_bytes
+from planner.multigpu import fsdp_per_gpu
 from planner.profiles import all_gpus, gpu_names, load_gpu, load_model
 from planner.search import Request, search
 from planner.specs import Coefficients, LoraSettings, TrainSettings, settings_dict
@@ -230,30 +231,38 @@ def test_max_hours_and_max_cost_filters(coeffs, gpus, mistral_cmp):
             compare(model, WORKLOAD, gpus, coeffs, **bad)
 
 
-def test_multi_gpu_estimate_llama70b_on_rtx4090(llama70_cmp):
-    """per GPU = ceil(sharded / N) + replicated + one gathered layer, sharded = the 4-bit base;
-    N is the fewest GPUs (2..8) for which that fits the card's usable capacity."""
+def test_multi_gpu_estimate_llama70b_on_rtx4090(llama70_cmp, coeffs):
+    """compare's FSDP estimate is planner.multigpu.fsdp_per_gpu (rank-0 CPU loading, adamw_torch) for
+    the smallest configuration: per GPU = shard + replicated + gathered (training phase), N is the
+    fewest GPUs (2..8) for which it fits the card's usable capacity."""
     o = next(o for o in llama70_cmp.options if o.gpu.name == "rtx4090")
     assert not o.fits
     m = o.multi_gpu
     assert m is not None and 2 <= m.count <= 8
     model = load_model("llama-3.1-70b")
     small = o.smallest
-    sharded = quantized_weights_bytes(model) + quant_constants_bytes(model, small.train.double_quant)
-    assert m.sharded_bytes == sharded
-    assert m.replicated_bytes == small.memory.needs_bytes - sharded
-    assert m.gathered_layer_bytes == math.ceil(sharded / model.num_hidden_layers)
-    assert m.per_gpu_needs_bytes == math.ceil(sharded / m.count) + m.replicated_bytes + m.gathered_layer_bytes
+    train = replace(small.train, optim="adamw_torch")
+    ref = fsdp_per_gpu(model, small.lora, train, coeffs, m.count, loading="rank0_cpu")
+    assert m.memory == ref and m.per_gpu_needs_bytes == ref.needs_bytes
+    assert m.per_gpu_needs_bytes == m.shard_bytes + m.replicated_bytes + m.gathered_layer_bytes
+    assert m.gathered_layer_bytes == ref.gathered_layers + ref.gathered_root
+    # the 4-bit base is the bulk of what is sharded, and each GPU holds about 1/N of it
+    base = quantized_weights_bytes(model) + quant_constants_bytes(model, small.train.double_quant)
+    assert base < m.sharded_bytes and m.shard_bytes == pytest.approx(m.sharded_bytes / m.count, rel=1e-3)
     assert m.per_gpu_needs_bytes <= m.capacity_bytes == small.capacity_bytes
-    assert fsdp_per_gpu_bytes(small, m.count - 1).per_gpu_needs_bytes > m.capacity_bytes  # the fewest
+    assert fsdp_per_gpu_bytes(small, m.count - 1, coeffs).per_gpu_needs_bytes > m.capacity_bytes  # the fewest
     # the 4-bit base of a 70B model is what does not fit: at least 30 GiB of the ~47 GiB needed
-    assert o.largest_term[0] == "quantized_weights" and sharded > 30 * 2**30
-    # a GPU too small even for 8 shards says so (the replicated part alone is most of a T4)
+    assert o.largest_term[0] == "quantized_weights" and base > 30 * 2**30
+    # since the estimate also shards LoRA, AdamW state and the (compute-dtype) unquantized weights,
+    # a T4 (15 GiB) fits on some N <= 8; a 12 GiB card does not even on 8, and says so
     t4 = next(o for o in llama70_cmp.options if o.gpu.name == "t4")
-    assert t4.multi_gpu is None
-    assert fsdp_per_gpu_bytes(t4.smallest, 8).per_gpu_needs_bytes > t4.smallest.capacity_bytes
+    assert t4.multi_gpu is not None and t4.multi_gpu.count <= 8
+    small12 = compare(model, WORKLOAD, [load_gpu("12GiB")], coeffs).options[0]
+    assert small12.multi_gpu is None
+    assert small12.multi_gpu_max == fsdp_per_gpu_bytes(small12.smallest, 8, coeffs)
+    assert small12.multi_gpu_max.per_gpu_needs_bytes > small12.smallest.capacity_bytes
     # and the fitting GPUs carry no multi-GPU estimate
-    assert all(x.multi_gpu is None for x in llama70_cmp.fitting)
+    assert all(x.multi_gpu is None and x.multi_gpu_max is None for x in llama70_cmp.fitting)
 
 
 def test_bare_capacity_gpu_has_no_time(coeffs):
@@ -315,13 +324,13 @@ def test_table_lists_every_catalog_gpu():
 
 
 def test_table_for_a_model_that_fits_few_gpus():
-    res = run(["llama-3.1-70b", "--tokens", "2M", "--gpus", "rtx4090,h200,t4"])
+    res = run(["llama-3.1-70b", "--tokens", "2M", "--gpus", "rtx4090,h200,12GiB"])
     assert res.exit_code == 0, res.output
     out = res.stdout
     assert "Does not fit" in out
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("rtx4090") and "needs" in ln)
     assert "x rtx4090 with FSDP would fit" in line
-    assert "not even 8 x t4" in out and "multi-GPU runs are not supported yet" in out
+    assert "not even 8 x 12GiB" in out and "multi-GPU runs are not supported yet" in out
 
 
 def test_json_schema():

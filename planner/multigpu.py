@@ -1,0 +1,377 @@
+"""Per-GPU memory of QLoRA on N GPUs of one host: DDP and FSDP full-shard. PURE: standard library only.
+
+EVERYTHING HERE IS AN ESTIMATE until a multi-GPU run calibrates it: the single-GPU coefficients
+(fitted on one H200) are reused per rank, and the NCCL buffer term is an unmeasured assumption.
+
+- ddp_per_gpu: every rank holds the whole single-GPU breakdown (planner.memory.estimate) plus DDP's
+  gradient buckets plus NCCL's buffers.
+- fsdp_per_gpu: the FSDP-QLoRA recipe (4-bit base sharded 1/N, bnb_4bit_quant_storage = compute
+  dtype, no fp32 upcast), with a load phase and a training phase; see its docstring.
+- plan_multi / smallest_gpu_count: planner.search's candidates and ranking order, per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from planner.memory import (
+    FP32,
+    alloc,
+    allocator_reserve_bytes,
+    cuda_context_bytes,
+    estimate,
+    lm_head_weight_copy_bytes,
+    lora_grads_bytes,
+    lora_params_bytes,
+    lora_tensor_numels,
+    optimizer_state_bytes,
+    phases,
+    quant_constants_bytes,
+    quantized_weights_bytes,
+    required_budget_bytes,
+    resolve_targets,
+)
+from planner.search import DEFAULT_EFFECTIVE_BATCH, OPTIM_ORDER, Request, candidates, capacity_bytes
+from planner.specs import Coefficients, GpuSpec, LoraSettings, MemoryBreakdown, ModelSpec, TrainSettings
+from planner.speed import tokens_per_second
+from planner.units import DTYPE_BYTES, MiB
+
+STRATEGIES = ("ddp", "fsdp")
+LOADINGS = ("full", "rank0_cpu")
+# torch/nn/parallel/distributed.py: DistributedDataParallel(bucket_cap_mb=25); the first bucket is
+# capped at 1 MiB (dist._DEFAULT_FIRST_BUCKET_BYTES).
+DDP_BUCKET_CAP_BYTES = 25 * MiB
+DDP_FIRST_BUCKET_BYTES = 1 * MiB
+NCCL_BUFFER_KEY = "nccl_buffer_bytes"
+# Assumption, unmeasured: NCCL's channel buffers (NCCL_BUFFSIZE 4 MiB x channels x peers) plus its
+# own CUDA allocations, outside torch's allocator. Used when the coefficients lack the key.
+DEFAULT_NCCL_BUFFER_BYTES = 512 * MiB
+FSDP_GATHERED_LAYERS = 2  # the layer being computed + the next one prefetched (FSDP2 default)
+FSDP_OPTIM = "adamw_torch"
+FSDP_OPTIM_REASON = ("bitsandbytes' 32-bit, 8-bit and paged optimizers do not work with FSDP2's sharded "
+                     "DTensor parameters; the FSDP-QLoRA recipe uses torch AdamW (adamw_torch)")
+ESTIMATE_NOTE = "estimate: multi-GPU memory is not calibrated (single-GPU coefficients reused per rank)"
+
+
+def nccl_buffer_bytes(coeffs: Coefficients) -> int:
+    """NCCL buffers outside torch's allocator: coefficient `nccl_buffer_bytes`, else the stated
+    default (512 MiB, an unmeasured assumption; calibration/defaults.json says so)."""
+    if NCCL_BUFFER_KEY in coeffs.values:
+        return int(coeffs.get(NCCL_BUFFER_KEY))
+    return DEFAULT_NCCL_BUFFER_BYTES
+
+
+def _check_n(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"--gpus-count must be a positive integer, got {n}")
+
+
+def _numels(model: ModelSpec, lora: LoraSettings) -> tuple[int, ...]:
+    return lora_tensor_numels(model, lora, resolve_targets(model, lora.targets))
+
+
+# --------------------------------------------------------------------------- DDP
+
+@dataclass(frozen=True, slots=True)
+class DdpMemory:
+    """Per-GPU memory under DDP. Every byte field is int; an estimate."""
+
+    n: int
+    single: MemoryBreakdown  # the whole single-GPU breakdown: every rank holds it
+    grad_buckets: int  # DDP's flat gradient buckets: one more fp32 copy of the LoRA gradients
+    nccl_buffer: int  # outside torch's allocator
+    peak_phase: str
+    needs_bytes: int
+    notes: tuple[str, ...] = ()
+
+
+def ddp_bucket_bytes(numels: tuple[int, ...]) -> int:
+    """DDP copies the gradients into flat buckets of at most bucket_cap_mb (25 MiB; the first one
+    1 MiB), gradient_as_bucket_view=False by default: about one more copy of all fp32 LoRA gradients.
+    Buckets = first 1 MiB + ceil(rest / 25 MiB), each allocated separately (rounded to 512 B)."""
+    total = sum(FP32 * n for n in numels)
+    if total <= 0:
+        return 0
+    first = min(total, DDP_FIRST_BUCKET_BYTES)
+    rest = total - first
+    full, tail = divmod(rest, DDP_BUCKET_CAP_BYTES)
+    return alloc(first) + full * alloc(DDP_BUCKET_CAP_BYTES) + alloc(tail)
+
+
+def ddp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients,
+                n: int) -> DdpMemory:
+    """needs = single-GPU needs (estimate()) + gradient buckets + NCCL buffers; independent of n
+    (every rank holds the whole 4-bit model and the same micro-batch)."""
+    _check_n(n)
+    single = estimate(model, lora, train, coeffs)
+    buckets = ddp_bucket_bytes(_numels(model, lora))
+    nccl = nccl_buffer_bytes(coeffs)
+    return DdpMemory(n=n, single=single, grad_buckets=buckets, nccl_buffer=nccl, peak_phase="training",
+                     needs_bytes=single.needs_bytes + buckets + nccl,
+                     notes=(ESTIMATE_NOTE, "buckets counted at the peak, conservatively (they exist "
+                            "from the first backward until the optimizer step)"))
+
+
+# --------------------------------------------------------------------------- FSDP
+
+@dataclass(frozen=True, slots=True)
+class FsdpMemory:
+    """Per-GPU memory under FSDP full-shard, at its peak phase. Every byte field is int; an estimate.
+
+    The allocated fields are the training phase's terms at its worst step phase; load_needs is the
+    load phase's need, training_needs the training phase's; needs_bytes = max of the two.
+    """
+
+    n: int
+    quantized_weights: int  # shard: ceil(4-bit base / n)
+    quant_constants: int  # shard: ceil(constants / n)
+    unquantized_weights: int  # shard: ceil(compute dtype x unquantized params / n)
+    gathered_layers: int  # 2 decoder layers all-gathered (current + prefetch), with their LoRA
+    gathered_root: int  # embeddings, lm_head, final norm: the root unit stays gathered in compute dtype
+    lora_params: int  # shard
+    lora_grads: int  # shard
+    optimizer_state: int  # shard (adamw_torch)
+    saved_activations: int  # per rank, as on one GPU
+    layer_working_set: int  # per rank, as on one GPU
+    logits: int  # per rank, as on one GPU, without the fp32 -> compute-dtype lm_head copy
+    allocator_reserve: int
+    cuda_context: int
+    nccl_buffer: int
+    load_needs_bytes: int
+    training_needs_bytes: int
+    peak_phase: str  # "load" or "training"
+    needs_bytes: int
+    cpu_offload: bool = False
+    loading: str = "full"
+    notes: tuple[str, ...] = ()
+
+    ALLOCATED_FIELDS = (
+        "quantized_weights", "quant_constants", "unquantized_weights", "gathered_layers", "gathered_root",
+        "lora_params", "lora_grads", "optimizer_state", "saved_activations", "layer_working_set", "logits",
+    )
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return sum(getattr(self, name) for name in self.ALLOCATED_FIELDS)
+
+    def components(self) -> dict[str, int]:
+        names = self.ALLOCATED_FIELDS + ("allocator_reserve", "cuda_context", "nccl_buffer")
+        return {name: getattr(self, name) for name in names}
+
+
+def _shard(total: int, n: int) -> int:
+    return -(-total // n)
+
+
+def fsdp_unquantized_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """Embeddings, lm_head, norms, biases in the compute dtype: the FSDP-QLoRA recipe skips
+    prepare_model_for_kbit_training's fp32 upcast (2 B/param instead of 4)."""
+    return DTYPE_BYTES[train.compute_dtype] * model.unquantized_param_count
+
+
+def fsdp_root_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """The root FSDP unit (embeddings, lm_head, final norm) in the compute dtype. FSDP2 does not
+    reshard the root after forward (backward needs it at once), so it stays gathered."""
+    return DTYPE_BYTES[train.compute_dtype] * (model.embed_params + model.lm_head_params + model.final_other_params)
+
+
+def fsdp_layer_bytes(model: ModelSpec, lora: LoraSettings, train: TrainSettings) -> int:
+    """One decoder layer unsharded: its 4-bit weights and constants, its non-Linear params and biases
+    in the compute dtype, its LoRA weights and (in backward, before reduce-scatter) their grads, fp32."""
+    numels = _numels(model, lora)
+    L = model.num_hidden_layers
+    base = _shard(quantized_weights_bytes(model) + quant_constants_bytes(model, train.double_quant), L)
+    other = DTYPE_BYTES[train.compute_dtype] * (model.layer_other_params + model.layer_linear_bias_count)
+    lora_layer = _shard(lora_params_bytes(numels) + lora_grads_bytes(numels), L)
+    return base + other + lora_layer
+
+
+def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients, n: int,
+                 cpu_offload: bool = False, loading: str = "full") -> FsdpMemory:
+    """Per-GPU memory of FSDP full-shard QLoRA on n GPUs (an estimate). Modelled facts:
+
+    1. The FSDP-QLoRA loading recipe sets bnb_4bit_quant_storage to the compute dtype (so FSDP can
+       flatten the 4-bit weights with the rest) and does NOT run prepare_model_for_kbit_training's
+       fp32 upcast: embeddings, lm_head and norms stay in the compute dtype (2 B/param, not 4).
+       The lm_head therefore needs no autocast copy: the single-GPU logits term loses that copy.
+    2. The quantized weights, quant constants and unquantized weights are sharded 1/N (ceil).
+    3. One decoder layer's parameters are all-gathered at a time, plus the prefetch of the next:
+       2 layers (fsdp_layer_bytes). The root unit (embeddings, lm_head, final norm) stays gathered.
+    4. LoRA weights, gradients and optimizer state are sharded 1/N (each tensor's shard, ceil).
+    5. Activations (saved, the layer working set, logits) are per rank exactly as on one GPU:
+       the same micro-batch runs on every rank (planner.memory.phases).
+    6. Load: each rank first loads the whole 4-bit model before wrapping (loading="full"), so the
+       load peak = full quantized weights + constants + unquantized weights in the compute dtype.
+       loading="rank0_cpu" (accelerate's fsdp_cpu_ram_efficient_loading: rank 0 loads to CPU, the
+       others on meta, then sync_module_states) puts only the shards on the GPU: an assumption
+       from the accelerate docs, not measured here.
+    7. bitsandbytes' 32-bit, 8-bit and paged optimizers do not work under FSDP2: only adamw_torch
+       (ValueError otherwise, with the reason).
+    8. NCCL buffers outside the allocator (nccl_buffer_bytes), counted in both phases (the
+       process group may be created before loading).
+    cpu_offload=True keeps the parameter, gradient and optimizer shards in CPU memory (FSDP
+    CPUOffloadPolicy; the optimizer steps on the CPU): the GPU keeps the gathered layers and activations.
+    The allocator slack and smallest budget reuse the single-GPU coefficients (memory.py).
+    """
+    _check_n(n)
+    if train.optim != FSDP_OPTIM:
+        raise ValueError(f"--optim {train.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
+    if loading not in LOADINGS:
+        raise ValueError(f"loading must be one of {', '.join(LOADINGS)}, got {loading!r}")
+    numels = _numels(model, lora)
+    q_full = quantized_weights_bytes(model)
+    c_full = quant_constants_bytes(model, train.double_quant)
+    u_full = fsdp_unquantized_bytes(model, train)
+    on_gpu = 0 if cpu_offload else 1
+    shards = {
+        "quantized_weights": on_gpu * _shard(q_full, n),
+        "quant_constants": on_gpu * _shard(c_full, n),
+        "unquantized_weights": on_gpu * _shard(u_full, n),
+        "gathered_layers": FSDP_GATHERED_LAYERS * fsdp_layer_bytes(model, lora, train),
+        "gathered_root": fsdp_root_bytes(model, train),
+        "lora_params": on_gpu * sum(alloc(_shard(FP32 * k, n)) for k in numels),
+        "lora_grads": on_gpu * sum(alloc(_shard(FP32 * k, n)) for k in numels),
+        "optimizer_state": on_gpu * sum(alloc(_shard(2 * FP32 * k, n)) for k in numels),
+    }
+    assert optimizer_state_bytes(numels, FSDP_OPTIM)[1] == 0  # adamw_torch: nothing paged
+    lm_copy = lm_head_weight_copy_bytes(model, train)
+    ctx, nccl = cuda_context_bytes(coeffs), nccl_buffer_bytes(coeffs)
+
+    best = None
+    for name, single in phases(model, lora, train, coeffs).items():
+        logits = max(0, single["logits"] - lm_copy) if single["logits"] else 0
+        working = single["layer_working_set"]
+        if name == "optimizer step":  # AdamW's temporaries scale with the (sharded) parameters
+            working = 0 if cpu_offload else _shard(working, n)
+        terms = {**shards, "saved_activations": single["saved_activations"], "layer_working_set": working,
+                 "logits": logits}
+        if name == "optimizer step":
+            terms["gathered_layers"] = 0  # no layer is gathered while stepping
+        allocated = sum(terms.values())
+        act = terms["saved_activations"] + terms["layer_working_set"] + terms["logits"]
+        required = required_budget_bytes(allocated, act, train, coeffs)
+        if best is None or required > best[0]:
+            best = (required, name, terms)
+    required, _, terms = best
+    reserve = allocator_reserve_bytes(model, train, terms, coeffs)
+    training_needs = required + ctx + nccl
+
+    if loading == "full":
+        load_alloc = q_full + c_full + u_full
+    else:
+        load_alloc = _shard(q_full, n) + _shard(c_full, n) + _shard(u_full, n)
+    load_needs = required_budget_bytes(load_alloc, 0, train, coeffs) + ctx + nccl
+    peak_phase = "load" if load_needs > training_needs else "training"
+    notes = [ESTIMATE_NOTE, f"optimizer {FSDP_OPTIM}: {FSDP_OPTIM_REASON}"]
+    if loading == "full":
+        notes.append("load phase: every rank holds the whole 4-bit model before FSDP wraps it")
+    else:
+        notes.append("load phase: rank 0 loads to CPU (fsdp_cpu_ram_efficient_loading), assumed shard-sized on GPU")
+    if cpu_offload:
+        notes.append("cpu_offload: parameter, gradient and optimizer shards live in CPU memory")
+    return FsdpMemory(n=n, **terms, allocator_reserve=reserve, cuda_context=ctx, nccl_buffer=nccl,
+                      load_needs_bytes=load_needs, training_needs_bytes=training_needs, peak_phase=peak_phase,
+                      needs_bytes=max(load_needs, training_needs), cpu_offload=cpu_offload, loading=loading,
+                      notes=tuple(notes))
+
+
+# --------------------------------------------------------------------------- planning
+
+@dataclass(frozen=True, slots=True)
+class MultiPlan:
+    """One setting on n GPUs. train is per rank: global batch = n x batch_size x grad_accum."""
+
+    strategy: str
+    n: int
+    model: ModelSpec
+    gpu: GpuSpec
+    lora: LoraSettings
+    train: TrainSettings
+    memory: DdpMemory | FsdpMemory
+    capacity_bytes: int
+    tokens_per_s_per_gpu: float  # planner.speed on one rank; communication not modelled
+    notes: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.needs_bytes <= self.capacity_bytes
+
+    @property
+    def global_batch(self) -> int:
+        return self.n * self.train.effective_batch
+
+
+def per_gpu(strategy: str, model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients,
+            n: int, **fsdp_kw) -> DdpMemory | FsdpMemory:
+    if strategy == "ddp":
+        return ddp_per_gpu(model, lora, train, coeffs, n)
+    if strategy == "fsdp":
+        return fsdp_per_gpu(model, lora, train, coeffs, n, **fsdp_kw)
+    raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+
+
+def rank_request(req: Request, n: int, strategy: str) -> tuple[Request, list[str]]:
+    """The request one rank searches: the effective batch split over n ranks; FSDP fixes the optimizer."""
+    notes = []
+    if strategy == "fsdp":
+        if req.optim not in (None, FSDP_OPTIM):
+            raise ValueError(f"--optim {req.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
+        if req.optim is None:
+            notes.append(f"optimizer {FSDP_OPTIM}: {FSDP_OPTIM_REASON}")
+        req = replace(req, optim=FSDP_OPTIM)
+    if not (req.batch_size and req.grad_accum):
+        eff = req.effective_batch or DEFAULT_EFFECTIVE_BATCH
+        if req.batch_size is None or eff // n >= req.batch_size:
+            req = replace(req, effective_batch=max(1, eff // n))
+            notes.append(f"effective batch {eff} split over {n} GPUs: {max(1, eff // n)} per rank")
+    return req, notes
+
+
+def _key(tier: int, p: MultiPlan) -> tuple:
+    """planner.search.rank_key's order: fitting, LoRA tier, longer sequences, faster, optimizer, memory."""
+    optim_pref = OPTIM_ORDER.index(p.train.optim) if p.train.optim in OPTIM_ORDER else 0
+    return (not p.fits, tier, -p.train.seq_len, -round(p.tokens_per_s_per_gpu, 1), optim_pref, p.memory.needs_bytes)
+
+
+def plan_multi(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, n: int, strategy: str,
+               **fsdp_kw) -> tuple[MultiPlan, ...]:
+    """Every candidate (planner.search.candidates, per rank) on n x gpu, best first; [0] fits or none does."""
+    _check_n(n)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    rreq, notes = rank_request(req, n, strategy)
+    cands, search_notes = candidates(model, gpu, rreq)
+    cap = capacity_bytes(gpu, coeffs)
+    scored = []
+    for tier, lora, train in cands:
+        mem = per_gpu(strategy, model, lora, train, coeffs, n, **fsdp_kw)
+        p = MultiPlan(strategy=strategy, n=n, model=model, gpu=gpu, lora=lora, train=train, memory=mem,
+                      capacity_bytes=cap, tokens_per_s_per_gpu=tokens_per_second(model, lora, train, gpu, coeffs),
+                      notes=tuple(notes + search_notes) + mem.notes)
+        scored.append((_key(tier, p), p))
+    scored.sort(key=lambda kv: kv[0])
+    return tuple(p for _, p in scored)
+
+
+def best_multi(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, n: int, strategy: str,
+               **fsdp_kw) -> MultiPlan | None:
+    plans = plan_multi(model, gpu, req, coeffs, n, strategy, **fsdp_kw)
+    return plans[0] if plans and plans[0].fits else None
+
+
+def smallest_gpu_count(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients,
+                       strategies: tuple[str, ...] = STRATEGIES, max_n: int = 8, **fsdp_kw) -> MultiPlan | None:
+    """The fewest GPUs (2..max_n) and the first strategy (in the order given) with a fitting plan.
+    One GPU is planner.search's job. DDP's per-GPU need does not depend on n, so it is tried once."""
+    ddp_fits = None
+    for n in range(2, max_n + 1):
+        for strategy in strategies:
+            if strategy == "ddp":
+                if ddp_fits is None:
+                    ddp_fits = best_multi(model, gpu, req, coeffs, 2, "ddp") is not None
+                if not ddp_fits:
+                    continue
+            best = best_multi(model, gpu, req, coeffs, n, strategy, **({} if strategy == "ddp" else fsdp_kw))
+            if best is not None:
+                return best
+    return None
