@@ -95,6 +95,16 @@ def grid(name: str) -> list[dict]:
                 _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit"),
                 _cfg(m, 8, 2048, True, 8, L, "adamw_torch"),
                 _cfg(m, 16, 1024, True, 16, A, "paged_adamw_32bit", bisect=True)]
+    if name in ("h200-alloc-b", "h200-alloc-q"):  # the default allocator on two more models (the 128k vocabulary, tied embeddings)
+        m = "llama-3.1-8b" if name == "h200-alloc-b" else "qwen2.5-1.5b"
+        return [_cfg(m, 2, 512, False, 16, A, "paged_adamw_32bit"),
+                _cfg(m, 4, 512, False, 16, L, "paged_adamw_32bit", bisect=True),
+                _cfg(m, 8, 256, False, 64, L, "adamw_torch"),
+                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", bisect=True),
+                _cfg(m, 16, 512, True, 8, L, "paged_adamw_8bit"),
+                _cfg(m, 4, 4096, True, 16, A, "adamw_torch"),
+                _cfg(m, 8, 2048, True, 64, L, "paged_adamw_32bit"),
+                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", dtype="fp16")]
     if name == "h200-c":  # a fourth architecture whose checkpointed backward, not the logits, sets the peak
         m = "llama-2-7b"
         return [_cfg(m, 4, 512, True, 16, L, "paged_adamw_32bit", bisect=True),
