@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from planner.calibration import CALIBRATION_DIR, DEFAULTS_FILE, FITTED_FILE, user_cache_dir, user_coefficients_file
-from planner.fit import cross_validate, error_summary, fit, predict_rows, prepare_rows, read_runs
+from planner.fit import cross_validate, error_summary, fit, fit_multigpu, predict_rows, prepare_rows, read_runs
 from planner.report import gib_str
 
 REPORT_FILE = CALIBRATION_DIR / "REPORT.md"
@@ -80,6 +80,9 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     df = read_runs(paths)
     base = _read(str(DEFAULTS_FILE))
     coeffs = fit(df, base)
+    multi = _multigpu_runs()
+    if multi is not None:  # several GPUs: NCCL buffers and the FSDP margin (planner.fit.fit_multigpu)
+        coeffs = _with_values(coeffs, **fit_multigpu(multi, coeffs))
     cv_model = cross_validate(df, "model", base)
     cv_family = cross_validate(df, "family", base)
     speed = _speed_cv(df, base)
@@ -118,7 +121,7 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs) -> 
         f"- GPU: {m['gpu']}; stack: {m['stack']}; measured {m['date']}",
         f"- {cvm['runs']} completed configurations (plus OOM rows and allocator-cap bisection rows), models: {', '.join(m['models'])}",
         "- Measured by `python -m planner.train.harness` (grids h200-a, h200-b, h200-c with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
-        "h200-alloc with the default allocator), 2 optimizer steps of 2 accumulated micro-batches on full-length random sequences.",
+        "h200-alloc, h200-alloc-b and h200-alloc-q with the default allocator), 2 optimizer steps of 2 accumulated micro-batches on full-length random sequences.",
         "",
         "## Accuracy (cross-validated: every prediction comes from a fit that did not see that model)",
         "",
@@ -147,8 +150,117 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs) -> 
                      f"{gib_str(p['predicted_allocated'])} | {_pct(p, 'allocated'):+.1f}% | {gib_str(p['measured_reserved'])} | "
                      f"{gib_str(p['predicted_reserved'])} | {_pct(p, 'reserved'):+.1f}% |")
     lines += validation_section(coeffs)
+    lines += multigpu_section(coeffs)
     lines.append("")
     return "\n".join(lines)
+
+
+MULTIGPU_DIR = CALIBRATION_DIR / "multigpu"
+
+
+def _multigpu_runs():
+    paths = sorted(str(p) for p in MULTIGPU_DIR.glob("*.csv")) if MULTIGPU_DIR.is_dir() else []
+    return read_runs(paths) if paths else None
+
+
+def _with_values(coeffs, **values):
+    from planner.specs import Coefficients
+
+    return Coefficients(name=coeffs.name, description=coeffs.description, values={**coeffs.values, **values})
+
+
+def multigpu_section(coeffs) -> list[str]:
+    """Per-rank measured vs predicted on several GPUs (calibration/multigpu/*.csv, planner.train.dist_sweep),
+    and the `qfit run --num-gpus 2` reports beside them."""
+    df = _multigpu_runs()
+    if df is None:
+        return []
+    from planner.fit import predict_multigpu
+
+    preds = predict_multigpu(df, coeffs)
+    env = _environment(df)
+    lines = ["", "## Several GPUs: per-rank memory (`calibration/multigpu/`)", "",
+             f"Measured by `python -m planner.train.dist_sweep` on 2 x {env['gpu_name']} (one process per GPU, launched by "
+             "`accelerate launch` with the configuration `qfit run --num-gpus` generates; PYTORCH_CUDA_ALLOC_CONF="
+             "expandable_segments:True), 2 optimizer steps of 2 accumulated micro-batches per rank.",
+             "",
+             "- DDP: every rank holds the single-GPU breakdown plus DDP's gradient buckets (no fitted term).",
+             "- FSDP2: the FSDP-QLoRA recipe (4-bit weights stored in the compute dtype, no fp32 upcast), sharded; the "
+             "predicted allocated below is the structural sum with no fitted term. Its worst per-rank under-prediction "
+             f"is kept as a margin in every FSDP plan's needs: fsdp_margin_frac = {coeffs.get('fsdp_margin_frac'):.4f} "
+             "(fitted on these rows, so FSDP's needs are in-sample here).",
+             f"- NCCL and the process group: NVML used minus torch's reserved pool, the CUDA context and paged state, "
+             f"at most {gib_str(int(coeffs.get('nccl_buffer_bytes')))} GiB per rank (nccl_buffer_bytes).",
+             "- Load: each rank's peak while loading, before FSDP shards the model (every rank loads the whole "
+             "4-bit model; with accelerate's fsdp_cpu_ram_efficient_loading the same).",
+             "", "| run | rank | measured allocated GiB | predicted | err | measured reserved GiB | load peak GiB (predicted) | "
+                 "outside the allocator GiB |", "|---|---|---|---|---|---|---|---|"]
+    for p in preds:
+        err = (p["predicted_allocated"] - p["measured_allocated"]) / p["measured_allocated"] * 100
+        lines.append(f"| {p['run_id']} | {p['rank']} | {gib_str(p['measured_allocated'])} | {gib_str(p['predicted_allocated'])} "
+                     f"| {err:+.1f}% | {gib_str(p['measured_reserved'])} | {gib_str(p['measured_load'])} "
+                     f"({gib_str(p['predicted_load'])}) | {gib_str(p['outside_allocator'])} |")
+    capped = df[(df["budget_bytes"].astype(str) != "0") & (df["rank_index"].astype(str) == "0")]
+    if len(capped):
+        lines += ["", "Plans that need two cards, run on two ranks each capped to one smaller card's memory "
+                  "(`torch.cuda.set_per_process_memory_fraction` per rank; budget = card - CUDA context - NCCL buffers):", "",
+                  "| run | allocator budget per rank GiB | status | measured allocated / reserved GiB | NVML per GPU GiB | "
+                  "qfit's needs per GPU now, of the card GiB |",
+                  "|---|---|---|---|---|---|"]
+        from planner.fit import _multi_row_settings
+        from planner.memory import cuda_context_bytes
+        from planner.multigpu import fsdp_per_gpu, nccl_buffer_bytes
+        from planner.profiles import load_model
+
+        for _, r in capped.iterrows():
+            ok = r["status"] == "ok"
+            lora, train = _multi_row_settings(r)
+            needs = fsdp_per_gpu(load_model(r["model"]), lora, train, coeffs, int(r["world_size"])).needs_bytes
+            card = int(r["budget_bytes"]) + cuda_context_bytes(coeffs) + nccl_buffer_bytes(coeffs)
+            lines.append(f"| {r['run_id']} | {gib_str(int(r['budget_bytes']))} | {r['status']} | "
+                         f"{gib_str(int(r['peak_allocated_bytes']))} / {gib_str(int(r['peak_reserved_bytes']))} | "
+                         f"{gib_str(int(r['nvml_used_bytes'])) if ok and str(r['nvml_used_bytes']) else '-'} | "
+                         f"{gib_str(needs)} of {gib_str(card)} ({'fits' if needs <= card else 'does not fit'}) |")
+        lines += ["", "The Qwen2.5-32B run was planned before FSDP's wrap peak (the whole 4-bit model plus its new shards) was "
+                  "in the model; it ran out of memory at the wrap, which is how that peak was found. With it modelled, qfit "
+                  "says that plan does not fit two 24 GB cards; the Qwen2.5-14B plan at seq 4096 (one 24 GB card cannot "
+                  "hold it) ran on both capped ranks."]
+    for strat in ("ddp", "fsdp"):
+        errs = sorted(abs(p["predicted_allocated"] - p["measured_allocated"]) / p["measured_allocated"] * 100
+                      for p in preds if p["strategy"] == strat)
+        if errs:
+            lines.append("")
+            lines.append(f"{strat.upper()}: {len(errs)} rank rows, per-rank peak allocated error median "
+                         f"{errs[len(errs) // 2]:.1f}% / max {errs[-1]:.1f}% (absolute).")
+    from planner.fit import _fsdp_load_alloc
+    from planner.multigpu import ddp_per_gpu
+    from planner.specs import LoraSettings, TrainSettings
+
+    for path in sorted(MULTIGPU_DIR.glob("*.report.json")):
+        rep = json.loads(path.read_text())
+        pred = rep["memory"]["predicted_per_gpu"]
+        st = rep["planned"]
+        lora = LoraSettings(rank=st["rank"], alpha=st["alpha"], dropout=st["lora_dropout"], targets=tuple(st["targets"]))
+        train = TrainSettings(batch_size=st["batch_size"], grad_accum=st["grad_accum"], seq_len=st["seq_len"],
+                              gradient_checkpointing=st["gradient_checkpointing"], optim=st["optim"],
+                              compute_dtype=st["compute_dtype"], double_quant=st["double_quant"])
+        model = load_model("mistral-7b" if rep["model"]["name"].startswith("mistral-7b") else rep["model"]["name"])
+        if rep["strategy"] == "fsdp":
+            mem = fsdp_per_gpu(model, lora, train, coeffs, rep["num_gpus"])
+            now = max(mem.peak_allocated_bytes, _fsdp_load_alloc(model, lora, train, rep["num_gpus"]))
+        else:
+            mem = ddp_per_gpu(model, lora, train, coeffs, rep["num_gpus"])
+            now = mem.single.peak_allocated_bytes + mem.grad_buckets
+        meas0 = rep["memory"]["measured_per_rank"][0]["peak_allocated_bytes"]
+        ranks = ", ".join(f"rank {r['rank']} {gib_str(r['peak_allocated_bytes'])} GiB" for r in rep["memory"]["measured_per_rank"])
+        lines.append("")
+        lines.append(f"`{path.name}`: `qfit run --num-gpus {rep['num_gpus']} --strategy {rep['strategy']}` "
+                     f"({rep['model']['name']}, micro-batch {rep['planned']['batch_size']} x {rep['planned']['grad_accum']}, "
+                     f"seq {rep['planned']['seq_len']}): {rep['status']}, measured peak allocated {ranks}; predicted "
+                     f"{gib_str(pred['peak_allocated_bytes'])} GiB at the time (before this calibration), "
+                     f"{gib_str(now)} GiB now ({(now - meas0) / meas0 * 100:+.1f}%; this configuration is not in the sweep), "
+                     f"{rep['speed']['tokens_per_s']:,.0f} tokens/s.")
+    return lines
 
 
 def validation_section(coeffs) -> list[str]:
@@ -257,7 +369,16 @@ def calibrate_this_gpu(target_model: str | None, echo=print) -> Path:
         subprocess.run([sys.executable, "-m", "planner.train.harness", "--grid", str(grid_file), "--out", str(runs),
                         "--workdir", str(cache / "models")], env=env, check=True)
     df = read_runs([str(runs)])
-    coeffs = fit(df)
+    # the shipped calibration is the prior: a few minutes of runs on one or two models refine it (the ridge pulls
+    # what they cannot identify back to it) instead of replacing a 64-run fit
+    from planner.calibration import load_coefficients
+
+    shipped = load_coefficients(None)
+    coeffs = fit(df, base=shipped)
+    errs = error_summary(predict_rows(prepare_rows(df, shipped), coeffs))
+    echo(f"fitted on {errs['runs']} runs of {', '.join(errs['models'])} (in-sample): peak reserved median "
+         f"{errs['reserved']['median_abs_pct']}% / max {errs['reserved']['max_abs_pct']}% error; "
+         f"CUDA context {gib_str(int(coeffs.get('cuda_context_bytes')))} GiB")
     out = user_coefficients_file(key)
     out.write_text(json.dumps({"name": f"user-{key}", "description": f"your calibration of {name} ({runs.name})",
                                "measured_on": {"gpu": name, "runs": int((df['status'] == 'ok').sum()), "date": time.strftime('%Y-%m-%d')},

@@ -193,7 +193,7 @@ def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, seq_len, g
 
     Time is total tokens / estimated tokens/s (calibrated on H200 runs, other GPUs scaled by
     datasheet ratios); cost is time x price per GPU-hour. GPUs the model does not fit on say why,
-    and how many of them an FSDP-sharded run would need (estimate).
+    and how many of them an FSDP-sharded run would need (per-GPU memory calibrated on 2 x H200).
 
     Example: qfit compare mistral-7b --examples 5000 --avg-tokens 350 --epochs 3
     """

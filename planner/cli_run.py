@@ -101,9 +101,29 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
               help="Checkpoint every N steps (default: a tenth of the run, at most 500). Example: --save-steps 100")
 @click.option("--learning-rate", type=float, metavar="LR",
               help="Peak learning rate of the cosine schedule (default 2e-4; demo 5e-3). Example: --learning-rate 1e-4")
+@click.option("--padding", type=click.Choice(("longest", "max-length")),
+              help="longest (default): each micro-batch padded to its longest row; max-length: every row padded to "
+                   "--seq-len, as classic recipes do (same memory, more tokens computed). Example: --padding max-length")
+@click.option("--num-gpus", type=click.IntRange(min=1), metavar="N",
+              help="Train on N GPUs of this machine, one process each, launched by accelerate (default 1). "
+                   "Example: --num-gpus 2")
+@click.option("--strategy", type=click.Choice(("ddp", "fsdp")),
+              help="With --num-gpus: ddp (every GPU holds the whole 4-bit model; fastest) or fsdp (the model is "
+                   "sharded; for models one GPU cannot hold). Default: ddp when it fits. Example: --strategy fsdp")
+@click.option("--num-machines", type=click.IntRange(min=1), metavar="N",
+              help="Nodes in a multi-node run; run the same command on each with its own --machine-rank. "
+                   "Example: --num-machines 2 --machine-rank 0 --main-process-ip 10.0.0.1")
+@click.option("--machine-rank", type=click.IntRange(min=0), metavar="K", help="This node's index, 0..N-1. Example: --machine-rank 1")
+@click.option("--main-process-ip", metavar="IP", help="Node 0's address. Example: --main-process-ip 10.0.0.1")
+@click.option("--main-process-port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Node 0's rendezvous port (default 29500). Example: --main-process-port 29501")
+@click.option("--dry-run", is_flag=True,
+              help="With --num-gpus: plan, write accelerate_config.json and job.json to --output and print the "
+                   "launch command, without training. Example: --num-gpus 2 --dry-run")
 def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, seq_len, effective_batch, batch_size,
             plan_path, rank, alpha, lora_dropout, targets, gradient_checkpointing, optim, compute_dtype, fmt,
-            save_steps, learning_rate):
+            save_steps, learning_rate, padding, num_gpus, strategy, num_machines, machine_rank, main_process_ip,
+            main_process_port, dry_run):
     """Fine-tune with QLoRA using the planned settings; an out-of-memory error never loses progress.
 
     Plans for the GPU found (its free memory), prints the plan, trains (4-bit NF4 base, LoRA,
@@ -132,7 +152,9 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
             resume=bool(resume), epochs=epochs, max_steps=max_steps, seq_len=seq_len, effective_batch=effective_batch,
             batch_size=batch_size, plan_path=plan_path, rank=rank, alpha=alpha, lora_dropout=lora_dropout,
             targets=_targets(targets), gradient_checkpointing=gradient_checkpointing, optim=optim,
-            compute_dtype=compute_dtype, fmt=fmt, save_steps=save_steps, learning_rate=learning_rate)
+            compute_dtype=compute_dtype, fmt=fmt, save_steps=save_steps, learning_rate=learning_rate, padding=padding,
+            num_gpus=num_gpus, strategy=strategy, num_machines=num_machines, machine_rank=machine_rank,
+            main_process_ip=main_process_ip, main_process_port=main_process_port, dry_run=dry_run)
         result = runner.run(opts, echo=click.echo)
     except (runner.RunError, DataError, ProfileError) as exc:
         _fail(str(exc))

@@ -3,12 +3,13 @@
 For one model and one workload (total training tokens), every GPU asked gets a row: the best plan
 planner.search picks on it, the predicted peak, the estimated tokens/s, wall hours and cost, and
 for a GPU it does not fit on, why (the smallest configuration's need against the card) and how
-many of that GPU an FSDP-sharded 4-bit base would need (planner.multigpu's estimate: multi-GPU
-runs are not supported yet). Rows within the limits (max hours, max cost) are sorted and the cost-time Pareto
-set is marked.
+many of that GPU an FSDP-sharded 4-bit base would need (planner.multigpu's FSDP model, the one
+`qfit plan --num-gpus N` uses; `qfit run --num-gpus N` runs it). Rows within the limits (max hours,
+max cost) are sorted and the cost-time Pareto set is marked.
 
 What is measured and what is estimated:
-- peak memory: predicted by planner.memory with coefficients fitted on H200 runs;
+- peak memory: predicted by planner.memory with coefficients fitted on H200 runs; the multi-GPU
+  count by planner.multigpu (calibrated on 2 x H200 when the coefficients carry fsdp_margin_frac);
 - tokens/s: planner.speed, a roofline model whose efficiencies (mfu, dequant_bw_frac,
   step_overhead_s) were fitted on H200 runs (calibration/runs/h200-*.csv). On the H200 the speed is
   'calibrated'; every other GPU is scaled by its datasheet TFLOP/s and bandwidth ('estimated from
@@ -23,7 +24,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from planner.multigpu import FSDP_OPTIM, FsdpMemory, fsdp_per_gpu
+from planner.multigpu import FSDP_OPTIM, FsdpMemory, fsdp_per_gpu, multigpu_calibrated
 from planner.search import Request, SearchResult, search, smallest
 from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
 
@@ -152,23 +153,26 @@ def search_all(model: ModelSpec, gpus: Sequence[GpuSpec], req: Request,
     return {gpu.name: search(model, gpu, req, coeffs, memo) for gpu in gpus}
 
 
-# --------------------------------------------------------------------------- multi-GPU estimate
+# --------------------------------------------------------------------------- multi-GPU count
 
 @dataclass(frozen=True, slots=True)
 class MultiGpuEstimate:
-    """Per-GPU memory of FSDP full-shard QLoRA on `count` GPUs. AN ESTIMATE, never measured.
+    """Per-GPU memory of FSDP full-shard QLoRA on `count` GPUs.
 
     The numbers come from planner.multigpu.fsdp_per_gpu (the single source of the FSDP model; see
     its docstring for the facts modelled), for the smallest single-GPU configuration's LoRA and
     batch settings with the optimizer switched to adamw_torch (bitsandbytes' optimizers do not
-    work under FSDP2) and rank-0 CPU loading (FSDP_LOADING). The training phase reads
-      per_gpu_needs = shard + replicated + gathered_layer, where
+    work under FSDP2), every rank loading the whole 4-bit model (FSDP_LOADING, as measured).
+    The training phase reads
+      training_needs = shard + replicated + gathered_layer, where
       shard          = this GPU's 1/N of the 4-bit base, constants, compute-dtype unquantized
                        weights, LoRA weights, gradients and AdamW state;
       gathered_layer = two decoder layers all-gathered (current + prefetch) and the root unit
                        (embeddings, lm_head, final norm) in the compute dtype;
-      replicated     = per-rank activations, logits, allocator slack, CUDA context, NCCL buffers.
-    per_gpu_needs_bytes is the max of that and the load phase (memory.load_needs_bytes).
+      replicated     = per-rank activations, logits, allocator slack, FSDP margin, CUDA context, NCCL buffers.
+    per_gpu_needs_bytes is the max of that and the load phase (memory.load_needs_bytes: the whole 4-bit
+    model and LoRA plus their 1/N shards, measured at FSDP's wrap), which often sets the peak: then more
+    GPUs help little. calibrated: the coefficients carry the 2 x H200 multi-GPU calibration.
     Communication time and the speed of a sharded run are not modelled.
     """
 
@@ -180,13 +184,20 @@ class MultiGpuEstimate:
     gathered_layer_bytes: int
     capacity_bytes: int
     memory: FsdpMemory
+    calibrated: bool = False
+
+    @property
+    def peak_phase(self) -> str:
+        return self.memory.peak_phase
 
 
-FSDP_LOADING = "rank0_cpu"  # accelerate fsdp_cpu_ram_efficient_loading; "full" never lets a 70B load on 24 GiB
+# Measured on 2 x H200: every rank loads the whole 4-bit model; accelerate's fsdp_cpu_ram_efficient_loading
+# ("rank0_cpu") does not change that for a bitsandbytes model, and planner.multigpu refuses it.
+FSDP_LOADING = "full"
 
 
 def fsdp_per_gpu_bytes(plan: Plan, count: int, coeffs: Coefficients) -> MultiGpuEstimate:
-    """The estimate above for one plan (normally the smallest single-GPU configuration)."""
+    """The per-GPU memory above for one plan (normally the smallest single-GPU configuration)."""
     train = replace(plan.train, optim=FSDP_OPTIM)
     mem = fsdp_per_gpu(plan.model, plan.lora, train, coeffs, count, loading=FSDP_LOADING)
     shard_fields = ("quantized_weights", "quant_constants", "unquantized_weights", "lora_params", "lora_grads",
@@ -198,12 +209,12 @@ def fsdp_per_gpu_bytes(plan: Plan, count: int, coeffs: Coefficients) -> MultiGpu
     replicated = mem.training_needs_bytes - shard - gathered
     return MultiGpuEstimate(count=count, per_gpu_needs_bytes=mem.needs_bytes, sharded_bytes=sharded,
                             shard_bytes=shard, replicated_bytes=replicated, gathered_layer_bytes=gathered,
-                            capacity_bytes=plan.capacity_bytes, memory=mem)
+                            capacity_bytes=plan.capacity_bytes, memory=mem, calibrated=multigpu_calibrated(coeffs))
 
 
 def smallest_multi_gpu(plan: Plan, coeffs: Coefficients,
                        counts: Iterable[int] = MULTI_GPU_COUNTS) -> MultiGpuEstimate | None:
-    """The fewest GPUs (2..8) of plan.gpu on which the sharded estimate fits; None if even 8 do not."""
+    """The fewest GPUs (2..8) of plan.gpu on which the FSDP plan fits; None if even 8 do not."""
     for n in counts:
         est = fsdp_per_gpu_bytes(plan, n, coeffs)
         if est.per_gpu_needs_bytes <= est.capacity_bytes:
@@ -228,7 +239,7 @@ class GpuOption:
     cost_usd: float | None
     pareto: bool = False
     multi_gpu: MultiGpuEstimate | None = None  # only for a GPU the model does not fit on
-    multi_gpu_max: MultiGpuEstimate | None = None  # the estimate on max(MULTI_GPU_COUNTS) GPUs, same rows
+    multi_gpu_max: MultiGpuEstimate | None = None  # the same on max(MULTI_GPU_COUNTS) GPUs, for those rows
     notes: tuple[str, ...] = ()  # what the search changed (bf16 -> fp16, ...)
 
     @property

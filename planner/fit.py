@@ -300,3 +300,81 @@ def _gpu_of(row):
     from planner.profiles import load_gpu, match_gpu_name
 
     return match_gpu_name(str(row["gpu_name"])) or load_gpu("h200")
+
+
+# --------------------------------------------------------------------------- several GPUs (calibration/multigpu)
+
+def _multi_row_settings(row):
+    from dataclasses import replace
+
+    lora, train = _row_settings(row)
+    return lora, replace(train, expandable_segments="expandable_segments:True" in str(row["alloc_conf"]))
+
+
+def predict_multigpu(df, coeffs: Coefficients) -> list[dict]:
+    """Per rank, measured vs predicted: peak allocated (the training phase), the load peak, and what NVML saw
+    outside torch's allocator (CUDA context + NCCL). FSDP predictions include the margin in `needs` only;
+    predicted_allocated is the structural sum (no margin), so its error is what the margin must cover."""
+    from planner.memory import cuda_context_bytes, paged_state_bytes
+    from planner.multigpu import ddp_per_gpu, fsdp_per_gpu
+    from planner.profiles import load_model
+
+    out = []
+    for _, row in df.iterrows():
+        if row["status"] != "ok" or not str(row["peak_allocated_bytes"]) or str(row["budget_bytes"]) not in ("", "0"):
+            continue  # capped runs are the fit promise's check, not a peak measurement
+        model = load_model(row["model"])
+        lora, train = _multi_row_settings(row)
+        n = int(row["world_size"])
+        if row["strategy"] == "ddp":
+            mem = ddp_per_gpu(model, lora, train, coeffs, n)
+            pred_alloc = mem.single.peak_allocated_bytes + mem.grad_buckets
+            pred_load = mem.single.quantized_weights + mem.single.quant_constants + mem.single.unquantized_weights
+        else:
+            mem = fsdp_per_gpu(model, lora, train, coeffs, n)
+            pred_load = _fsdp_load_alloc(model, lora, train, n)
+            # the measured peak covers the whole of trainer.train(), FSDP's wrap included: the max of the two
+            pred_alloc = max(mem.peak_allocated_bytes, pred_load)
+        # as fit_context: NVML's device-wide used memory minus torch's reserved pool and the paged state
+        outside = (int(row["nvml_used_bytes"]) - int(row["peak_reserved_bytes"])
+                   - cuda_context_bytes(coeffs) - paged_state_bytes(model, lora, train))
+        out.append({"run_id": row["run_id"], "strategy": row["strategy"], "model": row["model"], "rank": int(row["rank_index"]),
+                    "measured_allocated": int(row["peak_allocated_bytes"]), "predicted_allocated": int(pred_alloc),
+                    "measured_reserved": int(row["peak_reserved_bytes"]),
+                    "measured_load": int(row["load_peak_allocated_bytes"]), "predicted_load": int(pred_load),
+                    "outside_allocator": int(outside)})
+    return out
+
+
+def _fsdp_load_alloc(model, lora, train, n: int) -> int:
+    """planner.multigpu.fsdp_per_gpu's load/wrap allocation (whole model + LoRA + their shards)."""
+    from planner.memory import (
+        FP32,
+        alloc,
+        lora_params_bytes,
+        lora_tensor_numels,
+        quant_constants_bytes,
+        quantized_weights_bytes,
+        resolve_targets,
+    )
+    from planner.multigpu import _shard, fsdp_unquantized_bytes
+
+    numels = lora_tensor_numels(model, lora, resolve_targets(model, lora.targets))
+    whole = quantized_weights_bytes(model) + quant_constants_bytes(model, train.double_quant) + fsdp_unquantized_bytes(model, train)
+    return (whole + lora_params_bytes(numels) + _shard(quantized_weights_bytes(model), n)
+            + _shard(quant_constants_bytes(model, train.double_quant), n) + _shard(fsdp_unquantized_bytes(model, train), n)
+            + sum(alloc(_shard(FP32 * k, n)) for k in numels))
+
+
+def fit_multigpu(df, coeffs: Coefficients) -> dict:
+    """nccl_buffer_bytes: the most NVML saw outside torch's allocator beyond the CUDA context and paged state,
+    per rank; fsdp_margin_frac: the FSDP model's worst per-rank under-prediction of peak allocated."""
+    preds = predict_multigpu(df, _with(coeffs, fsdp_margin_frac=0.0))
+    if not preds:
+        return {}
+    out = {"nccl_buffer_bytes": max(p["outside_allocator"] for p in preds)}
+    fsdp = [p for p in preds if p["strategy"] == "fsdp"]
+    if fsdp:
+        out["fsdp_margin_frac"] = round(max(0.0, max((p["measured_allocated"] - p["predicted_allocated"])
+                                                     / p["predicted_allocated"] for p in fsdp)), 4)
+    return out

@@ -112,13 +112,19 @@ def quant_constants_bytes(model: ModelSpec, double_quant: bool) -> int:
     return model.num_hidden_layers * total + shared
 
 
-def unquantized_weights_bytes(model: ModelSpec) -> int:
+def residual_bytes(train: TrainSettings) -> int:
+    """Bytes per element of the residual stream and what the 4-bit linears return (they return their
+    input's dtype): fp32 after prepare_model_for_kbit_training's upcast, else the compute dtype."""
+    return FP32 if train.kbit_upcast else DTYPE_BYTES[train.compute_dtype]
+
+
+def unquantized_weights_bytes(model: ModelSpec, train: TrainSettings | None = None) -> int:
     """Embeddings, lm_head (unless tied), norms, biases and non-Linear weights, in fp32.
 
     peft's prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not Params4bit
     to fp32 (peft/utils/other.py).
     """
-    return FP32 * model.unquantized_param_count
+    return (residual_bytes(train) if train is not None else FP32) * model.unquantized_param_count
 
 
 @lru_cache(maxsize=256)
@@ -196,22 +202,23 @@ def layer_saved_bytes_per_token(model: ModelSpec, lora: LoraSettings, names: tup
     else:
         attn = c * (model.q_dim + 2 * model.kv_dim) + c * model.q_dim + FP32 * model.num_attention_heads
     experts = max(1, model.num_experts_per_tok) if model.is_moe else 1
-    mlp = experts * 3 * FP32 * i
+    r = residual_bytes(train)  # the RMSNorms save an fp32 copy of their input either way; the MLP runs in r
+    mlp = experts * 3 * r * i
     if model.is_moe:
-        mlp += experts * FP32 * h  # each expert's gathered copy of its tokens' hidden states
+        mlp += experts * r * h  # each expert's gathered copy of its tokens' hidden states
     lora_saved = sum(_lora_input_bytes(lin, lora, c) for lin in model.linears_in(names))
     return residual + attn + mlp + lora_saved
 
 
-def checkpointed_layer_saved_bytes_per_token(model: ModelSpec) -> int:
-    """Under layer-granular checkpointing autograd keeps only each layer's fp32 input."""
-    return FP32 * model.hidden_size
+def checkpointed_layer_saved_bytes_per_token(model: ModelSpec, train: TrainSettings | None = None) -> int:
+    """Under layer-granular checkpointing autograd keeps only each layer's input (fp32 after the upcast)."""
+    return (residual_bytes(train) if train is not None else FP32) * model.hidden_size
 
 
 def moe_expert_weight_copies_bytes(model: ModelSpec, train: TrainSettings) -> int:
     """transformers 5 runs MoE experts as F.linear on 3-D parameters (not nn.Linear), so autocast casts
     each visited expert's weight to the compute dtype and the matmul saves that copy for backward."""
-    if not model.is_moe:
+    if not model.is_moe or not train.kbit_upcast:  # without the upcast the experts are already in the compute dtype
         return 0
     per_layer = model.layer_other_params - 2 * model.hidden_size - model.num_local_experts * model.hidden_size
     return model.num_hidden_layers * DTYPE_BYTES[train.compute_dtype] * per_layer
@@ -224,7 +231,10 @@ def head_saved_bytes(model: ModelSpec, train: TrainSettings) -> int:
 
 
 def lm_head_weight_copy_bytes(model: ModelSpec, train: TrainSettings) -> int:
-    """Autocast casts the fp32 lm_head (or tied embedding) to the compute dtype; the matmul saves the copy."""
+    """Autocast casts the fp32 lm_head (or tied embedding) to the compute dtype; the matmul saves the copy.
+    Without the upcast the lm_head is already in the compute dtype: no copy."""
+    if not train.kbit_upcast:
+        return 0
     return alloc(DTYPE_BYTES[train.compute_dtype] * model.vocab_size * model.hidden_size)
 
 
@@ -266,7 +276,7 @@ def saved_activations_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[s
     """All layers' saved tensors for one micro-batch (the structural estimate times act_scale)."""
     t = train.tokens_per_micro_batch
     if train.gradient_checkpointing:
-        per_layer = checkpointed_layer_saved_bytes_per_token(model) * coeffs.get("ckpt_saved_scale")
+        per_layer = checkpointed_layer_saved_bytes_per_token(model, train) * coeffs.get("ckpt_saved_scale")
     else:
         per_layer = layer_saved_bytes_per_token(model, lora, names, train, attn_impl) * coeffs.get("act_scale")
     layers = int(model.num_hidden_layers * per_layer * t)
@@ -339,7 +349,7 @@ def phases(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: C
     weights = {
         "quantized_weights": quantized_weights_bytes(model),
         "quant_constants": quant_constants_bytes(model, train.double_quant),
-        "unquantized_weights": unquantized_weights_bytes(model),
+        "unquantized_weights": unquantized_weights_bytes(model, train),
         "lora_params": lora_params_bytes(numels),
     }
     grads = lora_grads_bytes(numels)

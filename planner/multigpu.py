@@ -1,7 +1,9 @@
 """Per-GPU memory of QLoRA on N GPUs of one host: DDP and FSDP full-shard. PURE: standard library only.
 
-EVERYTHING HERE IS AN ESTIMATE until a multi-GPU run calibrates it: the single-GPU coefficients
-(fitted on one H200) are reused per rank, and the NCCL buffer term is an unmeasured assumption.
+Calibration: the single-GPU coefficients are reused per rank. Coefficients fitted with a multi-GPU sweep
+(calibration/multigpu, 2 x H200; they carry fsdp_margin_frac) add the measured NCCL/process-group term and
+FSDP's measured margin: then the notes say calibrated (multigpu_calibrated). Without that sweep the NCCL
+term is an unmeasured assumption and every number here is an estimate (the notes say so).
 
 - ddp_per_gpu: every rank holds the whole single-GPU breakdown (planner.memory.estimate) plus DDP's
   gradient buckets plus NCCL's buffers.
@@ -20,7 +22,6 @@ from planner.memory import (
     allocator_reserve_bytes,
     cuda_context_bytes,
     estimate,
-    lm_head_weight_copy_bytes,
     lora_grads_bytes,
     lora_params_bytes,
     lora_tensor_numels,
@@ -51,6 +52,21 @@ FSDP_OPTIM = "adamw_torch"
 FSDP_OPTIM_REASON = ("bitsandbytes' 32-bit, 8-bit and paged optimizers do not work with FSDP2's sharded "
                      "DTensor parameters; the FSDP-QLoRA recipe uses torch AdamW (adamw_torch)")
 ESTIMATE_NOTE = "estimate: multi-GPU memory is not calibrated (single-GPU coefficients reused per rank)"
+CALIBRATED_NOTE = ("multi-GPU memory calibrated on 2 x H200 (calibration/multigpu): NCCL buffers measured, "
+                   "FSDP with its measured margin; see calibration/REPORT.md for the per-rank errors")
+RANK0_CPU_MEASURED = ("--loading rank0_cpu is not what happens to a 4-bit model: measured on 2 x H200 (transformers 5.17, "
+                      "accelerate 1.15), fsdp_cpu_ram_efficient_loading left each rank's load peak unchanged (Mistral-7B: "
+                      "3.94 GB on both ranks either way), because transformers loads a bitsandbytes-quantized checkpoint "
+                      "whole on every rank; qfit plans that (--loading full)")
+
+
+def multigpu_calibrated(coeffs: Coefficients) -> bool:
+    """True when the coefficients come from a multi-GPU sweep (they carry fsdp_margin_frac)."""
+    return "fsdp_margin_frac" in coeffs.values
+
+
+def calibration_note(coeffs: Coefficients) -> str:
+    return CALIBRATED_NOTE if multigpu_calibrated(coeffs) else ESTIMATE_NOTE
 
 
 def nccl_buffer_bytes(coeffs: Coefficients) -> int:
@@ -59,6 +75,12 @@ def nccl_buffer_bytes(coeffs: Coefficients) -> int:
     if NCCL_BUFFER_KEY in coeffs.values:
         return int(coeffs.get(NCCL_BUFFER_KEY))
     return DEFAULT_NCCL_BUFFER_BYTES
+
+
+def fsdp_margin_frac(coeffs: Coefficients) -> float:
+    """The FSDP model's worst measured per-rank under-prediction of peak allocated (calibration/multigpu),
+    kept as a margin; 0 without a multi-GPU calibration."""
+    return float(coeffs.values.get("fsdp_margin_frac", 0.0))
 
 
 def _check_n(n: int) -> None:
@@ -74,7 +96,7 @@ def _numels(model: ModelSpec, lora: LoraSettings) -> tuple[int, ...]:
 
 @dataclass(frozen=True, slots=True)
 class DdpMemory:
-    """Per-GPU memory under DDP. Every byte field is int; an estimate."""
+    """Per-GPU memory under DDP. Every byte field is int."""
 
     n: int
     single: MemoryBreakdown  # the whole single-GPU breakdown: every rank holds it
@@ -108,7 +130,7 @@ def ddp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coef
     nccl = nccl_buffer_bytes(coeffs)
     return DdpMemory(n=n, single=single, grad_buckets=buckets, nccl_buffer=nccl, peak_phase="training",
                      needs_bytes=single.needs_bytes + buckets + nccl,
-                     notes=(ESTIMATE_NOTE, "buckets counted at the peak, conservatively (they exist "
+                     notes=(calibration_note(coeffs), "buckets counted at the peak, conservatively (they exist "
                             "from the first backward until the optimizer step)"))
 
 
@@ -116,7 +138,7 @@ def ddp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coef
 
 @dataclass(frozen=True, slots=True)
 class FsdpMemory:
-    """Per-GPU memory under FSDP full-shard, at its peak phase. Every byte field is int; an estimate.
+    """Per-GPU memory under FSDP full-shard, at its peak phase. Every byte field is int.
 
     The allocated fields are the training phase's terms at its worst step phase; load_needs is the
     load phase's need, training_needs the training phase's; needs_bytes = max of the two.
@@ -137,6 +159,7 @@ class FsdpMemory:
     allocator_reserve: int
     cuda_context: int
     nccl_buffer: int
+    calibration_margin: int  # fsdp_margin_frac x the training phase's allocated bytes (see fsdp_per_gpu, 9.)
     load_needs_bytes: int
     training_needs_bytes: int
     peak_phase: str  # "load" or "training"
@@ -155,7 +178,7 @@ class FsdpMemory:
         return sum(getattr(self, name) for name in self.ALLOCATED_FIELDS)
 
     def components(self) -> dict[str, int]:
-        names = self.ALLOCATED_FIELDS + ("allocator_reserve", "cuda_context", "nccl_buffer")
+        names = self.ALLOCATED_FIELDS + ("allocator_reserve", "calibration_margin", "cuda_context", "nccl_buffer")
         return {name: getattr(self, name) for name in names}
 
 
@@ -188,7 +211,7 @@ def fsdp_layer_bytes(model: ModelSpec, lora: LoraSettings, train: TrainSettings)
 
 def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients, n: int,
                  cpu_offload: bool = False, loading: str = "full") -> FsdpMemory:
-    """Per-GPU memory of FSDP full-shard QLoRA on n GPUs (an estimate). Modelled facts:
+    """Per-GPU memory of FSDP full-shard QLoRA on n GPUs. Modelled facts:
 
     1. The FSDP-QLoRA loading recipe sets bnb_4bit_quant_storage to the compute dtype (so FSDP can
        flatten the 4-bit weights with the rest) and does NOT run prepare_model_for_kbit_training's
@@ -200,15 +223,19 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
     4. LoRA weights, gradients and optimizer state are sharded 1/N (each tensor's shard, ceil).
     5. Activations (saved, the layer working set, logits) are per rank exactly as on one GPU:
        the same micro-batch runs on every rank (planner.memory.phases).
-    6. Load: each rank first loads the whole 4-bit model before wrapping (loading="full"), so the
-       load peak = full quantized weights + constants + unquantized weights in the compute dtype.
-       loading="rank0_cpu" (accelerate's fsdp_cpu_ram_efficient_loading: rank 0 loads to CPU, the
-       others on meta, then sync_module_states) puts only the shards on the GPU: an assumption
-       from the accelerate docs, not measured here.
+    6. Load and wrap (measured on 2 x H200): each rank first loads the whole 4-bit model and peft adds
+       the whole LoRA; FSDP2's fully_shard then allocates the rank's 1/N shards while the whole tensors
+       are still held, so the load peak = whole (4-bit weights + constants + compute-dtype unquantized
+       weights + LoRA) + their 1/N shards. loading="rank0_cpu" (accelerate's
+       fsdp_cpu_ram_efficient_loading) raises ValueError(RANK0_CPU_MEASURED): measured, it does not
+       lower the load peak of a bitsandbytes 4-bit model (transformers loads it whole on every rank).
     7. bitsandbytes' 32-bit, 8-bit and paged optimizers do not work under FSDP2: only adamw_torch
        (ValueError otherwise, with the reason).
     8. NCCL buffers outside the allocator (nccl_buffer_bytes), counted in both phases (the
        process group may be created before loading).
+    9. Measured on 2 x H200 (calibration/multigpu): the per-rank peak allocated exceeded this structural
+       sum by up to fsdp_margin_frac (coefficient; 0 when not calibrated), so the training phase's
+       smallest budget includes that fraction of its allocated bytes as a named margin.
     cpu_offload=True keeps the parameter, gradient and optimizer shards in CPU memory (FSDP
     CPUOffloadPolicy; the optimizer steps on the CPU): the GPU keeps the gathered layers and activations.
     The allocator slack and smallest budget reuse the single-GPU coefficients (memory.py).
@@ -218,6 +245,8 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
         raise ValueError(f"--optim {train.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
     if loading not in LOADINGS:
         raise ValueError(f"loading must be one of {', '.join(LOADINGS)}, got {loading!r}")
+    if loading == "rank0_cpu":
+        raise ValueError(RANK0_CPU_MEASURED)
     numels = _numels(model, lora)
     q_full = quantized_weights_bytes(model)
     c_full = quant_constants_bytes(model, train.double_quant)
@@ -234,12 +263,13 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
         "optimizer_state": on_gpu * sum(alloc(_shard(2 * FP32 * k, n)) for k in numels),
     }
     assert optimizer_state_bytes(numels, FSDP_OPTIM)[1] == 0  # adamw_torch: nothing paged
-    lm_copy = lm_head_weight_copy_bytes(model, train)
     ctx, nccl = cuda_context_bytes(coeffs), nccl_buffer_bytes(coeffs)
 
     best = None
-    for name, single in phases(model, lora, train, coeffs).items():
-        logits = max(0, single["logits"] - lm_copy) if single["logits"] else 0
+    # the FSDP-QLoRA recipe does not upcast: activations, the residual stream and the lm_head stay in the
+    # compute dtype (memory.residual_bytes), so the per-rank activation terms are the no-upcast ones
+    for name, single in phases(model, lora, replace(train, kbit_upcast=False), coeffs).items():
+        logits = single["logits"]
         working = single["layer_working_set"]
         if name == "optimizer step":  # AdamW's temporaries scale with the (sharded) parameters
             working = 0 if cpu_offload else _shard(working, n)
@@ -249,27 +279,29 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
             terms["gathered_layers"] = 0  # no layer is gathered while stepping
         allocated = sum(terms.values())
         act = terms["saved_activations"] + terms["layer_working_set"] + terms["logits"]
-        required = required_budget_bytes(allocated, act, train, coeffs)
+        margin = int(fsdp_margin_frac(coeffs) * allocated)
+        required = required_budget_bytes(allocated + margin, act, train, coeffs)
         if best is None or required > best[0]:
             best = (required, name, terms)
     required, _, terms = best
     reserve = allocator_reserve_bytes(model, train, terms, coeffs)
+    margin = int(fsdp_margin_frac(coeffs) * sum(terms.values()))
     training_needs = required + ctx + nccl
 
-    if loading == "full":
-        load_alloc = q_full + c_full + u_full
-    else:
-        load_alloc = _shard(q_full, n) + _shard(c_full, n) + _shard(u_full, n)
+    # Load and wrap (measured on 2 x H200, calibration/multigpu): every rank loads the whole 4-bit model, peft adds
+    # the whole LoRA, and FSDP2's fully_shard allocates each rank's shards while the whole tensors are still
+    # held, so the wrap peaks at whole + shard (Llama-2-13B r64: 11.47 GB predicted this way, 11.43 measured).
+    lora_full = lora_params_bytes(numels)
+    load_alloc = (q_full + c_full + u_full + lora_full + _shard(q_full, n) + _shard(c_full, n) + _shard(u_full, n)
+                  + sum(alloc(_shard(FP32 * k, n)) for k in numels))
     load_needs = required_budget_bytes(load_alloc, 0, train, coeffs) + ctx + nccl
     peak_phase = "load" if load_needs > training_needs else "training"
-    notes = [ESTIMATE_NOTE, f"optimizer {FSDP_OPTIM}: {FSDP_OPTIM_REASON}"]
-    if loading == "full":
-        notes.append("load phase: every rank holds the whole 4-bit model before FSDP wraps it")
-    else:
-        notes.append("load phase: rank 0 loads to CPU (fsdp_cpu_ram_efficient_loading), assumed shard-sized on GPU")
+    notes = [calibration_note(coeffs), f"optimizer {FSDP_OPTIM}: {FSDP_OPTIM_REASON}"]
+    notes.append("load phase: every rank loads the whole 4-bit model, and FSDP's wrap holds it beside the new shards "
+                 "(measured: whole + 1/N at the wrap)")
     if cpu_offload:
         notes.append("cpu_offload: parameter, gradient and optimizer shards live in CPU memory")
-    return FsdpMemory(n=n, **terms, allocator_reserve=reserve, cuda_context=ctx, nccl_buffer=nccl,
+    return FsdpMemory(n=n, **terms, allocator_reserve=reserve, cuda_context=ctx, nccl_buffer=nccl, calibration_margin=margin,
                       load_needs_bytes=load_needs, training_needs_bytes=training_needs, peak_phase=peak_phase,
                       needs_bytes=max(load_needs, training_needs), cpu_offload=cpu_offload, loading=loading,
                       notes=tuple(notes))

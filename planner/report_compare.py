@@ -78,15 +78,24 @@ def price_str(o: GpuOption) -> str:
     return f"{o.price_usd_per_hour:.2f}" + (" (given)" if o.price_given else "")
 
 
+def _basis(m) -> str:
+    """'' when the multi-GPU model is calibrated (2 x H200), else 'estimate: '."""
+    return "" if m.calibrated else "estimate: "
+
+
+def _load_why(m) -> str:
+    """When FSDP's load phase (the whole 4-bit model + the new shards, measured) sets the peak, say so."""
+    return ", load phase" if m.peak_phase == "load" else ""
+
+
 def multi_gpu_str(o: GpuOption) -> str:
     m = o.multi_gpu
     if m is None:
-        n_max = max(MULTI_GPU_COUNTS)
-        per = o.multi_gpu_max.per_gpu_needs_bytes
+        n_max, top = max(MULTI_GPU_COUNTS), o.multi_gpu_max
         return (f"Not even {n_max} x {o.gpu.name} with FSDP sharding would fit "
-                f"(estimate: {gib_str(per)} GiB per GPU)")
-    return (f"Estimate: {m.count} x {o.gpu.name} with FSDP sharding would fit ({gib_str(m.per_gpu_needs_bytes)} GiB "
-            f"per GPU of {gib_str(m.capacity_bytes)} usable; multi-GPU runs are not supported yet)")
+                f"({_basis(top)}{gib_str(top.per_gpu_needs_bytes)} GiB per GPU{_load_why(top)})")
+    return (f"{m.count} x {o.gpu.name} with FSDP sharding would fit ({_basis(m)}{gib_str(m.per_gpu_needs_bytes)} GiB "
+            f"per GPU of {gib_str(m.capacity_bytes)} usable; qfit plan --num-gpus {m.count} for the plan)")
 
 
 def reason_str(o: GpuOption) -> str:
@@ -104,13 +113,14 @@ def short_reason_str(o: GpuOption) -> str:
     term, term_bytes = o.largest_term
     m = o.multi_gpu
     if m is None:
-        per = o.multi_gpu_max.per_gpu_needs_bytes
-        multi = f"not even {max(MULTI_GPU_COUNTS)} x {o.gpu.name} with FSDP ({gib_str(per)} GiB per GPU)"
+        top = o.multi_gpu_max
+        multi = (f"not even {max(MULTI_GPU_COUNTS)} x {o.gpu.name} with FSDP ({_basis(top)}"
+                 f"{gib_str(top.per_gpu_needs_bytes)} GiB per GPU{_load_why(top)})")
     else:
-        multi = f"{m.count} x {o.gpu.name} with FSDP would fit ({gib_str(m.per_gpu_needs_bytes)} GiB per GPU)"
+        multi = f"{m.count} x {o.gpu.name} with FSDP would fit ({_basis(m)}{gib_str(m.per_gpu_needs_bytes)} GiB per GPU)"
     return (f"needs {gib_str(s.memory.needs_bytes)} GiB, the card {gib_str(o.gpu.memory_bytes)} GiB "
             f"({gib_str(s.capacity_bytes)} usable); largest term: {component_labels(s)[term]} "
-            f"{gib_str(term_bytes)} GiB; estimate: {multi}.")
+            f"{gib_str(term_bytes)} GiB; {multi}.")
 
 
 def not_fitting_lines(c: Comparison) -> list[str]:
@@ -123,9 +133,11 @@ def not_fitting_lines(c: Comparison) -> list[str]:
         lines += [f"  {o.gpu.name:<{width}}  {short_reason_str(o)}" for o in rows]
     else:
         lines = ["Does not fit:"] + [f"  {o.gpu.name:<{width}}  {reason_str(o)}" for o in rows]
-    lines.append("  (FSDP estimate: 4-bit base, constants, bf16/fp16 unquantized weights, LoRA and AdamW state "
-                 "sharded over the GPUs, two gathered layers and the root unit, activations per GPU, rank 0 "
-                 "loading on CPU; multi-GPU runs are not supported yet.)")
+    calibrated = all((o.multi_gpu or o.multi_gpu_max).calibrated for o in rows)
+    lines.append(f"  (FSDP{' (calibrated on 2 x H200)' if calibrated else ' estimate'}: 4-bit base, constants, "
+                 "bf16/fp16 unquantized weights, LoRA and AdamW state sharded over the GPUs, two gathered layers and "
+                 "the root unit, activations per GPU; every GPU first loads the whole 4-bit model and FSDP's wrap "
+                 "adds its shards (measured). qfit plan MODEL --gpu GPU --num-gpus N gives the full plan.)")
     return lines
 
 
@@ -288,7 +300,9 @@ def option_dict(o: GpuOption, c: Comparison) -> dict:
         d["multi_gpu"] = {
             "count": m.count, "per_gpu_needs_bytes": m.per_gpu_needs_bytes, "sharded_bytes": m.sharded_bytes,
             "shard_bytes": m.shard_bytes, "replicated_bytes": m.replicated_bytes, "gathered_layer_bytes": m.gathered_layer_bytes,
-            "capacity_bytes": m.capacity_bytes, "basis": "estimate: FSDP-sharded 4-bit base; multi-GPU runs are not supported yet",
+            "capacity_bytes": m.capacity_bytes, "peak_phase": m.peak_phase,
+            "basis": ("FSDP-sharded 4-bit base, calibrated on 2 x H200" if m.calibrated
+                      else "estimate: FSDP-sharded 4-bit base, not calibrated on multi-GPU runs"),
         }
     return d
 

@@ -179,6 +179,9 @@ class TrainSettings:
     compute_dtype: str = "bf16"
     double_quant: bool = True
     expandable_segments: bool = True  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (qfit run sets it)
+    # prepare_model_for_kbit_training's fp32 upcast of every non-4-bit weight (the single-GPU and DDP recipe);
+    # False: the FSDP-QLoRA recipe, which keeps them (and so the residual stream) in the compute dtype
+    kbit_upcast: bool = True
 
     def __post_init__(self) -> None:
         for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),

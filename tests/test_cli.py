@@ -178,3 +178,45 @@ def test_missing_train_extra_is_one_line(tmp_path):
                              cwd=Path(__file__).parent.parent)
         assert out.returncode == 2, out.stderr
         assert "needs the train extra" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_num_gpus_1_is_the_single_gpu_plan():
+    """--num-gpus 1 (the default) is the single-GPU planner, byte for byte, text and JSON (the text itself is
+    test_plan_golden_text's)."""
+    assert run("plan", "mistral-7b", "--gpu", "t4", "--num-gpus", "1").output == \
+        run("plan", "mistral-7b", "--gpu", "t4").output
+    assert run("plan", "mistral-7b", "--gpu", "t4", "--num-gpus", "1", "--json").output == \
+        run("plan", "mistral-7b", "--gpu", "t4", "--json").output
+
+
+def test_plan_on_two_gpus_gives_per_gpu_memory():
+    """Qwen2.5-14B at seq 4096: one RTX 4090 cannot hold it, two can with FSDP (run on two capped H200 ranks)."""
+    args = ("plan", "qwen2.5-14b", "--gpu", "rtx4090", "--num-gpus", "2", "--seq-len", "4096")
+    r = run(*args)
+    assert r.exit_code == 0 and "FSDP" in r.output.splitlines()[0] and "Memory per GPU" in r.output
+    doc = json.loads(run(*args, "--json").output)
+    assert (doc["num_gpus"], doc["strategy"], doc["fits"]) == (2, "fsdp", True)
+    assert doc["global_batch"] == 2 * doc["settings"]["batch_size"] * doc["settings"]["grad_accum"]
+    assert all(isinstance(v, int) for v in doc["per_gpu"].values())
+    assert doc["per_gpu"]["needs_bytes"] <= doc["per_gpu"]["usable_bytes"]
+
+
+def test_seventy_b_on_two_24gb_cards_does_not_fit():
+    """Each rank must first hold the whole ~33 GiB 4-bit Llama-3.1-70B (measured on 2 x H200): exit 1, and why."""
+    r = run("plan", "llama-3.1-70b", "--gpu", "rtx4090", "--num-gpus", "2")
+    assert r.exit_code == 1 and "does not fit." in r.output and "the load phase sets the peak" in r.output
+    assert "no count of up to 8 x NVIDIA GeForce RTX 4090 fits: every rank first loads the whole 4-bit model" in r.output
+    doc = json.loads(run("plan", "llama-3.1-70b", "--gpu", "rtx4090", "--num-gpus", "2", "--json").output)
+    assert (doc["num_gpus"], doc["strategy"], doc["fits"], doc["peak_phase"]) == (2, "fsdp", False, "load")
+
+
+def test_nothing_fits_on_one_gpu_names_the_fewest_gpus():
+    r = run("plan", "qwen2.5-14b", "--gpu", "rtx4090", "--seq-len", "4096")
+    assert r.exit_code == 1
+    assert "  fits on 2 x NVIDIA GeForce RTX 4090 with FSDP: qfit plan qwen2.5-14b --gpu rtx4090 --num-gpus 2 " \
+           "(with the options above)" in r.output.splitlines()
+    plain = run("plan", "qwen2.5-14b", "--gpu", "t4")  # nothing fixed: the hint's command is the whole story
+    assert plain.exit_code == 1
+    assert "  fits on 4 x NVIDIA T4 with FSDP: qfit plan qwen2.5-14b --gpu t4 --num-gpus 4" in plain.output.splitlines()
+    seventy = run("plan", "llama-3.1-70b", "--gpu", "rtx4090")
+    assert seventy.exit_code == 1 and "fits on" not in seventy.output and "no count of up to 8" in seventy.output

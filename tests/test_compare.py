@@ -2,7 +2,7 @@
 
 Numbers: fits equals planner.search's verdict, hours = tokens / tokens_per_s / 3600, cost = hours x
 price, the Pareto set on a constructed set and on real rows, --price, sorting, --max-hours and
---max-cost, the FSDP estimate for Llama-3.1-70B on an RTX 4090. Text: the table lists every catalog
+--max-cost, the FSDP GPU count (Llama-3.1-70B: no count of RTX 4090s; Qwen2.5-14B at seq 4096: two). Text: the table lists every catalog
 GPU, the --json schema, one-line errors with exit code 2, --dataset, --plot and the fit map PNGs.
 """
 
@@ -34,7 +34,7 @@ from planner.compare import (
 )
 from planner.fitmap import FIT_MAP_BATCHES, FIT_MAP_SEQ_LENS, fit_map, fit_map_png
 from planner.memory import quant_constants_bytes, quantized_weights_bytes
-from planner.multigpu import fsdp_per_gpu
+from planner.multigpu import RANK0_CPU_MEASURED, fsdp_per_gpu
 from planner.profiles import all_gpus, gpu_names, load_gpu, load_model
 from planner.search import Request, search
 from planner.specs import Coefficients, LoraSettings, TrainSettings, settings_dict
@@ -231,38 +231,56 @@ def test_max_hours_and_max_cost_filters(coeffs, gpus, mistral_cmp):
             compare(model, WORKLOAD, gpus, coeffs, **bad)
 
 
-def test_multi_gpu_estimate_llama70b_on_rtx4090(llama70_cmp, coeffs):
-    """compare's FSDP estimate is planner.multigpu.fsdp_per_gpu (rank-0 CPU loading, adamw_torch) for
-    the smallest configuration: per GPU = shard + replicated + gathered (training phase), N is the
-    fewest GPUs (2..8) for which it fits the card's usable capacity."""
-    o = next(o for o in llama70_cmp.options if o.gpu.name == "rtx4090")
-    assert not o.fits
-    m = o.multi_gpu
-    assert m is not None and 2 <= m.count <= 8
+def test_multi_gpu_llama70b_on_rtx4090_never_fits(llama70_cmp, coeffs):
+    """compare's FSDP count is planner.multigpu.fsdp_per_gpu (every rank loads the whole 4-bit model, as
+    measured; adamw_torch) for the smallest configuration. For Llama-3.1-70B each rank must first hold the
+    whole ~33 GiB of 4-bit weights and constants, so no count of 24 GiB (or 15 GiB) cards fits: the row carries
+    the 8-GPU numbers instead, with the load phase as the peak."""
     model = load_model("llama-3.1-70b")
-    small = o.smallest
-    train = replace(small.train, optim="adamw_torch")
-    ref = fsdp_per_gpu(model, small.lora, train, coeffs, m.count, loading="rank0_cpu")
-    assert m.memory == ref and m.per_gpu_needs_bytes == ref.needs_bytes
-    assert m.per_gpu_needs_bytes == m.shard_bytes + m.replicated_bytes + m.gathered_layer_bytes
-    assert m.gathered_layer_bytes == ref.gathered_layers + ref.gathered_root
-    # the 4-bit base is the bulk of what is sharded, and each GPU holds about 1/N of it
-    base = quantized_weights_bytes(model) + quant_constants_bytes(model, small.train.double_quant)
-    assert base < m.sharded_bytes and m.shard_bytes == pytest.approx(m.sharded_bytes / m.count, rel=1e-3)
-    assert m.per_gpu_needs_bytes <= m.capacity_bytes == small.capacity_bytes
-    assert fsdp_per_gpu_bytes(small, m.count - 1, coeffs).per_gpu_needs_bytes > m.capacity_bytes  # the fewest
-    # the 4-bit base of a 70B model is what does not fit: at least 30 GiB of the ~47 GiB needed
-    assert o.largest_term[0] == "quantized_weights" and base > 30 * 2**30
-    # since the estimate also shards LoRA, AdamW state and the (compute-dtype) unquantized weights,
-    # a T4 (15 GiB) fits on some N <= 8; a 12 GiB card does not even on 8, and says so
-    t4 = next(o for o in llama70_cmp.options if o.gpu.name == "t4")
-    assert t4.multi_gpu is not None and t4.multi_gpu.count <= 8
-    small12 = compare(model, WORKLOAD, [load_gpu("12GiB")], coeffs).options[0]
-    assert small12.multi_gpu is None
-    assert small12.multi_gpu_max == fsdp_per_gpu_bytes(small12.smallest, 8, coeffs)
-    assert small12.multi_gpu_max.per_gpu_needs_bytes > small12.smallest.capacity_bytes
-    # and the fitting GPUs carry no multi-GPU estimate
+    base = quantized_weights_bytes(model) + quant_constants_bytes(model, True)
+    for name in ("rtx4090", "t4"):
+        o = next(o for o in llama70_cmp.options if o.gpu.name == name)
+        assert not o.fits and o.multi_gpu is None, name
+        top, small = o.multi_gpu_max, o.smallest
+        assert top == fsdp_per_gpu_bytes(small, 8, coeffs) and top.count == 8
+        ref = fsdp_per_gpu(model, small.lora, replace(small.train, optim="adamw_torch"), coeffs, 8)
+        assert top.memory == ref and top.per_gpu_needs_bytes == ref.needs_bytes == ref.load_needs_bytes
+        assert top.peak_phase == "load" and top.calibrated is True
+        assert base > top.capacity_bytes == small.capacity_bytes < top.per_gpu_needs_bytes
+        # the training phase decomposes as before: shard + replicated + gathered
+        assert ref.training_needs_bytes == top.shard_bytes + top.replicated_bytes + top.gathered_layer_bytes
+        assert top.gathered_layer_bytes == ref.gathered_layers + ref.gathered_root
+        assert top.shard_bytes == pytest.approx(top.sharded_bytes / 8, rel=1e-3) and base < top.sharded_bytes
+    # the 4-bit base of a 70B model is what does not fit one card
+    assert next(o for o in llama70_cmp.options if o.gpu.name == "rtx4090").largest_term[0] == "quantized_weights"
+    # the fitting GPUs carry no multi-GPU numbers
     assert all(x.multi_gpu is None and x.multi_gpu_max is None for x in llama70_cmp.fitting)
+
+
+def test_multi_gpu_count_qwen14b_seq4096_on_rtx4090(coeffs):
+    """Qwen2.5-14B at seq 4096 does not fit one RTX 4090 and fits two with FSDP (the plan that ran on two
+    capped H200 ranks): compare names 2, the fewest count on which fsdp_per_gpu fits the usable capacity."""
+    model = load_model("qwen2.5-14b")
+    o = compare(model, WORKLOAD, [load_gpu("rtx4090")], coeffs, request=Request(seq_len=4096)).options[0]
+    assert not o.fits
+    m, small = o.multi_gpu, o.smallest
+    assert m is not None and m.count == 2 and m.calibrated
+    ref = fsdp_per_gpu(model, small.lora, replace(small.train, optim="adamw_torch"), coeffs, 2)
+    assert m.memory == ref and m.per_gpu_needs_bytes == ref.needs_bytes <= m.capacity_bytes == small.capacity_bytes
+    assert m.per_gpu_needs_bytes == max(ref.load_needs_bytes, ref.training_needs_bytes)
+    assert ref.training_needs_bytes == m.shard_bytes + m.replicated_bytes + m.gathered_layer_bytes
+    assert small.memory.needs_bytes > small.capacity_bytes  # one card does not
+
+
+def test_compare_never_plans_rank0_cpu_loading(coeffs):
+    """The measured load (whole model on every rank) is what compare counts; rank-0 CPU loading is refused."""
+    import planner.compare as cmp_mod
+
+    assert cmp_mod.FSDP_LOADING == "full"
+    with pytest.raises(ValueError) as exc:
+        fsdp_per_gpu(load_model("mistral-7b"), LoraSettings(), TrainSettings(optim="adamw_torch"), coeffs, 2,
+                     loading="rank0_cpu")
+    assert str(exc.value) == RANK0_CPU_MEASURED
 
 
 def test_bare_capacity_gpu_has_no_time(coeffs):
@@ -329,8 +347,14 @@ def test_table_for_a_model_that_fits_few_gpus():
     out = res.stdout
     assert "Does not fit" in out
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("rtx4090") and "needs" in ln)
-    assert "x rtx4090 with FSDP would fit" in line
-    assert "not even 8 x 12GiB" in out and "multi-GPU runs are not supported yet" in out
+    assert "not even 8 x rtx4090 with FSDP (" in line and "GiB per GPU, load phase)" in line
+    assert "not even 8 x 12GiB" in out
+    assert "FSDP (calibrated on 2 x H200)" in out and "every GPU first loads the whole 4-bit model" in out
+    assert "not supported yet" not in out and "rank 0" not in out
+    # a model that two RTX 4090s hold with FSDP, and one does not
+    res = run(["qwen2.5-14b", "--tokens", "2M", "--seq-len", "4096", "--gpus", "rtx4090,h200"])
+    line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("rtx4090") and "needs" in ln)
+    assert "2 x rtx4090 with FSDP would fit" in line and "estimate" not in line
 
 
 def test_json_schema():
@@ -359,9 +383,13 @@ def test_json_for_gpus_that_do_not_fit():
     r = doc["rtx4090"]
     assert r["fits"] is False and r["settings"] is None and r["hours"] is None and r["cost_usd"] is None
     assert "needs" in r["reason"] and r["needs_bytes"] > r["capacity_bytes"]
-    assert 2 <= r["multi_gpu"]["count"] <= 8 and "estimate" in r["multi_gpu"]["basis"]
+    assert r["multi_gpu"] is None and "Not even 8 x rtx4090 with FSDP sharding would fit" in r["reason"]
     assert set(r["smallest"]["settings"]) == SETTINGS_KEYS
     assert doc["h200"]["fits"] is True
+    res = run(["qwen2.5-14b", "--tokens", "2M", "--seq-len", "4096", "--gpus", "rtx4090", "--json"])
+    m = json.loads(res.stdout)[0]["multi_gpu"]
+    assert m["count"] == 2 and m["basis"] == "FSDP-sharded 4-bit base, calibrated on 2 x H200"
+    assert m["per_gpu_needs_bytes"] <= m["capacity_bytes"] and m["peak_phase"] in ("load", "training")
 
 
 def test_cli_price_sort_and_limits():

@@ -473,3 +473,162 @@ def test_fit_probe_backs_off_until_the_longest_micro_batch_fits():
     assert (state.train.batch_size, state.train.grad_accum) == (1, 24) and state.train.effective_batch == 24
     assert [e["phase"] for e in state.oom_events] == ["probe"] * 3 and model.w.grad is None
     assert lines[-1].startswith("fit probe: micro-batch 1 x 64 tokens ran")
+
+
+# --------------------------------------------------------------------------- GPU emulation (QFIT_EMULATE_GPU), faked CUDA
+
+def test_emulated_gpu_is_what_the_plan_is_made_for(fake_gpus, monkeypatch):
+    import torch
+
+    from planner.profiles import load_gpu
+
+    t4 = load_gpu("t4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the real card: the faked H200
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # the H200 has bf16, a T4 not
+    monkeypatch.setenv("QFIT_EMULATE_GPU", "t4")
+    dev = runner.detect_device()
+    assert dev.kind == "cuda" and dev.emulated_on == "NVIDIA H200"
+    assert dev.name == "NVIDIA T4 (emulated on NVIDIA H200)"
+    assert dev.spec.name == "t4" and dev.spec.memory_bytes == dev.total_bytes == dev.free_bytes == t4.memory_bytes
+    assert not dev.spec.bf16 and any(n.startswith("QFIT_EMULATE_GPU: emulating NVIDIA T4") for n in dev.notes)
+    req, _ = runner.build_request(RunOptions(output="x", effective_batch=16, rank=16, targets=("all-linear",)), None, 512)
+    plan, _ = runner.plan_run(runner.load_model("mistral-7b"), dev, req)
+    assert plan.gpu.name == "t4" and plan.train.compute_dtype == "fp16" and plan.fits
+    assert plan.memory.needs_bytes <= t4.memory_bytes
+    monkeypatch.delenv("QFIT_EMULATE_GPU")
+    assert runner.detect_device().emulated_on == ""  # unset: the real card again
+
+
+def test_unknown_emulated_gpu_is_a_one_line_run_error(monkeypatch):
+    monkeypatch.setenv("QFIT_EMULATE_GPU", "t5")
+    with pytest.raises(RunError) as err:
+        runner.detect_device()  # on any machine, CUDA or not
+    msg = str(err.value)
+    assert msg.startswith("QFIT_EMULATE_GPU=t5: unknown GPU 't5'") and "\n" not in msg and "qfit gpus" in msg
+
+
+def test_emulation_is_ignored_without_cuda_and_says_so(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("QFIT_EMULATE_GPU", "t4")
+    dev = runner.detect_device()
+    assert dev.kind == "cpu" and dev.emulated_on == ""
+    assert any("QFIT_EMULATE_GPU=t4 ignored" in n for n in dev.notes)
+
+
+def test_emulation_caps_the_allocator_to_the_card_less_context_and_paged_state(fake_gpus, monkeypatch):
+    import types
+
+    import torch
+
+    from planner.calibration import load_coefficients
+    from planner.memory import cuda_context_bytes
+    from planner.profiles import load_gpu
+
+    gib = 1024**3
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(total_memory=140 * gib))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda *a: calls.append(a))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the real card: the faked H200
+    monkeypatch.setenv("QFIT_EMULATE_GPU", "t4")
+    dev = runner.detect_device()
+    req, _ = runner.build_request(RunOptions(output="x", effective_batch=16, batch_size=4, optim="paged_adamw_32bit",
+                                             rank=16, targets=("all-linear",)), None, 512)
+    plan, _ = runner.plan_run(runner.load_model("mistral-7b"), dev, req)
+    lines = []
+    emu = runner._cap_for_emulation(dev, plan, lines.append)
+    t4 = load_gpu("t4")
+    context = cuda_context_bytes(load_coefficients("t4"))
+    assert plan.memory.paged_optimizer_state > 0  # paged state lives outside torch's allocator: not under the cap
+    budget = t4.memory_bytes - context - plan.memory.paged_optimizer_state
+    assert emu["budget_bytes"] == budget and isinstance(budget, int)
+    assert calls == [(budget / (140 * gib), 0)]
+    assert emu["emulated_on"] == "NVIDIA H200" and emu["real_total_bytes"] == 140 * gib and emu["gpu"] == "t4"
+    assert emu["cuda_context_bytes"] == context and emu["memory_bytes"] == t4.memory_bytes
+    assert lines[0].startswith("emulation: torch's allocator capped at")
+    assert runner.emulation_budget(t4, plan).items() <= emu.items()  # the pure part, recorded as computed
+
+    monkeypatch.delenv("QFIT_EMULATE_GPU")
+    calls.clear()
+    assert runner._cap_for_emulation(runner.detect_device(), plan, lines.append) == {} and calls == []
+
+    monkeypatch.setenv("QFIT_EMULATE_GPU", "h200")  # a bigger card than the real one
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(total_memory=15 * gib))
+    with pytest.raises(RunError, match="cannot emulate"):
+        runner._cap_for_emulation(runner.detect_device(), plan, lines.append)
+    assert calls == []
+
+
+def test_calibration_row_of_an_emulated_run_records_its_budget(cache, fake_gpus):
+    import csv
+
+    dev = runner.detect_device()
+    req, _ = runner.build_request(RunOptions(output="x", effective_batch=8), None, 256)
+    plan, _ = runner.plan_run(runner.load_model("qwen2.5-0.5b"), dev, req)
+    effect = {"compute_dtype": "fp16", "double_quant": True, "alloc_conf": "", "batch_size": plan.train.batch_size,
+              "grad_accum": plan.train.grad_accum, "gradient_checkpointing": False, "rank": 16, "alpha": 32,
+              "lora_dropout": 0.05, "optim": "adamw_torch"}
+    report = {"in_effect": effect, "library_versions": {}, "speed": {"padded_tokens_per_s": 1.0},
+              "device": {"emulation": {"budget_bytes": 12345678}}}
+    progress = type("P", (), {"train_seconds": 1.0, "steps_run": 1})()
+    measured = {"peak_allocated_bytes": 5, "peak_reserved_bytes": 6}
+    path = runner._append_calibration(report, plan, dev, {"seq_len": 256}, measured, progress, runner.PadCollator(0))
+    with open(path, newline="") as fh:
+        assert list(csv.DictReader(fh))[-1]["budget_bytes"] == "12345678"
+
+
+# --------------------------------------------------------------------------- --padding
+
+def test_pad_collator_pads_to_the_longest_row_or_to_max_length():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9]}]
+    longest, fixed = runner.PadCollator(0), runner.PadCollator(0, pad_to=8)
+    a, b = longest(rows), fixed(rows)
+    assert tuple(a["input_ids"].shape) == (2, 5) and tuple(b["input_ids"].shape) == (2, 8)
+    for batch in (a, b):
+        assert int(batch["attention_mask"].sum()) == 8  # real tokens: the same either way
+        assert batch["input_ids"][0, 3:].eq(0).all() and batch["labels"][0, 3:].eq(-100).all()
+        assert batch["labels"][0].tolist()[:3] == [-100, 6, 7]
+    assert (longest.tokens, longest.padded_tokens, longest.longest) == (8, 10, 5)
+    assert (fixed.tokens, fixed.padded_tokens, fixed.longest) == (8, 16, 8)
+
+
+def test_default_run_pads_to_the_longest_row_and_records_it(demo_run):
+    _, out, report, _ = demo_run
+    assert report["in_effect"]["padding"] == "longest" and report["device"]["emulation"] is None
+    assert json.loads((out / "run_config.json").read_text())["padding"] == "longest"
+    speed = report["speed"]
+    assert 0 < speed["train_tokens"] < speed["train_padded_tokens"]  # the report states the tokens it timed
+    assert report["memory"]["longest_micro_batch_tokens"] < report["data"]["seq_len"]
+
+
+def test_padding_max_length_reaches_the_collator_and_resume_keeps_it(cache, tmp_path):
+    out = tmp_path / "run"
+    opts = RunOptions(output=str(out), demo=True, padding="max-length", max_steps=4, effective_batch=4,
+                      save_steps=100, progress=False)
+    first, text = quiet(opts, callbacks=(_signal_at(2, signal.SIGTERM),))
+    assert first.status == "interrupted" and "every row is padded to" in text
+    assert json.loads((out / "run_config.json").read_text())["padding"] == "max-length"
+
+    res = CliRunner().invoke(run_cmd, ["--resume", str(out), "--padding", "longest"])
+    assert res.exit_code == 2 and "drop --padding" in res.stderr  # resume keeps the run's padding
+    done, text = quiet(RunOptions(output=str(out), resume=True, progress=False))
+    rep = done.report
+    assert done.status == "completed" and rep["steps"]["completed"] == 4
+    seq = rep["data"]["seq_len"]
+    assert rep["in_effect"]["padding"] == "max-length" and rep["memory"]["longest_micro_batch_tokens"] == seq
+    assert "every row is padded to" in text
+    # every micro-batch is rows x seq_len (the collator also counts the dataloader's one look-ahead micro-batch)
+    assert rep["speed"]["train_padded_tokens"] % seq == 0 and rep["speed"]["train_padded_tokens"] >= 2 * 4 * seq
+    assert rep["speed"]["train_tokens"] < rep["speed"]["train_padded_tokens"] / 2
+
+
+def test_padding_option_on_the_command_line(cache, tmp_path, no_model_load):
+    import click
+
+    (opt,) = [p for p in run_cmd.params if p.name == "padding"]
+    assert isinstance(opt.type, click.Choice) and tuple(opt.type.choices) == runner.PADDINGS
+    res = CliRunner().invoke(run_cmd, ["--demo", "--output", str(tmp_path / "o"), "--padding", "max_length"])
+    assert res.exit_code == 2 and "Invalid value for '--padding'" in res.stderr
+    with pytest.raises(RunError, match="--padding must be one of longest, max-length"):
+        RunOptions(output="x", padding="max")

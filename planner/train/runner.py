@@ -39,8 +39,8 @@ from pathlib import Path
 
 from planner import data as qdata
 from planner.calibration import load_coefficients, user_cache_dir
-from planner.memory import resolve_targets
-from planner.profiles import ProfileError, load_model, match_gpu_name
+from planner.memory import cuda_context_bytes, resolve_targets
+from planner.profiles import ProfileError, load_gpu, load_model, match_gpu_name
 from planner.report import gib_str
 from planner.search import DEFAULT_EFFECTIVE_BATCH, Request, compute_dtype_for, make_plan, search
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings, settings_dict
@@ -60,6 +60,11 @@ AUTO_SAVE_FRACTION = 10  # with no --save-steps: a checkpoint every tenth of the
 AUTO_SAVE_MAX_STEPS = 500  # ...but at least every 500 steps
 LOG_POINTS = 500  # about this many loss values logged per run
 OOM_MESSAGE = "CUDA out of memory."
+# "longest": each micro-batch padded to its longest row (the default); "max-length": every row padded to
+# --seq-len, as classic recipes do with tokenizer(padding="max_length"): same memory, more computed tokens
+PADDINGS = ("longest", "max-length")
+# QFIT_EMULATE_GPU=t4: plan for that catalog GPU and cap torch's allocator to its memory (see _cap_for_emulation)
+EMULATE_ENV = "QFIT_EMULATE_GPU"
 
 
 class RunError(ValueError):
@@ -95,6 +100,14 @@ class RunOptions:
     save_steps: int | None = None
     learning_rate: float | None = None
     warmup: float | None = None  # >= 1: steps; below 1: fraction of the steps
+    padding: str | None = None  # PADDINGS; None: "longest"
+    num_gpus: int | None = None  # > 1: planner.train.dist_run launches one process per GPU through accelerate
+    strategy: str | None = None  # with num_gpus > 1: "ddp" or "fsdp"; None: DDP when it fits, else FSDP
+    num_machines: int | None = None  # several nodes: every node runs the same command with its own machine_rank
+    machine_rank: int | None = None
+    main_process_ip: str | None = None  # machine 0's address (torchrun's static rendezvous)
+    main_process_port: int | None = None
+    dry_run: bool = False  # with --num-gpus: plan, write the launch files, print the command; do not train
     seed: int = 42
     progress: bool = True  # the tqdm bar (stderr)
 
@@ -116,6 +129,25 @@ class RunOptions:
             raise RunError(f"--compute-dtype must be bf16 or fp16, got {self.compute_dtype!r}")
         if self.fmt is not None and self.fmt not in qdata.FORMATS:
             raise RunError(f"--format must be one of {', '.join(qdata.FORMATS)}, got {self.fmt!r}")
+        if self.num_gpus is not None and self.num_gpus < 1:
+            raise RunError(f"--num-gpus must be a positive integer, got {self.num_gpus}")
+        if self.strategy is not None and self.strategy not in ("ddp", "fsdp"):
+            raise RunError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
+        if (self.num_machines or 1) > 1:
+            if not self.num_gpus:
+                raise RunError("--num-machines needs --num-gpus N (the GPUs of each machine)")
+            if not self.main_process_ip:
+                raise RunError("--num-machines needs --main-process-ip (the address of the machine with --machine-rank 0)")
+            if self.machine_rank is None or not 0 <= self.machine_rank < self.num_machines:
+                raise RunError(f"--machine-rank must be 0..{self.num_machines - 1} (this machine's index)")
+        elif self.machine_rank or self.main_process_ip:
+            raise RunError("--machine-rank and --main-process-ip go with --num-machines 2 or more")
+        if self.dry_run and not self.num_gpus:
+            raise RunError("--dry-run goes with --num-gpus: it writes the launch files and prints the command")
+        if self.strategy is not None and (self.num_gpus or 1) < 2:
+            raise RunError("--strategy needs --num-gpus 2 or more (one GPU needs no strategy)")
+        if self.padding is not None and self.padding not in PADDINGS:
+            raise RunError(f"--padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}")
         if self.targets is not None and not self.targets:
             raise RunError("--targets must be attn, all-linear, or a comma list of module names")
         if self.epochs is not None and self.max_steps is not None:
@@ -127,7 +159,8 @@ class RunOptions:
 # options that --resume takes from the saved run (giving them again would change the run midway)
 RESUME_FIXED = ("model", "dataset", "demo", "epochs", "max_steps", "seq_len", "effective_batch", "batch_size",
                 "plan_path", "rank", "alpha", "lora_dropout", "targets", "gradient_checkpointing", "optim",
-                "compute_dtype", "fmt", "save_steps", "learning_rate", "warmup", "overwrite")
+                "compute_dtype", "fmt", "save_steps", "learning_rate", "warmup", "overwrite", "padding", "num_gpus",
+                "strategy", "num_machines", "main_process_ip")
 
 
 @dataclass(slots=True)
@@ -150,6 +183,7 @@ class Device:
     visible_count: int
     spec: GpuSpec  # what the plan is made for: memory_bytes is the FREE memory
     notes: tuple[str, ...] = ()
+    emulated_on: str = ""  # with QFIT_EMULATE_GPU: the real GPU's name (spec, name and sizes are the emulated card's)
 
 
 def _ram_bytes() -> tuple[int, int]:
@@ -176,20 +210,25 @@ def _visible_nvml_indices(count: int) -> list[int]:
     return out
 
 
-def detect_device() -> Device:
-    """The GPU to train on (NVML: name, total and FREE memory), or the CPU when CUDA is not available."""
+def detect_device(multi: bool = False) -> Device:
+    """The GPU to train on (NVML: name, total and FREE memory), or the CPU when CUDA is not available.
+
+    With QFIT_EMULATE_GPU=<catalog GPU> (e.g. t4) the device is that GPU, emulated on the real one."""
     import torch
 
+    emulate = os.environ.get(EMULATE_ENV, "").strip()
+    emulated = _emulated_gpu(emulate) if emulate else None  # an unknown name fails on any machine
     if not torch.cuda.is_available():
         total, avail = _ram_bytes()
         spec = replace(GpuSpec.bare_capacity(avail or total, "cpu"), display_name="the CPU (no CUDA GPU)")
+        ignored = (f"{EMULATE_ENV}={emulate} ignored: it needs a CUDA GPU to emulate on",) if emulated else ()
         return Device("cpu", "cpu", total, avail, 0, spec,
-                      ("no CUDA GPU: CPU mode (fine for the demo and tests; memory figures are not measured)",))
+                      ("no CUDA GPU: CPU mode (fine for the demo and tests; memory figures are not measured)",) + ignored)
     from planner.hardware import detect_gpus
 
     notes = []
     count = torch.cuda.device_count()
-    if count > 1:
+    if count > 1 and not multi:
         notes.append(f"{count} GPUs visible: qfit run trains on one (CUDA device 0); "
                      "set CUDA_VISIBLE_DEVICES to choose which")
     gpus = detect_gpus()
@@ -200,6 +239,8 @@ def detect_device() -> Device:
     else:  # no NVML: the CUDA runtime's view (this creates the CUDA context first)
         free, total = torch.cuda.mem_get_info(0)
         name = torch.cuda.get_device_name(0)
+    if emulated is not None:
+        return _emulated_device(emulated, name, free, count, notes)
     bf16 = bool(torch.cuda.is_bf16_supported())
     catalog = match_gpu_name(name)
     if catalog is not None:
@@ -211,6 +252,65 @@ def detect_device() -> Device:
         notes.append(f"{gib_str(total - free)} GiB of the {gib_str(total)} GiB are in use by other processes: "
                      f"planning for the {gib_str(free)} GiB free")
     return Device("cuda", name, total, free, count, spec, tuple(notes))
+
+
+# --- GPU emulation (QFIT_EMULATE_GPU): a smaller card's memory on a bigger GPU, for benchmarks and checks.
+# Only memory is emulated: speed is the real GPU's.
+
+def _emulated_gpu(name: str) -> GpuSpec:
+    """The catalog GPU that QFIT_EMULATE_GPU names (whatever `--gpu` accepts: t4, 'Tesla T4', 16GiB)."""
+    try:
+        return load_gpu(name)
+    except ProfileError as exc:
+        raise RunError(f"{EMULATE_ENV}={name}: {exc}") from None
+
+
+def _emulated_device(gpu: GpuSpec, real_name: str, real_free: int, count: int, notes: list[str]) -> Device:
+    """The emulated card as if installed and empty: the plan gets all its memory and its bf16 flag (a T4
+    computes in fp16); _cap_for_emulation holds torch to that memory before the model loads."""
+    notes.append(f"{EMULATE_ENV}: emulating {gpu.display_name} ({gib_str(gpu.memory_bytes)} GiB"
+                 f"{'' if gpu.bf16 else ', no bf16'}) on {real_name}: torch's allocator is capped to its memory less "
+                 "the CUDA context and paged optimizer state; speed is the real GPU's")
+    if real_free < gpu.memory_bytes:
+        notes.append(f"only {gib_str(real_free)} GiB are free on {real_name}, less than the emulated {gpu.display_name}'s "
+                     f"{gib_str(gpu.memory_bytes)} GiB")
+    name = f"{gpu.display_name} (emulated on {real_name})"
+    return Device("cuda", name, gpu.memory_bytes, gpu.memory_bytes, count, gpu, tuple(notes), emulated_on=real_name)
+
+
+def emulation_budget(gpu: GpuSpec, plan: Plan) -> dict:
+    """What torch's allocator may hold so that this process uses no more than `gpu` would have.
+
+    budget = card memory - calibrated CUDA context - the plan's paged optimizer state: both live outside
+    torch's allocator, so a cap on it does not see them (bitsandbytes' paged state is CUDA managed memory,
+    which a big GPU never has to evict). The convention of planner/train/validate.py, and the planner's own:
+    needs = smallest allocator budget + context + paged state. All ints, bytes."""
+    context = cuda_context_bytes(load_coefficients(gpu.name))
+    paged = plan.memory.paged_optimizer_state
+    return {"gpu": gpu.name, "display_name": gpu.display_name, "memory_bytes": gpu.memory_bytes,
+            "cuda_context_bytes": context, "paged_optimizer_bytes": paged,
+            "budget_bytes": gpu.memory_bytes - context - paged}
+
+
+def _cap_for_emulation(device: Device, plan: Plan, echo) -> dict:
+    """With QFIT_EMULATE_GPU, before the model loads: torch.cuda.set_per_process_memory_fraction(budget / the
+    real GPU's total), so that going past the emulated card raises the usual CUDA out-of-memory error (which the
+    back-off handles as on a real card). -> the emulation record for run_report.json ({} without emulation)."""
+    if not device.emulated_on:
+        return {}
+    import torch
+
+    emu = emulation_budget(device.spec, plan)
+    total = torch.cuda.get_device_properties(0).total_memory  # the allocator's fraction is of this total
+    budget = emu["budget_bytes"]
+    if not 0 < budget <= total:
+        raise RunError(f"{EMULATE_ENV}: cannot emulate {device.spec.display_name} on {device.emulated_on} (allocator "
+                       f"budget {gib_str(budget)} GiB, the GPU has {gib_str(total)} GiB): choose a smaller card")
+    torch.cuda.set_per_process_memory_fraction(budget / total, 0)
+    echo(f"emulation: torch's allocator capped at {gib_str(budget)} GiB of {device.emulated_on}'s {gib_str(total)} GiB "
+         f"({device.spec.display_name} {gib_str(emu['memory_bytes'])} GiB - CUDA context "
+         f"{gib_str(emu['cuda_context_bytes'])} - paged optimizer state {gib_str(emu['paged_optimizer_bytes'])})")
+    return {**emu, "emulated_on": device.emulated_on, "real_total_bytes": total, "fraction": budget / total}
 
 
 def set_alloc_conf(expandable: bool) -> str | None:
@@ -532,6 +632,7 @@ class _State:
     oom_events: list = field(default_factory=list)
     measured: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    emulation: dict = field(default_factory=dict)  # QFIT_EMULATE_GPU: the card and the allocator budget
 
 
 def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple = ()) -> RunResult:
@@ -589,9 +690,17 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
          f"{stats.median} / p95 {stats.p95} / max {stats.max}")
     echo(f"      seq {seq_len} ({seq_from}): {trunc:.1%} of rows truncated"
          + (f", {dropped} dropped (no response left)" if dropped else "")
-         + f"; micro-batches are padded to their longest row (at most {seq_len})")
+         + (f"; every row is padded to {seq_len} tokens (--padding max-length)" if opts.padding == "max-length"
+            else f"; micro-batches are padded to their longest row (at most {seq_len})"))
     for n in data_notes:
         echo(f"      note: {n}")
+    if ((saved or {}).get("num_gpus") or opts.num_gpus or 1) > 1 or (opts.num_machines or 1) > 1:  # planner.train.dist_run
+        from planner.train.dist_run import run_multi
+
+        info = {"source": str(Path(dataset).resolve()) if Path(dataset).exists() else dataset, "format": fmt,
+                "rows": len(rows), "examples": len(examples), "dropped_rows": dropped, "lengths": stats.as_dict(),
+                "seq_len": seq_len, "seq_len_from": seq_from, "truncation_rate": round(trunc, 4), "notes": data_notes}
+        return run_multi(opts, saved, plan_doc, src, dataset, fmt, seq_len, len(examples), info, echo)
 
     # --- device and plan
     settings = (saved or plan_doc or {}).get("settings", {})
@@ -625,7 +734,8 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
     out = prepare_output(opts)
     config = saved or {
         "version": CONFIG_VERSION, "model": src.ref, "model_name": src.spec.name, "demo": opts.demo,
-        "dataset": _fingerprint(dataset), "format": fmt, "seq_len": seq_len, "max_steps": total_steps,
+        "dataset": _fingerprint(dataset), "format": fmt, "seq_len": seq_len, "padding": opts.padding or "longest",
+        "max_steps": total_steps,
         "learning_rate": opts.learning_rate or DEFAULT_LEARNING_RATE, "warmup": opts.warmup if opts.warmup is not None
         else DEFAULT_WARMUP, "save_steps": save_steps, "seed": opts.seed,
         "settings": settings_dict(plan.lora, plan.train, resolve_targets(src.spec, plan.lora.targets)),
@@ -710,7 +820,8 @@ def _resume_options(opts: RunOptions) -> tuple[RunOptions, dict]:
     restored = replace(opts, model=None if saved["demo"] else saved["model"], demo=saved["demo"],
                        dataset=None if saved["demo"] else dataset, fmt=saved["format"], seq_len=saved["seq_len"],
                        max_steps=saved["max_steps"], learning_rate=saved["learning_rate"], warmup=saved["warmup"],
-                       save_steps=saved["save_steps"], seed=saved["seed"])
+                       save_steps=saved["save_steps"], seed=saved["seed"],
+                       padding=saved.get("padding", "longest"))  # (runs saved before --padding existed: longest)
     return restored, saved
 
 
@@ -772,6 +883,7 @@ def _train(opts, out: Path, src: ModelSource, tokenizer, examples, plan: Plan, d
 
             state.measured["nvml_baseline_bytes"] = _safe(lambda: nvml_used()[0])
             torch.cuda.reset_peak_memory_stats()
+            state.emulation = _cap_for_emulation(device, plan, echo)  # before the load: the load must fit too
         try:
             model = stack.load_4bit(src.ref, plan.train.compute_dtype, plan.train.double_quant,
                                     device_map={"": 0} if cuda else None)
@@ -789,7 +901,8 @@ def _train(opts, out: Path, src: ModelSource, tokenizer, examples, plan: Plan, d
         echo(f"loaded {src.spec.display_name} in 4-bit (NF4{', double quant' if plan.train.double_quant else ''}) "
              f"with LoRA on {', '.join(names)} in {time.perf_counter() - t_load:.1f} s")
         dataset = _ExampleDataset(examples)
-        collator = PadCollator(tokenizer.pad_token_id)
+        collator = PadCollator(tokenizer.pad_token_id,
+                               pad_to=config["seq_len"] if config.get("padding") == "max-length" else None)
         ckpt = last_checkpoint(out) if opts.resume else None
         if ckpt is not None:
             echo(f"resuming from {ckpt.name} (step {int(ckpt.name.rsplit('-', 1)[-1])} of {config['max_steps']})")
@@ -799,6 +912,8 @@ def _train(opts, out: Path, src: ModelSource, tokenizer, examples, plan: Plan, d
                            state, ckpt, echo, callbacks)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if state.emulation:  # the cap is per process: lift it for whatever this process does next
+            torch.cuda.set_per_process_memory_fraction(1.0, 0)
 
 
 def _safe(fn, default=0):
@@ -823,11 +938,13 @@ class _ExampleDataset:
 
 
 class PadCollator:
-    """Pads each micro-batch to its longest row (right padding; labels -100 on padding) and counts the
-    padded tokens (what the device computed) and the longest micro-batch it produced."""
+    """Pads each micro-batch to its longest row, or with pad_to every row to pad_to tokens (right padding;
+    labels -100 and attention mask 0 on padding), and counts the padded tokens (what the device computed)
+    and the longest micro-batch it produced."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, pad_to: int | None = None):
         self.pad_id = pad_id
+        self.pad_to = pad_to  # --padding max-length: --seq-len (rows are already truncated to it)
         self.tokens = 0
         self.padded_tokens = 0
         self.longest = 0
@@ -835,7 +952,7 @@ class PadCollator:
     def __call__(self, batch: list[dict]) -> dict:
         import torch
 
-        n = max(len(b["input_ids"]) for b in batch)
+        n = max(max(len(b["input_ids"]) for b in batch), self.pad_to or 0)
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), n), qdata.IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), n), dtype=torch.long)
@@ -870,7 +987,10 @@ def _fit_probe(model, state: _State, vocab_size: int, echo, device: str = "cuda"
     while True:
         t = state.train
         if t.gradient_checkpointing:
-            model.activation_checkpointing_enable()
+            # transformers 5.x renamed gradient_checkpointing_enable -> activation_checkpointing_enable (5.17 has
+            # only the old name, 5.24 both): the one this install has
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
         oom = None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -1158,6 +1278,7 @@ def _finish(opts, out, src, tokenizer, model, trainer, collator, plan, device, c
         measured.update(peak_allocated_bytes=0, peak_reserved_bytes=0)
         memory_note = "CPU run: no CUDA memory to measure (0); the prediction is for a GPU"
     effect = settings_in_effect(trainer, model, config["seq_len"])
+    effect["padding"] = "max-length" if collator.pad_to else "longest"  # as the collator padded
     planned = settings_dict(plan.lora, plan.train, resolve_targets(plan.model, plan.lora.targets))
     differs = [k for k in ("batch_size", "grad_accum", "gradient_checkpointing", "optim", "compute_dtype", "rank",
                            "alpha", "double_quant") if k in planned and effect.get(k) != planned[k]]
@@ -1175,7 +1296,8 @@ def _finish(opts, out, src, tokenizer, model, trainer, collator, plan, device, c
         "model": {"name": src.spec.name, "source": src.ref},
         "data": data_info,
         "device": {"kind": device.kind, "name": device.name, "total_bytes": device.total_bytes,
-                   "free_bytes": device.free_bytes, "notes": list(device.notes)},
+                   "free_bytes": device.free_bytes, "notes": list(device.notes),
+                   "emulation": state.emulation or None},  # QFIT_EMULATE_GPU: card, allocator budget (bytes)
         "planned": planned,
         "in_effect": effect,
         "memory": {
@@ -1189,6 +1311,7 @@ def _finish(opts, out, src, tokenizer, model, trainer, collator, plan, device, c
         "speed": {"tokens_per_s": round(tok_s, 1),
                   "padded_tokens_per_s": round(progress.train_padded_tokens / seconds, 1) if seconds else 0.0,
                   "predicted_tokens_per_s": round(plan.tokens_per_s, 1), "train_seconds": round(seconds, 2),
+                  "train_tokens": progress.train_tokens, "train_padded_tokens": progress.train_padded_tokens,
                   "note": "tokens/s counts non-padding tokens; padded counts what the device computed"},
         "steps": {"planned": total, "completed": step, "run_in_this_process": progress.steps_run,
                   "resumed_from": resumed_from, "effective_batch": effect["effective_batch"]},
@@ -1256,7 +1379,8 @@ def _append_calibration(report: dict, plan: Plan, device: Device, config: dict, 
         "alloc_conf": e["alloc_conf"], "batch_size": e["batch_size"], "grad_accum": e["grad_accum"],
         "seq_len": collator.longest or config["seq_len"], "gradient_checkpointing": e["gradient_checkpointing"],
         "rank": e["rank"], "alpha": e["alpha"], "lora_dropout": e["lora_dropout"], "targets": targets,
-        "optim": e["optim"], "status": "ok", "budget_bytes": 0,
+        "optim": e["optim"], "status": "ok",
+        "budget_bytes": ((report.get("device") or {}).get("emulation") or {}).get("budget_bytes", 0),  # capped run
         "load_peak_allocated_bytes": measured.get("load_peak_allocated_bytes", ""),
         "after_load_allocated_bytes": measured.get("after_load_allocated_bytes", ""),
         "after_wrap_allocated_bytes": measured.get("after_wrap_allocated_bytes", ""),
@@ -1286,4 +1410,5 @@ def _append_calibration(report: dict, plan: Plan, device: Device, config: dict, 
 __all__ = ["RunOptions", "RunResult", "RunError", "Device", "ModelSource", "run", "detect_device", "set_alloc_conf",
            "resolve_model", "check_output", "prepare_output", "last_checkpoint", "read_plan_file", "build_request",
            "plan_run", "plan_lines", "backoff", "is_cuda_oom", "planned_steps", "auto_save_steps", "load_snippet",
-           "settings_in_effect", "PadCollator", "callback_classes", "StopFlag"]
+           "settings_in_effect", "PadCollator", "callback_classes", "StopFlag", "PADDINGS", "EMULATE_ENV",
+           "emulation_budget"]
