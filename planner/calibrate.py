@@ -193,7 +193,7 @@ def multigpu_section(coeffs) -> list[str]:
              f"at most {gib_str(int(coeffs.get('nccl_buffer_bytes')))} GiB per rank (nccl_buffer_bytes).",
              "- Load: each rank's peak while loading, before FSDP shards the model (every rank loads the whole "
              "4-bit model; with accelerate's fsdp_cpu_ram_efficient_loading the same).",
-             "", "| run | rank | measured allocated GiB | predicted | err | measured reserved GiB | load peak GiB (predicted) | "
+             "", "| run | rank | measured allocated GiB | predicted | err | measured reserved GiB | from_pretrained peak GiB (predicted: the whole model) | "
                  "outside the allocator GiB |", "|---|---|---|---|---|---|---|---|"]
     for p in preds:
         err = (p["predicted_allocated"] - p["measured_allocated"]) / p["measured_allocated"] * 100

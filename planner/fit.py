@@ -315,8 +315,8 @@ def predict_multigpu(df, coeffs: Coefficients) -> list[dict]:
     """Per rank, measured vs predicted: peak allocated (the training phase), the load peak, and what NVML saw
     outside torch's allocator (CUDA context + NCCL). FSDP predictions include the margin in `needs` only;
     predicted_allocated is the structural sum (no margin), so its error is what the margin must cover."""
-    from planner.memory import cuda_context_bytes, paged_state_bytes
-    from planner.multigpu import ddp_per_gpu, fsdp_per_gpu
+    from planner.memory import cuda_context_bytes, paged_state_bytes, quant_constants_bytes, quantized_weights_bytes
+    from planner.multigpu import ddp_per_gpu, fsdp_per_gpu, fsdp_unquantized_bytes
     from planner.profiles import load_model
 
     out = []
@@ -332,9 +332,11 @@ def predict_multigpu(df, coeffs: Coefficients) -> list[dict]:
             pred_load = mem.single.quantized_weights + mem.single.quant_constants + mem.single.unquantized_weights
         else:
             mem = fsdp_per_gpu(model, lora, train, coeffs, n)
-            pred_load = _fsdp_load_alloc(model, lora, train, n)
             # the measured peak covers the whole of trainer.train(), FSDP's wrap included: the max of the two
-            pred_alloc = max(mem.peak_allocated_bytes, pred_load)
+            pred_alloc = max(mem.peak_allocated_bytes, _fsdp_load_alloc(model, lora, train, n))
+            # from_pretrained's peak (measured before the wrap): the whole 4-bit model, unquantized in the compute dtype
+            pred_load = (quantized_weights_bytes(model) + quant_constants_bytes(model, train.double_quant)
+                         + fsdp_unquantized_bytes(model, train))
         # as fit_context: NVML's device-wide used memory minus torch's reserved pool and the paged state
         outside = (int(row["nvml_used_bytes"]) - int(row["peak_reserved_bytes"])
                    - cuda_context_bytes(coeffs) - paged_state_bytes(model, lora, train))

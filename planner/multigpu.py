@@ -56,7 +56,7 @@ CALIBRATED_NOTE = ("multi-GPU memory calibrated on 2 x H200 (calibration/multigp
                    "FSDP with its measured margin; see calibration/REPORT.md for the per-rank errors")
 RANK0_CPU_MEASURED = ("--loading rank0_cpu is not what happens to a 4-bit model: measured on 2 x H200 (transformers 5.17, "
                       "accelerate 1.15), fsdp_cpu_ram_efficient_loading left each rank's load peak unchanged (Mistral-7B: "
-                      "3.94 GB on both ranks either way), because transformers loads a bitsandbytes-quantized checkpoint "
+                      "3.94 GiB on both ranks either way), because transformers loads a bitsandbytes-quantized checkpoint "
                       "whole on every rank; qfit plans that (--loading full)")
 
 
@@ -290,7 +290,7 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
 
     # Load and wrap (measured on 2 x H200, calibration/multigpu): every rank loads the whole 4-bit model, peft adds
     # the whole LoRA, and FSDP2's fully_shard allocates each rank's shards while the whole tensors are still
-    # held, so the wrap peaks at whole + shard (Llama-2-13B r64: 11.47 GB predicted this way, 11.43 measured).
+    # held, so the wrap peaks at whole + shard (Llama-2-13B r64 at seq 4096: 11.46 GiB predicted this way, 11.43 GiB measured).
     lora_full = lora_params_bytes(numels)
     load_alloc = (q_full + c_full + u_full + lora_full + _shard(q_full, n) + _shard(c_full, n) + _shard(u_full, n)
                   + sum(alloc(_shard(FP32 * k, n)) for k in numels))
