@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from planner.memory import resolve_targets
 from planner.profiles import load_model
 from planner.specs import LoraSettings, TrainSettings
 from planner.train import stack
-from planner.train.harness import FIELDS
+from planner.train.harness import FIELDS, record_failure, record_success
 
 DIST_FIELDS = ("strategy", "world_size", "rank_index", "nvml_index", "wrapper", "after_train_allocated_bytes",
                "sharded_param_bytes") + FIELDS
@@ -98,7 +97,6 @@ def measure_one(job: dict, cfg: dict, env: dict, outdir: str) -> dict:
     from peft import get_peft_model
     from transformers import Trainer
 
-    from planner.train.harness import nvml_used
 
     rank, local_rank, world = rank_info()
     cuda = torch.cuda.is_available()
@@ -145,25 +143,9 @@ def measure_one(job: dict, cfg: dict, env: dict, outdir: str) -> dict:
             row["after_train_allocated_bytes"] = torch.cuda.memory_allocated()
             row["sharded_param_bytes"] = sum(
                 (p.to_local() if hasattr(p, "to_local") else p).untyped_storage().nbytes() for p in trainer.model_wrapped.parameters())
-        if cuda:
-            torch.cuda.synchronize()
-            row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-            row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-            row["nvml_used_bytes"] = nvml_used()[0]
-        step = min(timer.times[1:] or timer.times)
-        row["step_time_s"] = round(step, 4)
-        row["tokens_per_s"] = round(train.tokens_per_micro_batch * train.grad_accum / step, 1)  # this rank's
-        row["steps"] = len(timer.times)
-    except torch.OutOfMemoryError as exc:
-        row["status"] = "oom"
-        row["error"] = str(exc).splitlines()[0][:200]
-        if cuda:
-            row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-            row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-    except Exception as exc:  # a failed configuration is a data row too
-        row["status"] = "error"
-        row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        traceback.print_exc()
+        record_success(row, timer, train, cuda)
+    except Exception as exc:  # an OOM or a failed configuration is a data row too
+        record_failure(row, exc, cuda)
     finally:
         if trainer is not None:
             trainer.accelerator.free_memory()

@@ -183,25 +183,9 @@ def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        if cuda:
-            torch.cuda.synchronize()
-            row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-            row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-            row["nvml_used_bytes"] = nvml_used()[0]  # paged optimizer state is still resident here
-        step = min(timer.times[1:] or timer.times)
-        row["step_time_s"] = round(step, 4)
-        row["tokens_per_s"] = round(train.tokens_per_micro_batch * train.grad_accum / step, 1)
-        row["steps"] = len(timer.times)
-    except torch.OutOfMemoryError as exc:
-        row["status"] = "oom"
-        row["error"] = str(exc).splitlines()[0][:200]
-        if cuda:
-            row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-            row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-    except Exception as exc:  # a failed configuration is a data row too
-        row["status"] = "error"
-        row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        traceback.print_exc()
+        record_success(row, timer, train, cuda)
+    except Exception as exc:  # an OOM or a failed configuration is a data row too
+        record_failure(row, exc, cuda)
     finally:
         if trainer is not None:
             trainer.accelerator.free_memory()
@@ -227,6 +211,33 @@ def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
             torch.cuda.set_per_process_memory_fraction(1.0)
             row["leak_bytes"] = torch.cuda.memory_allocated() - after_load
     return row
+
+
+def record_success(row: dict, timer, train: TrainSettings, cuda: bool) -> None:
+    """A configuration that trained: peaks (NVML while paged optimizer state is still resident) and speed."""
+    if cuda:
+        torch.cuda.synchronize()
+        row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        row["nvml_used_bytes"] = nvml_used()[0]
+    step = min(timer.times[1:] or timer.times)
+    row["step_time_s"] = round(step, 4)
+    row["tokens_per_s"] = round(train.tokens_per_micro_batch * train.grad_accum / step, 1)  # one process's
+    row["steps"] = len(timer.times)
+
+
+def record_failure(row: dict, exc: BaseException, cuda: bool) -> None:
+    """An OOM (status oom, with the peaks reached) or any other failure (status error): a row, not a lost sweep."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        row["status"] = "oom"
+        row["error"] = str(exc).splitlines()[0][:200]
+        if cuda:
+            row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        return
+    row["status"] = "error"
+    row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    traceback.print_exc()
 
 
 def _record(writer, fh, row: dict, cfg: dict, env: dict, load_peak: int) -> dict:
