@@ -87,3 +87,13 @@ def test_multi_node_options_are_checked(tmp_path):
 
     res = CliRunner().invoke(cli, ["run", "--demo", "--num-gpus", "2", "--num-machines", "2", "--output", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--main-process-ip" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_fsdp_on_the_cpu_is_refused_before_the_data_is_read(tmp_path):
+    from click.testing import CliRunner
+
+    from planner.cli import cli
+
+    res = CliRunner().invoke(cli, ["run", "--demo", "--num-gpus", "2", "--strategy", "fsdp", "--output", str(tmp_path / "x")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+    assert "--strategy ddp" in res.output and not (tmp_path / "x").exists()

@@ -652,6 +652,11 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
                            learning_rate=opts.learning_rate or DEMO_RUN["learning_rate"],
                            warmup=DEMO_RUN["warmup"] if opts.warmup is None else opts.warmup)
     check_output(opts)
+    if opts.strategy == "fsdp":  # before the data is read: accelerate runs FSDP on GPUs only
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RunError("--strategy fsdp needs CUDA GPUs (accelerate runs FSDP on GPUs only); use --strategy ddp on the CPU")
 
     # --- model source and data: all checks before any model is loaded
     plan_doc = read_plan_file(opts.plan_path) if opts.plan_path and not opts.resume else None
