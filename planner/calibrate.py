@@ -232,8 +232,7 @@ def multigpu_section(coeffs) -> list[str]:
             lines.append("")
             lines.append(f"{strat.upper()}: {len(errs)} rank rows, per-rank peak allocated error median "
                          f"{errs[len(errs) // 2]:.1f}% / max {errs[-1]:.1f}% (absolute).")
-    from planner.fit import _fsdp_load_alloc
-    from planner.multigpu import ddp_per_gpu
+    from planner.multigpu import peak_allocated_per_gpu, per_gpu
     from planner.specs import LoraSettings, TrainSettings
 
     for path in sorted(MULTIGPU_DIR.glob("*.report.json")):
@@ -245,12 +244,7 @@ def multigpu_section(coeffs) -> list[str]:
                               gradient_checkpointing=st["gradient_checkpointing"], optim=st["optim"],
                               compute_dtype=st["compute_dtype"], double_quant=st["double_quant"])
         model = load_model("mistral-7b" if rep["model"]["name"].startswith("mistral-7b") else rep["model"]["name"])
-        if rep["strategy"] == "fsdp":
-            mem = fsdp_per_gpu(model, lora, train, coeffs, rep["num_gpus"])
-            now = max(mem.peak_allocated_bytes, _fsdp_load_alloc(model, lora, train, rep["num_gpus"]))
-        else:
-            mem = ddp_per_gpu(model, lora, train, coeffs, rep["num_gpus"])
-            now = mem.single.peak_allocated_bytes + mem.grad_buckets
+        now = peak_allocated_per_gpu(per_gpu(rep["strategy"], model, lora, train, coeffs, rep["num_gpus"]))
         meas0 = rep["memory"]["measured_per_rank"][0]["peak_allocated_bytes"]
         ranks = ", ".join(f"rank {r['rank']} {gib_str(r['peak_allocated_bytes'])} GiB" for r in rep["memory"]["measured_per_rank"])
         lines.append("")

@@ -316,7 +316,7 @@ def predict_multigpu(df, coeffs: Coefficients) -> list[dict]:
     outside torch's allocator (CUDA context + NCCL). FSDP predictions include the margin in `needs` only;
     predicted_allocated is the structural sum (no margin), so its error is what the margin must cover."""
     from planner.memory import cuda_context_bytes, paged_state_bytes, quant_constants_bytes, quantized_weights_bytes
-    from planner.multigpu import ddp_per_gpu, fsdp_per_gpu, fsdp_unquantized_bytes
+    from planner.multigpu import ddp_per_gpu, fsdp_per_gpu, fsdp_unquantized_bytes, peak_allocated_per_gpu
     from planner.profiles import load_model
 
     out = []
@@ -326,14 +326,12 @@ def predict_multigpu(df, coeffs: Coefficients) -> list[dict]:
         model = load_model(row["model"])
         lora, train = _multi_row_settings(row)
         n = int(row["world_size"])
+        # the measured peak covers the whole of trainer.train(), FSDP's wrap included
         if row["strategy"] == "ddp":
             mem = ddp_per_gpu(model, lora, train, coeffs, n)
-            pred_alloc = mem.single.peak_allocated_bytes + mem.grad_buckets
             pred_load = mem.single.quantized_weights + mem.single.quant_constants + mem.single.unquantized_weights
         else:
             mem = fsdp_per_gpu(model, lora, train, coeffs, n)
-            # the measured peak covers the whole of trainer.train(), FSDP's wrap included: the max of the two
-            pred_alloc = max(mem.peak_allocated_bytes, _fsdp_load_alloc(model, lora, train, n))
             # from_pretrained's peak (measured before the wrap): the whole 4-bit model, unquantized in the compute dtype
             pred_load = (quantized_weights_bytes(model) + quant_constants_bytes(model, train.double_quant)
                          + fsdp_unquantized_bytes(model, train))
@@ -341,31 +339,11 @@ def predict_multigpu(df, coeffs: Coefficients) -> list[dict]:
         outside = (int(row["nvml_used_bytes"]) - int(row["peak_reserved_bytes"])
                    - cuda_context_bytes(coeffs) - paged_state_bytes(model, lora, train))
         out.append({"run_id": row["run_id"], "strategy": row["strategy"], "model": row["model"], "rank": int(row["rank_index"]),
-                    "measured_allocated": int(row["peak_allocated_bytes"]), "predicted_allocated": int(pred_alloc),
+                    "measured_allocated": int(row["peak_allocated_bytes"]), "predicted_allocated": peak_allocated_per_gpu(mem),
                     "measured_reserved": int(row["peak_reserved_bytes"]),
                     "measured_load": int(row["load_peak_allocated_bytes"]), "predicted_load": int(pred_load),
                     "outside_allocator": int(outside)})
     return out
-
-
-def _fsdp_load_alloc(model, lora, train, n: int) -> int:
-    """planner.multigpu.fsdp_per_gpu's load/wrap allocation (whole model + LoRA + their shards)."""
-    from planner.memory import (
-        FP32,
-        alloc,
-        lora_params_bytes,
-        lora_tensor_numels,
-        quant_constants_bytes,
-        quantized_weights_bytes,
-        resolve_targets,
-    )
-    from planner.multigpu import _shard, fsdp_unquantized_bytes
-
-    numels = lora_tensor_numels(model, lora, resolve_targets(model, lora.targets))
-    whole = quantized_weights_bytes(model) + quant_constants_bytes(model, train.double_quant) + fsdp_unquantized_bytes(model, train)
-    return (whole + lora_params_bytes(numels) + _shard(quantized_weights_bytes(model), n)
-            + _shard(quant_constants_bytes(model, train.double_quant), n) + _shard(fsdp_unquantized_bytes(model, train), n)
-            + sum(alloc(_shard(FP32 * k, n)) for k in numels))
 
 
 def fit_multigpu(df, coeffs: Coefficients) -> dict:

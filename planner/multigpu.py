@@ -160,6 +160,7 @@ class FsdpMemory:
     cuda_context: int
     nccl_buffer: int
     calibration_margin: int  # fsdp_margin_frac x the training phase's allocated bytes (see fsdp_per_gpu, 9.)
+    load_allocated: int  # the load/wrap phase's allocated bytes: whole 4-bit model + LoRA + their 1/N shards
     load_needs_bytes: int
     training_needs_bytes: int
     peak_phase: str  # "load" or "training"
@@ -302,9 +303,17 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
     if cpu_offload:
         notes.append("cpu_offload: parameter, gradient and optimizer shards live in CPU memory")
     return FsdpMemory(n=n, **terms, allocator_reserve=reserve, cuda_context=ctx, nccl_buffer=nccl, calibration_margin=margin,
-                      load_needs_bytes=load_needs, training_needs_bytes=training_needs, peak_phase=peak_phase,
+                      load_allocated=load_alloc, load_needs_bytes=load_needs, training_needs_bytes=training_needs, peak_phase=peak_phase,
                       needs_bytes=max(load_needs, training_needs), cpu_offload=cpu_offload, loading=loading,
                       notes=tuple(notes))
+
+
+def peak_allocated_per_gpu(mem: DdpMemory | FsdpMemory) -> int:
+    """What torch.cuda.max_memory_allocated() should read on each rank over a whole run: DDP, the single-GPU
+    peak plus the gradient buckets; FSDP, the larger of the training phase and the load/wrap phase."""
+    if isinstance(mem, DdpMemory):
+        return mem.single.peak_allocated_bytes + mem.grad_buckets
+    return max(mem.peak_allocated_bytes, mem.load_allocated)
 
 
 # --------------------------------------------------------------------------- planning

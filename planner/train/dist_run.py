@@ -225,6 +225,7 @@ def run_multi(opts, saved: dict | None, plan_doc: dict | None, src, dataset: str
 
     from planner.launch import accelerate_config, launch_argv, launch_command_text, write_config
     from planner.memory import resolve_targets
+    from planner.multigpu import peak_allocated_per_gpu
     from planner.specs import settings_dict
     from planner.train import runner
 
@@ -253,7 +254,7 @@ def run_multi(opts, saved: dict | None, plan_doc: dict | None, src, dataset: str
             echo(f"note: {note}")
         settings = settings_dict(lora, train, resolve_targets(src.spec, lora.targets))
         mem = plan.memory
-        predicted = {"needs_bytes": mem.needs_bytes, "peak_allocated_bytes": _peak_alloc(mem),
+        predicted = {"needs_bytes": mem.needs_bytes, "peak_allocated_bytes": peak_allocated_per_gpu(mem),
                      "peak_phase": mem.peak_phase}
         where = f"{machines} machines x {n}" if machines > 1 else f"{n}"
         echo(f"plan: {where} x {device.spec.display_name}, {strategy.upper()}: micro-batch {train.batch_size} x "
@@ -271,7 +272,7 @@ def run_multi(opts, saved: dict | None, plan_doc: dict | None, src, dataset: str
         "max_steps": total_steps, "learning_rate": opts.learning_rate or runner.DEFAULT_LEARNING_RATE,
         "warmup": opts.warmup if opts.warmup is not None else runner.DEFAULT_WARMUP,
         "save_steps": opts.save_steps or runner.auto_save_steps(total_steps), "seed": opts.seed,
-        "padding": getattr(opts, "padding", None) or "longest",
+        "padding": opts.padding or "longest",
         "num_gpus": n, "num_machines": machines, "machine_rank": opts.machine_rank or 0,
         "main_process_ip": opts.main_process_ip, "main_process_port": opts.main_process_port or 29500,
         "strategy": strategy, "settings": settings, "predicted_per_gpu": predicted,
@@ -369,10 +370,6 @@ def _emulation_budget(device, strategy: str, settings: dict, spec, echo) -> int:
     echo(f"emulation: each rank's allocator capped at {gib_str(budget)} GiB ({device.spec.display_name} less CUDA "
          f"context, NCCL buffers and paged optimizer state)")
     return budget
-
-
-def _peak_alloc(mem) -> int:
-    return int(getattr(mem, "peak_allocated_bytes", 0) or getattr(getattr(mem, "single", None), "peak_allocated_bytes", 0))
 
 
 def _report_multi(out: Path, config: dict, ranks: list[dict], device, events: list, code: int, seconds: float, echo):
