@@ -30,8 +30,12 @@ def expand_runs(pattern: str) -> list[str]:
 
 
 def _environment(df) -> dict:
-    row = df.iloc[0]
-    return {k: str(row[k]) for k in ("gpu_name", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "date")}
+    """The stack of the measured rows; a field the rows disagree on lists every value."""
+    out = {}
+    for k in ("gpu_name", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "date"):
+        values = sorted({str(v) for v in df[k] if str(v)})
+        out[k] = (f"{values[0]} to {values[-1]}" if k == "date" else ", ".join(values)) if len(values) > 1 else values[0]
+    return out
 
 
 def coefficients_document(coeffs, df, cv_model, cv_family, name: str) -> dict:
@@ -120,8 +124,10 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs) -> 
         "",
         f"- GPU: {m['gpu']}; stack: {m['stack']}; measured {m['date']}",
         f"- {cvm['runs']} completed configurations (plus OOM rows and allocator-cap bisection rows), models: {', '.join(m['models'])}",
-        "- Measured by `python -m planner.train.harness` (grids h200-a, h200-b, h200-c with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
-        "h200-alloc, h200-alloc-b and h200-alloc-q with the default allocator), 2 optimizer steps of 2 accumulated micro-batches on full-length random sequences.",
+        "- Measured by `python -m planner.train.harness` (one file per grid: `--grid NAME`, see planner/train/harness.py), "
+        "2 optimizer steps of 2 accumulated micro-batches on full-length random sequences:",
+        *[f"  - `{Path(f).name}`: {n} rows, PYTORCH_CUDA_ALLOC_CONF={conf or '(unset: the default allocator)'}"
+          for (f, conf), n in df.groupby(["source_file", "alloc_conf"]).size().items()],
         "",
         "## Accuracy (cross-validated: every prediction comes from a fit that did not see that model)",
         "",
@@ -136,6 +142,13 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs) -> 
         lines.append(f"| peak reserved, leave-one-model-out, allocator `{mode}` ({n} runs, models: {', '.join(s['models'])}) | "
                      f"{s['reserved']['median_abs_pct']}% | {s['reserved']['max_abs_pct']}% | "
                      f"{s['reserved']['under_prediction_rate'] * 100:.1f}% | {s['reserved']['worst_under_pct']}% |")
+    partial = [p for p in cv if "-u" in p["run_id"].split("|")[5]]  # ckpt1-uN: the last N layers uncheckpointed
+    if partial:
+        ps = error_summary(partial)
+        for kind in ("allocated", "reserved"):
+            lines.append(f"| peak {kind}, leave-one-model-out, partial checkpointing ({ps['runs']} runs) | "
+                         f"{ps[kind]['median_abs_pct']}% | {ps[kind]['max_abs_pct']}% | "
+                         f"{ps[kind]['under_prediction_rate'] * 100:.1f}% | {ps[kind]['worst_under_pct']}% |")
     lines += ["", f"Throughput model (tokens/s), leave-one-model-out: median {sp['median_abs_pct']}%, max {sp['max_abs_pct']}% over {sp['runs']} runs.",
               "", "The families are llama (Llama-2-7B, Llama-3.1-8B), mistral and qwen2; leave-one-family-out holds out both Llama models together.",
               "", "![predicted vs measured](predicted_vs_measured.png)", "",
@@ -262,13 +275,14 @@ def validation_section(coeffs) -> list[str]:
     their measured peak reserved is also a held-out test of the model (predicted with `coeffs`)."""
     import csv
 
-    from planner.fit import _row_settings
+    from planner.fit import _row_settings, row_int
     from planner.memory import estimate
     from planner.profiles import load_model
 
     lines = []
     errs: list[float] = []
     statuses: list[str] = []
+    uses: list[float] = []
     for path in sorted(glob.glob(VALIDATION_GLOB)):
         plans_path = Path(path).with_suffix(".plans.json")
         plans = json.loads(plans_path.read_text()) if plans_path.is_file() else []
@@ -276,20 +290,24 @@ def validation_section(coeffs) -> list[str]:
         lines += ["", f"## Emulated smaller GPUs: `{Path(path).name}`", "",
                   "qfit's recommended plan run on the H200 under `torch.cuda.set_per_process_memory_fraction` "
                   "(budget = card memory - fitted CUDA context - predicted paged optimizer state).", "",
-                  "| card | model | seq | plan | budget GiB | ran | peak reserved GiB (predicted, error) | card used (reserved + context) | next micro-batch predicted |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| card | model | seq | plan | budget GiB | ran | peak reserved GiB (predicted, error) | budget used (peak reserved / budget) | card used (reserved + context) | next micro-batch predicted |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for p in plans:
             if not p.get("fits"):
-                lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | predicted not to fit | | | | | |")
+                lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | predicted not to fit | | | | | | |")
                 continue
             c = p["cfg"]
             match = [r for r in rows if r["model"] == c["model"] and int(r["batch_size"]) == c["batch"]
-                     and int(r["seq_len"]) == c["seq"] and int(r["budget_bytes"]) == c["budget"]]
-            plan_s = f"{c['batch']}x{c['accum']} ckpt {'on' if c['ckpt'] else 'off'} r{c['rank']} {c['targets']} {c['optim']} {c['dtype']}"
+                     and int(r["seq_len"]) == c["seq"] and int(r["budget_bytes"]) == c["budget"]
+                     and row_int(r, "uncheckpointed_layers") == c.get("unckpt", 0)]
+            layers = load_model(c["model"]).num_hidden_layers
+            ckpt = ("off" if not c["ckpt"] else "on" if not c.get("unckpt")
+                    else f"on {layers - c['unckpt']}/{layers} layers")
+            plan_s = f"{c['batch']}x{c['accum']} ckpt {ckpt} r{c['rank']} {c['targets']} {c['optim']} {c['dtype']}"
             nxt = ("fits" if p["next_batch_fits"] else f"does not fit ({gib_str(p['next_batch_needs_bytes'])} GiB)"
                    if p["next_batch_needs_bytes"] else "none (micro-batch = effective batch)")
             if not match:
-                lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | {plan_s} | {gib_str(c['budget'])} | not run (GPU time ran out) | | | {nxt} |")
+                lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | {plan_s} | {gib_str(c['budget'])} | not run | | | | {nxt} |")
                 continue
             r = match[0]
             lora, train = _row_settings(r)
@@ -299,13 +317,24 @@ def validation_section(coeffs) -> list[str]:
             statuses.append(r["status"])
             used = int(r["peak_reserved_bytes"] or 0) + int(r["context_bytes"] or 0) + int(r["nvml_baseline_bytes"] or 0)
             util = used / p["gpu_memory_bytes"] * 100
+            budget_use = meas / c["budget"] * 100
+            uses.append(budget_use if r["status"] == "ok" else 0.0)
             lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | {plan_s} | {gib_str(c['budget'])} | {r['status']} | "
-                         f"{gib_str(meas)} ({gib_str(pred)}, {(pred - meas) / meas * 100:+.1f}%) | {gib_str(used)} GiB = {util:.0f}% | {nxt} |")
+                         f"{gib_str(meas)} ({gib_str(pred)}, {(pred - meas) / meas * 100:+.1f}%) | {budget_use:.0f}% | "
+                         f"{gib_str(used)} GiB = {util:.0f}% | {nxt} |")
     if errs:
         errs.sort()
         lines += ["", f"Held-out check: these {len(errs)} runs were never used by the fit; predicted vs measured peak "
                       f"reserved: median {errs[len(errs) // 2]:.1f}%, max {errs[-1]:.1f}% absolute error. "
-                      f"{sum(st == 'oom' for st in statuses)} of {len(statuses)} runs OOMed."]
+                      f"{sum(st == 'oom' for st in statuses)} of {len(statuses)} runs OOMed; "
+                      f"{sum(u >= 85 for u in uses)} of {len(uses)} used at least 85% of their budget "
+                      f"(lowest {min(uses):.0f}%)."]
+    earlier = sorted(glob.glob(str(Path(VALIDATION_GLOB).parent / "earlier" / "*.csv")))
+    if earlier:
+        rows = [r for path in earlier for r in csv.DictReader(open(path))]
+        lines += ["", f"Earlier validation runs (`calibration/validation/earlier/`: plans made before partial "
+                      f"checkpointing, every layer checkpointed or none): {len(rows)} runs, "
+                      f"{sum(r['status'] == 'oom' for r in rows)} OOM."]
     return lines
 
 

@@ -144,7 +144,8 @@ def detect_gpu_name() -> str:
 
 
 def build_request(seq_len, batch_size, grad_accum, effective_batch, rank, alpha, lora_dropout, targets,
-                  gradient_checkpointing, optim, compute_dtype, double_quant, expandable_segments) -> Request:
+                  gradient_checkpointing, optim, compute_dtype, double_quant, expandable_segments,
+                  uncheckpointed_layers=None) -> Request:
     for flag, v in (("--batch-size", batch_size), ("--grad-accum", grad_accum),
                     ("--effective-batch", effective_batch), ("--rank", rank), ("--alpha", alpha)):
         _positive(flag, v)
@@ -152,12 +153,19 @@ def build_request(seq_len, batch_size, grad_accum, effective_batch, rank, alpha,
         raise UserError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
     if batch_size and grad_accum and effective_batch and batch_size * grad_accum != effective_batch:
         raise UserError(f"--batch-size {batch_size} x --grad-accum {grad_accum} != --effective-batch {effective_batch}")
+    if uncheckpointed_layers is not None and uncheckpointed_layers < 0:
+        raise UserError(f"--uncheckpointed-layers must be 0 or more, got {uncheckpointed_layers}")
+    if uncheckpointed_layers and gradient_checkpointing is False:
+        raise UserError("--uncheckpointed-layers needs checkpointing: drop --no-gradient-checkpointing")
+    if uncheckpointed_layers and gradient_checkpointing is None:
+        gradient_checkpointing = True  # leaving some layers uncheckpointed means checkpointing the others
     if effective_batch and batch_size and effective_batch % batch_size:
         raise UserError(f"--effective-batch {effective_batch} is not a multiple of --batch-size {batch_size}")
     return Request(batch_size=batch_size, grad_accum=grad_accum, effective_batch=effective_batch,
                    seq_len=_seq_len(seq_len), rank=rank, alpha=alpha, lora_dropout=lora_dropout,
                    targets=_targets(targets), gradient_checkpointing=gradient_checkpointing, optim=optim,
-                   compute_dtype=compute_dtype, double_quant=double_quant, expandable_segments=expandable_segments)
+                   compute_dtype=compute_dtype, double_quant=double_quant, expandable_segments=expandable_segments,
+                   uncheckpointed_layers=uncheckpointed_layers)
 
 
 def plan_options(f):
@@ -173,6 +181,9 @@ def plan_options(f):
         click.option("--targets", help="attn, all-linear, or a comma list of module names (default all-linear)."),
         click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
                      help="Fix checkpointing on or off (default: searched). On: less memory, ~30% more compute."),
+        click.option("--uncheckpointed-layers", type=int, metavar="N",
+                     help="With checkpointing on, leave the last N decoder layers uncheckpointed (they keep their "
+                          "activations and skip the recompute). Default: searched, as many as fit; 0: every layer."),
         click.option("--optim", type=click.Choice(OPTIMIZERS), help="Optimizer (default: searched, paged_adamw_32bit first)."),
         click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), help="Compute dtype (default bf16 where the GPU has it, else fp16)."),
         click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="bitsandbytes double quantization of the 4-bit scales."),
@@ -380,6 +391,11 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
     if req.seq_len and req.seq_len > spec.max_position_embeddings:
         raise UserError(f"--seq-len {req.seq_len} exceeds {spec.display_name}'s max_position_embeddings "
                         f"({spec.max_position_embeddings})")
+    if req.uncheckpointed_layers and req.uncheckpointed_layers >= spec.num_hidden_layers:
+        raise UserError(f"--uncheckpointed-layers {req.uncheckpointed_layers}: {spec.display_name} has "
+                        f"{spec.num_hidden_layers} decoder layers; for none checkpointed use --no-gradient-checkpointing")
+    if req.uncheckpointed_layers and num_gpus > 1:
+        raise UserError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
     coeffs = load_coefficients(gpu_spec.name, coefficients)
     if num_gpus > 1:
         return _plan_multi(spec, gpu_spec, req, coeffs, num_gpus, strategy, cpu_offload, loading, as_json, save,
@@ -394,7 +410,7 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
         fit_map_png(spec, gpu_spec, req, coeffs, fit_map)
     exact_text = None
     if exact and result.best is not None:
-        exact_text = _exact(spec, result.best, doc)
+        exact_text = _exact(spec, result.best, doc, coeffs)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif result.best is None:
@@ -441,7 +457,7 @@ def _plan_multi(spec, gpu_spec, req: Request, coeffs, n: int, strategy, cpu_offl
     return 0 if choice.best is not None else 1
 
 
-def _exact(spec, best, doc: dict) -> str:
+def _exact(spec, best, doc: dict, coeffs) -> str:
     """`--exact`: trace the recommended plan; adds doc["exact"] and returns the text section."""
     try:
         import torch  # noqa: F401  (the train extra)
@@ -451,9 +467,19 @@ def _exact(spec, best, doc: dict) -> str:
     from planner.exact import device_for, trace_step
 
     device = device_for(best.gpu)
+    note = ""
+    if best.train.uncheckpointed_layers:
+        # the trace extrapolates from a few layers that share one checkpointing mode: it traces the
+        # same plan with every layer checkpointed, against that plan's analytic breakdown
+        from planner.search import make_plan
+
+        best = make_plan(spec, best.gpu, best.lora, replace(best.train, uncheckpointed_layers=0), coeffs)
+        note = ("\nnote: exact mode traced this plan with every layer checkpointed (it extrapolates from a few "
+                "layers that share one mode); the partial checkpointing above is analytic only")
     traced = trace_step(spec, best.lora, best.train, device=device)
     doc["exact"] = exact_json(spec, best.lora, best.train, best.memory, result=traced, device=device)
-    return exact_section(spec, best.lora, best.train, best.memory, result=traced, device=device)
+    doc["exact"]["traced_uncheckpointed_layers"] = 0 if note else best.train.uncheckpointed_layers
+    return exact_section(spec, best.lora, best.train, best.memory, result=traced, device=device) + note
 
 
 # --------------------------------------------------------------------------- catalogs

@@ -91,6 +91,9 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in backward (less memory, ~30% slower); default: planned. "
                    "Example: --gradient-checkpointing")
+@click.option("--uncheckpointed-layers", type=click.IntRange(min=0), metavar="N",
+              help="With checkpointing on, the last N decoder layers keep their activations (no recompute); "
+                   "default: planned, as many as fit. Example: --uncheckpointed-layers 0")
 @click.option("--optim", type=click.Choice(OPTIMIZERS),
               help="Optimizer (default: planned). Example: --optim paged_adamw_8bit")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES),
@@ -121,7 +124,7 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
               help="With --num-gpus: plan, write accelerate_config.json and job.json to --output and print the "
                    "launch command, without training. Example: --num-gpus 2 --dry-run")
 def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, seq_len, effective_batch, batch_size,
-            plan_path, rank, alpha, lora_dropout, targets, gradient_checkpointing, optim, compute_dtype, fmt,
+            plan_path, rank, alpha, lora_dropout, targets, gradient_checkpointing, uncheckpointed_layers, optim, compute_dtype, fmt,
             save_steps, learning_rate, padding, num_gpus, strategy, num_machines, machine_rank, main_process_ip,
             main_process_port, dry_run):
     """Fine-tune with QLoRA using the planned settings; an out-of-memory error never loses progress.
@@ -151,7 +154,8 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
             output=resume or output, model=model, dataset=dataset, demo=demo, overwrite=overwrite,
             resume=bool(resume), epochs=epochs, max_steps=max_steps, seq_len=seq_len, effective_batch=effective_batch,
             batch_size=batch_size, plan_path=plan_path, rank=rank, alpha=alpha, lora_dropout=lora_dropout,
-            targets=_targets(targets), gradient_checkpointing=gradient_checkpointing, optim=optim,
+            targets=_targets(targets), gradient_checkpointing=gradient_checkpointing,
+            uncheckpointed_layers=uncheckpointed_layers, optim=optim,
             compute_dtype=compute_dtype, fmt=fmt, save_steps=save_steps, learning_rate=learning_rate, padding=padding,
             num_gpus=num_gpus, strategy=strategy, num_machines=num_machines, machine_rank=machine_rank,
             main_process_ip=main_process_ip, main_process_port=main_process_port, dry_run=dry_run)

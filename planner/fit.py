@@ -23,6 +23,14 @@ def read_runs(paths):
     return df
 
 
+def row_int(row, key: str, default: int = 0) -> int:
+    """An integer column that older CSV files do not have (absent, empty or NaN after a concat: default)."""
+    v = row.get(key, default) if hasattr(row, "get") else default
+    if v is None or v == "" or v != v:
+        return default
+    return int(float(v))
+
+
 def _row_settings(row):
     from planner.specs import LoraSettings, TrainSettings
 
@@ -32,7 +40,8 @@ def _row_settings(row):
                           seq_len=int(row["seq_len"]), gradient_checkpointing=str(row["gradient_checkpointing"]) == "True",
                           optim=row["optim"], compute_dtype=row["compute_dtype"],
                           double_quant=str(row["double_quant"]) == "True",
-                          expandable_segments="expandable_segments:True" in str(row["alloc_conf"]))
+                          expandable_segments="expandable_segments:True" in str(row["alloc_conf"]),
+                          uncheckpointed_layers=row_int(row, "uncheckpointed_layers"))
     return lora, train
 
 
@@ -129,7 +138,7 @@ def fit_reserve(items: list[dict], coeffs: Coefficients) -> dict:
         a, b = [], []
         for it in sel:
             bd = _breakdown(it, coeffs)
-            feats = reserve_features(it["model"], it["train"], bd.components())
+            feats = reserve_features(it["model"], it["lora"], it["train"], bd.components())
             a.append([feats[f] / it["reserved"] for f in RESERVE_FEATURES])
             b.append((it["reserved"] - it["alloc"]) / it["reserved"])
         sol = _nnls(np.array(a), np.array(b), iterations=3000)

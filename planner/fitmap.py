@@ -42,10 +42,12 @@ class FitCell:
 
 
 def cell_request(request: Request, batch_size: int, seq_len: int) -> Request:
-    """The request of one cell: micro-batch and sequence fixed, the adapter held constant."""
+    """The request of one cell: micro-batch and sequence fixed, the adapter held constant, and every layer
+    checkpointed unless asked otherwise (partial checkpointing would fill each cell to the card)."""
     default = LoraSettings()
     return replace(request, batch_size=batch_size, grad_accum=None, seq_len=seq_len,
-                   rank=request.rank or default.rank, targets=request.targets or default.targets)
+                   rank=request.rank or default.rank, targets=request.targets or default.targets,
+                   uncheckpointed_layers=request.uncheckpointed_layers or 0)
 
 
 def fit_map(model: ModelSpec, gpu: GpuSpec, request: Request, coeffs: Coefficients,

@@ -30,7 +30,8 @@ PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer: paged 
 FP32 = DTYPE_BYTES["fp32"]
 BOOL_MASK = 1  # torch.native_dropout returns a bool mask, 1 byte per element
 INT64 = 8
-RESERVE_TERMS = ("logits_block", "logits_block_ckpt", "layer_working_set", "saved_activations")  # see reserve_features
+RESERVE_TERMS = ("logits_block", "logits_block_ckpt", "recompute_layer", "hidden_block_ckpt", "layer_working_set",
+                 "saved_activations")  # see reserve_features
 
 
 def alloc(n_bytes: int) -> int:
@@ -258,9 +259,9 @@ def sliding_window_mask_bytes(model: ModelSpec, train: TrainSettings) -> int:
     mask and sdpa leaves the flash kernel for one that takes an additive bias; without
     checkpointing its backward held one fp32 bias over the heads (4 x heads x s^2) extra.
     Seen on one measured configuration (Mistral-7B, seq 4096, no checkpointing, H200); the
-    checkpointed runs at seq 4096 showed no such term, so none is added there."""
+    checkpointed runs at seq 4096 showed no such term, so only an uncheckpointed layer's backward adds it."""
     w = model.sliding_window
-    if not w or train.seq_len < w or train.gradient_checkpointing:
+    if not w or train.seq_len < w:
         return 0
     return FP32 * model.num_attention_heads * train.seq_len * train.seq_len
 
@@ -271,28 +272,39 @@ def dequant_buffer_bytes(model: ModelSpec, train: TrainSettings) -> int:
     return alloc(DTYPE_BYTES[train.compute_dtype] * largest)
 
 
-def saved_activations_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...],
-                            train: TrainSettings, attn_impl: str, coeffs: Coefficients) -> int:
-    """All layers' saved tensors for one micro-batch (the structural estimate times act_scale)."""
+def _layer_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...], train: TrainSettings,
+                 attn_impl: str, coeffs: Coefficients) -> tuple[float, float]:
+    """(one layer's saved set when not checkpointed, its checkpointed input) for one micro-batch."""
     t = train.tokens_per_micro_batch
-    if train.gradient_checkpointing:
-        per_layer = checkpointed_layer_saved_bytes_per_token(model, train) * coeffs.get("ckpt_saved_scale")
-    else:
-        per_layer = layer_saved_bytes_per_token(model, lora, names, train, attn_impl) * coeffs.get("act_scale")
-    layers = int(model.num_hidden_layers * per_layer * t)
-    return layers + head_saved_bytes(model, train) + moe_expert_weight_copies_bytes(model, train)
+    full = layer_saved_bytes_per_token(model, lora, names, train, attn_impl) * t * coeffs.get("act_scale")
+    ckpt = checkpointed_layer_saved_bytes_per_token(model, train) * t * coeffs.get("ckpt_saved_scale")
+    return full, ckpt
+
+
+def saved_activations_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...],
+                            train: TrainSettings, attn_impl: str, coeffs: Coefficients,
+                            *, checkpointed_only: bool = False) -> int:
+    """All layers' saved tensors for one micro-batch (the structural estimate times act_scale):
+    checkpointed layers keep their input, the others (the last uncheckpointed_layers) everything.
+    checkpointed_only: what is left once backward has passed the uncheckpointed layers."""
+    full, ckpt = _layer_bytes(model, lora, names, train, attn_impl, coeffs)
+    k = train.checkpointed_layers(model.num_hidden_layers)
+    n_full = 0 if checkpointed_only else model.num_hidden_layers - k
+    return int(k * ckpt + n_full * full) + head_saved_bytes(model, train) + moe_expert_weight_copies_bytes(model, train)
 
 
 def layer_working_set_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...],
-                            train: TrainSettings, attn_impl: str, coeffs: Coefficients) -> int:
+                            train: TrainSettings, attn_impl: str, coeffs: Coefficients,
+                            *, recompute: bool | None = None) -> int:
     """While one layer is back-propagated: its gradients and temporaries (bwd_temp_factor x the
-    layer's saved set), the layer's recomputed activations under checkpointing, and one
-    dequantized weight."""
-    t = train.tokens_per_micro_batch
-    layer = layer_saved_bytes_per_token(model, lora, names, train, attn_impl) * t * coeffs.get("act_scale")
-    recompute = layer if train.gradient_checkpointing else 0
-    return (int(recompute + coeffs.get("bwd_temp_factor") * layer) + dequant_buffer_bytes(model, train)
-            + sliding_window_mask_bytes(model, train))
+    layer's saved set), the layer's recomputed activations when it is checkpointed, and one
+    dequantized weight. recompute=None: the last layer's case (checkpointed unless some layers are not)."""
+    full, _ = _layer_bytes(model, lora, names, train, attn_impl, coeffs)
+    if recompute is None:
+        recompute = train.checkpointed_layers(model.num_hidden_layers) == model.num_hidden_layers
+    mask = 0 if recompute else sliding_window_mask_bytes(model, train)  # an uncheckpointed layer's backward
+    return (int((full if recompute else 0) + coeffs.get("bwd_temp_factor") * full) + dequant_buffer_bytes(model, train)
+            + mask)
 
 
 def optimizer_step_temp_bytes(numels: tuple[int, ...], optim: str, coeffs: Coefficients) -> int:
@@ -307,24 +319,40 @@ def cuda_context_bytes(coeffs: Coefficients) -> int:
     return int(coeffs.get("cuda_context_bytes"))
 
 
-def reserve_features(model: ModelSpec, train: TrainSettings, terms: dict[str, int]) -> dict[str, int]:
-    """What the allocator's slack at the peak scales with, in bytes: the fp32 logits tensor (the
-    largest single block of a step; under checkpointing its freed block is not reused by the
-    recomputation that follows), the layer working set and the saved activations."""
-    logits_block = FP32 * model.vocab_size * train.tokens_per_micro_batch
+def reserve_features(model: ModelSpec, lora: LoraSettings, train: TrainSettings, terms: dict[str, int]) -> dict[str, int]:
+    """What the allocator's slack at the peak scales with, in bytes (each gets a fitted fraction per
+    allocator mode; the set was chosen by cross-validation on the measured runs, calibration/REPORT.md):
+      - logits_block: the fp32 logits tensor, the largest single block of a step;
+      - logits_block_ckpt: the same times the share of checkpointed layers (under checkpointing its freed
+        block is not reused by the recomputation that follows; the fewer layers recompute, the less so);
+      - recompute_layer: one layer's own activations under checkpointing (the recompute allocates them
+        again at every layer and their cached blocks stay reserved whichever phase holds the peak; the
+        layer's LoRA input copies are left out, which cross-validated better);
+      - hidden_block_ckpt: one fp32 hidden-state tensor under checkpointing (the checkpoint boundary);
+      - the layer working set and the saved activations of the peak phase."""
+    t = train.tokens_per_micro_batch
+    logits_block = FP32 * model.vocab_size * t
+    k = train.checkpointed_layers(model.num_hidden_layers)
+    recompute = hidden = 0
+    if k:
+        recompute = layer_saved_bytes_per_token(model, lora, (), train, model.attn_implementation) * t
+        hidden = FP32 * model.hidden_size * t
     return {
         "logits_block": logits_block,
-        "logits_block_ckpt": logits_block if train.gradient_checkpointing else 0,
+        "logits_block_ckpt": logits_block * k // model.num_hidden_layers,
+        "recompute_layer": recompute,
+        "hidden_block_ckpt": hidden,
         "layer_working_set": terms["layer_working_set"],
         "saved_activations": terms["saved_activations"],
     }
 
 
-def allocator_reserve_bytes(model: ModelSpec, train: TrainSettings, terms: dict[str, int], coeffs: Coefficients) -> int:
+def allocator_reserve_bytes(model: ModelSpec, lora: LoraSettings, train: TrainSettings, terms: dict[str, int],
+                            coeffs: Coefficients) -> int:
     """Reserved minus allocated at the peak: the caching allocator keeps freed blocks that the next
     request cannot reuse. Per allocator mode, calibrated fractions of reserve_features()."""
     mode = "expandable" if train.expandable_segments else "default"
-    feats = reserve_features(model, train, terms)
+    feats = reserve_features(model, lora, train, terms)
     return int(sum(coeffs.get(f"reserve_{name}_{mode}") * v for name, v in feats.items()))
 
 
@@ -363,7 +391,7 @@ def phases(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: C
         return {**weights, "lora_grads": lora_grads, "optimizer_state": opt_torch,
                 "saved_activations": saved_activations, "layer_working_set": layer_working_set, "logits": logits}
 
-    return {
+    out = {
         "forward, at the loss": phase(
             grads_at_loss, saved, 0, lm_copy + logits_bytes(model, train, coeffs, "forward")),
         "backward, at the loss": phase(
@@ -372,6 +400,14 @@ def phases(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: C
             grads, saved, layer_working_set_bytes(model, lora, names, train, attn_impl, coeffs), 0),
         "optimizer step": phase(grads, 0, optimizer_step_temp_bytes(numels, train.optim, coeffs), 0),
     }
+    k = train.checkpointed_layers(model.num_hidden_layers)
+    if 0 < k < model.num_hidden_layers:
+        # partial checkpointing: backward reaches the checkpointed layers once the uncheckpointed ones
+        # (the last layers) have freed their saved sets; the first of them is recomputed there
+        out["backward, last checkpointed layer"] = phase(
+            grads, saved_activations_bytes(model, lora, names, train, attn_impl, coeffs, checkpointed_only=True),
+            layer_working_set_bytes(model, lora, names, train, attn_impl, coeffs, recompute=True), 0)
+    return out
 
 
 def paged_state_bytes(model: ModelSpec, lora: LoraSettings, train: TrainSettings) -> int:
@@ -390,7 +426,7 @@ def estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs:
     by_phase = phases(model, lora, train, coeffs)
 
     def reserved(terms):
-        return sum(terms.values()) + allocator_reserve_bytes(model, train, terms, coeffs)
+        return sum(terms.values()) + allocator_reserve_bytes(model, lora, train, terms, coeffs)
 
     def required(terms):
         activation_part = terms["saved_activations"] + terms["layer_working_set"] + terms["logits"]
@@ -399,7 +435,7 @@ def estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs:
     peak_phase, terms = max(by_phase.items(), key=lambda kv: reserved(kv[1]))
     return MemoryBreakdown(
         **terms,
-        allocator_reserve=allocator_reserve_bytes(model, train, terms, coeffs),
+        allocator_reserve=allocator_reserve_bytes(model, lora, train, terms, coeffs),
         cuda_context=cuda_context_bytes(coeffs),
         paged_optimizer_state=paged_state_bytes(model, lora, train),
         peak_phase=peak_phase,

@@ -285,7 +285,7 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
         if best is None or required > best[0]:
             best = (required, name, terms)
     required, _, terms = best
-    reserve = allocator_reserve_bytes(model, train, terms, coeffs)
+    reserve = allocator_reserve_bytes(model, lora, train, terms, coeffs)
     margin = int(fsdp_margin_frac(coeffs) * sum(terms.values()))
     training_needs = required + ctx + nccl
 
@@ -354,6 +354,8 @@ def per_gpu(strategy: str, model: ModelSpec, lora: LoraSettings, train: TrainSet
 def rank_request(req: Request, n: int, strategy: str) -> tuple[Request, list[str]]:
     """The request one rank searches: the effective batch split over n ranks; FSDP fixes the optimizer."""
     notes = []
+    if req.uncheckpointed_layers:
+        raise ValueError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
     if strategy == "fsdp":
         if req.optim not in (None, FSDP_OPTIM):
             raise ValueError(f"--optim {req.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
@@ -369,9 +371,11 @@ def rank_request(req: Request, n: int, strategy: str) -> tuple[Request, list[str
 
 
 def _key(tier: int, p: MultiPlan) -> tuple:
-    """planner.search.rank_key's order: fitting, LoRA tier, longer sequences, faster, optimizer, memory."""
+    """planner.search.rank_key's order: fitting, LoRA tier, longer sequences, 32-bit optimizer state, faster,
+    optimizer, memory."""
     optim_pref = OPTIM_ORDER.index(p.train.optim) if p.train.optim in OPTIM_ORDER else 0
-    return (not p.fits, tier, -p.train.seq_len, -round(p.tokens_per_s_per_gpu, 1), optim_pref, p.memory.needs_bytes)
+    return (not p.fits, tier, -p.train.seq_len, "8bit" in p.train.optim, -round(p.tokens_per_s_per_gpu, 1), optim_pref,
+            p.memory.needs_bytes)
 
 
 def plan_multi(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, n: int, strategy: str,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tabulate import tabulate
 
 from planner.memory import quant_constants_bytes, quantized_weights_bytes, resolve_targets, trainable_params
@@ -22,10 +24,27 @@ def _params_str(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
+def ckpt_str(plan: Plan, short: bool = False) -> str:
+    """'on', 'off', or partial: 'on for 28 of 32 layers' ('on 28/32' when short)."""
+    t, layers = plan.train, plan.model.num_hidden_layers
+    k = t.checkpointed_layers(layers)
+    if not t.gradient_checkpointing or k == 0:
+        return "off"
+    if k == layers:
+        return "on"
+    return f"on {k}/{layers}" if short else f"on for {k} of {layers} layers"
+
+
 def component_labels(plan: Plan) -> dict[str, str]:
     m, t, lora = plan.model, plan.train, plan.lora
-    ckpt = (f"{m.num_hidden_layers} checkpointed layer inputs" if t.gradient_checkpointing
-            else f"{m.num_hidden_layers} layers, no checkpointing")
+    k = t.checkpointed_layers(m.num_hidden_layers)
+    if k == m.num_hidden_layers:
+        ckpt = f"{m.num_hidden_layers} checkpointed layer inputs"
+    elif k:
+        ckpt = f"{k} checkpointed layer inputs + {m.num_hidden_layers - k} whole layers"
+    else:
+        ckpt = f"{m.num_hidden_layers} layers, no checkpointing"
+    recompute = k == m.num_hidden_layers or (k and plan.memory.peak_phase == "backward, last checkpointed layer")
     return {
         "quantized_weights": f"4-bit base weights (NF4, {_params_str(m.quantized_param_count)} params)",
         "quant_constants": "quantization constants (" + ("double quant)" if t.double_quant else "fp32 absmax)"),
@@ -34,7 +53,7 @@ def component_labels(plan: Plan) -> dict[str, str]:
         "lora_grads": "LoRA gradients (fp32)",
         "optimizer_state": f"optimizer state ({t.optim})",
         "saved_activations": f"saved activations ({ckpt})",
-        "layer_working_set": ("recomputed layer + backward temporaries" if t.gradient_checkpointing
+        "layer_working_set": ("recomputed layer + backward temporaries" if recompute
                               else "backward temporaries of one layer"),
         "logits": f"logits + cross-entropy (fp32, vocab {m.vocab_size:,})",
         "allocator_reserve": "allocator reserve (reserved - allocated)",
@@ -48,7 +67,7 @@ def settings_line(plan: Plan) -> str:
     targets = ",".join(lora.targets)
     return (f"micro-batch {t.batch_size} x accumulation {t.grad_accum} = effective batch {t.effective_batch} · "
             f"seq {t.seq_len} · LoRA r{lora.rank} ({targets}) · gradient checkpointing "
-            f"{'on' if t.gradient_checkpointing else 'off'} · {t.optim} · {t.compute_dtype} · "
+            f"{ckpt_str(plan)} · {t.optim} · {t.compute_dtype} · "
             f"expandable_segments {'on' if t.expandable_segments else 'off'}")
 
 
@@ -71,7 +90,7 @@ def breakdown_table(plan: Plan) -> str:
 def _short(plan: Plan) -> str:
     t, lora = plan.train, plan.lora
     return (f"{t.batch_size}x{t.grad_accum} seq {t.seq_len} r{lora.rank} {','.join(lora.targets)} "
-            f"ckpt {'on' if t.gradient_checkpointing else 'off'} {t.optim}")
+            f"ckpt {ckpt_str(plan, short=True)} {t.optim}")
 
 
 def alternatives(result: SearchResult, best: Plan, n: int = 4) -> list[Plan]:
@@ -79,7 +98,7 @@ def alternatives(result: SearchResult, best: Plan, n: int = 4) -> list[Plan]:
     variants of one shape are not shown separately."""
 
     def shape(p: Plan):
-        return (p.train.batch_size, p.train.gradient_checkpointing, p.train.seq_len, p.lora)
+        return (p.train.batch_size, p.train.gradient_checkpointing, p.train.uncheckpointed_layers, p.train.seq_len, p.lora)
 
     out, seen = [], {shape(best)}
     for p in result.fitting:
@@ -102,6 +121,12 @@ def _why(result: SearchResult, best: Plan, coeffs: Coefficients) -> list[str]:
                      f"{gib_str(best.capacity_bytes)} GiB).")
     elif t.batch_size == t.effective_batch:
         lines.append(f"the micro-batch is the whole effective batch ({t.effective_batch}); raise --effective-batch to go bigger.")
+    k, layers = t.checkpointed_layers(best.model.num_hidden_layers), best.model.num_hidden_layers
+    if t.gradient_checkpointing and 0 < k < layers:
+        full = [p for p in result.plans if p.train == replace(t, uncheckpointed_layers=0) and p.lora == best.lora]
+        gain = f" (est. {best.tokens_per_s / full[0].tokens_per_s - 1:+.0%} tokens/s)" if full and full[0].tokens_per_s else ""
+        lines.append(f"the last {layers - k} of {layers} layers are not checkpointed: they keep their activations "
+                     f"in memory that would otherwise stay unused and skip their recompute{gain}.")
     if t.gradient_checkpointing:
         twin = [p for p in result.plans if p.train.batch_size == t.batch_size and not p.train.gradient_checkpointing
                 and p.lora == best.lora and p.train.optim == t.optim and p.train.seq_len == t.seq_len]

@@ -32,7 +32,9 @@ BAR_WIDTH = 32  # characters of the longest bar in the terminal chart
 def plan_str(plan: Plan) -> str:
     """'8 x 2, ckpt, r16 all-linear' (+ optimizer when not the QLoRA default, + fp16)."""
     t, lora = plan.train, plan.lora
-    parts = [f"{t.batch_size} x {t.grad_accum}", "ckpt" if t.gradient_checkpointing else "no ckpt",
+    k, layers = t.checkpointed_layers(plan.model.num_hidden_layers), plan.model.num_hidden_layers
+    ckpt = "no ckpt" if not k else "ckpt" if k == layers else f"ckpt {k}/{layers}"
+    parts = [f"{t.batch_size} x {t.grad_accum}", ckpt,
              f"r{lora.rank} {','.join(lora.targets)}"]
     if t.optim != DEFAULT_OPTIM:
         parts.append(t.optim)
@@ -45,7 +47,13 @@ def config_str(plan: Plan) -> str:
     """The longer form used in 'does not fit' lines."""
     t, lora = plan.train, plan.lora
     return (f"micro-batch {t.batch_size} x accumulation {t.grad_accum}, seq {t.seq_len}, r{lora.rank} {','.join(lora.targets)}, "
-            f"{'checkpointing' if t.gradient_checkpointing else 'no checkpointing'}, {t.optim}")
+            f"{_ckpt_words(plan)}, {t.optim}")
+
+
+def _ckpt_words(plan: Plan) -> str:
+    t, layers = plan.train, plan.model.num_hidden_layers
+    k = t.checkpointed_layers(layers)
+    return "no checkpointing" if not k else "checkpointing" if k == layers else f"checkpointing {k} of {layers} layers"
 
 
 def _figure(x: float) -> str:

@@ -36,6 +36,7 @@ class Request:
     lora_dropout: float = 0.05
     targets: tuple[str, ...] | None = None
     gradient_checkpointing: bool | None = None
+    uncheckpointed_layers: int | None = None  # None: searched (the most that fit); 0: checkpoint every layer
     optim: str | None = None
     compute_dtype: str | None = None
     double_quant: bool = True
@@ -97,7 +98,8 @@ def candidates(model: ModelSpec, gpu: GpuSpec, req: Request) -> tuple[list[tuple
                         train = TrainSettings(batch_size=mb, grad_accum=accum, seq_len=seq,
                                               gradient_checkpointing=ckpt, optim=optim, compute_dtype=dtype,
                                               double_quant=req.double_quant,
-                                              expandable_segments=req.expandable_segments)
+                                              expandable_segments=req.expandable_segments,
+                                              uncheckpointed_layers=req.uncheckpointed_layers or 0)
                         out.append((tier, lora, train))
     return out, notes
 
@@ -122,9 +124,42 @@ def make_plan(model: ModelSpec, gpu: GpuSpec, lora: LoraSettings, train: TrainSe
 
 
 def rank_key(tier: int, plan: Plan) -> tuple:
-    """Fitting first; then the LoRA quality tier; longer sequences (auto mode); faster; the preferred optimizer."""
+    """Fitting first; then the LoRA quality tier; longer sequences (auto mode); 32-bit optimizer state
+    before 8-bit (8-bit only when nothing with 32-bit state fits); faster; the preferred optimizer."""
     optim_pref = OPTIM_ORDER.index(plan.train.optim) if plan.train.optim in OPTIM_ORDER else 0
-    return (not plan.fits, tier, -plan.train.seq_len, -round(plan.tokens_per_s, 1), optim_pref, plan.memory.needs_bytes)
+    eight_bit = "8bit" in plan.train.optim
+    return (not plan.fits, tier, -plan.train.seq_len, eight_bit, -round(plan.tokens_per_s, 1), optim_pref,
+            plan.memory.needs_bytes)
+
+
+def most_uncheckpointed(plan: Plan, coeffs: Coefficients, memo: dict | None = None) -> Plan | None:
+    """Partial checkpointing: the fitting plan that leaves the most of the last decoder layers
+    uncheckpointed (each one skips its recompute and keeps its activations instead). Memory grows
+    with every layer left out, so a bisection over 1 .. layers-1 finds it. None: not even one fits."""
+    t, layers = plan.train, plan.model.num_hidden_layers
+    if not (plan.fits and t.gradient_checkpointing and t.uncheckpointed_layers == 0 and layers > 1):
+        return None
+
+    def fits(n):  # memory only (the speed estimate is made once, for the answer)
+        train = replace(t, uncheckpointed_layers=n)
+        if memo is None:
+            memory = estimate(plan.model, plan.lora, train, coeffs)
+        else:
+            memory = memo.get((plan.model, plan.lora, train))
+            if memory is None:
+                memory = memo[(plan.model, plan.lora, train)] = estimate(plan.model, plan.lora, train, coeffs)
+        return memory.needs_bytes <= plan.capacity_bytes
+
+    lo, hi, best = 1, layers - 1, 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if not best:
+        return None
+    return make_plan(plan.model, plan.gpu, plan.lora, replace(t, uncheckpointed_layers=best), coeffs, memo)
 
 
 def search(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, memo: dict | None = None) -> SearchResult:
@@ -133,6 +168,10 @@ def search(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, m
     for tier, lora, train in cands:
         plan = make_plan(model, gpu, lora, train, coeffs, memo)
         scored.append((rank_key(tier, plan), plan))
+        if req.uncheckpointed_layers is None:
+            partial = most_uncheckpointed(plan, coeffs, memo)
+            if partial is not None:
+                scored.append((rank_key(tier, partial), partial))
     scored.sort(key=lambda kv: kv[0])
     plans = tuple(p for _, p in scored)
     best = plans[0] if plans and plans[0].fits else None
@@ -144,10 +183,11 @@ def smallest(plans: tuple[Plan, ...]) -> Plan:
 
 
 def next_larger_batch(plan: Plan, coeffs: Coefficients) -> Plan | None:
-    """The same plan with the micro-batch doubled (accumulation halved): what 'one step more' needs."""
+    """The same plan with the micro-batch doubled (accumulation halved) and, under checkpointing, every
+    layer checkpointed: what 'one step more' needs at the least."""
     t = plan.train
     if t.grad_accum < 2:
         return None
-    bigger = replace(t, batch_size=t.batch_size * 2, grad_accum=t.grad_accum // 2)
+    bigger = replace(t, batch_size=t.batch_size * 2, grad_accum=t.grad_accum // 2, uncheckpointed_layers=0)
     return make_plan(plan.model, plan.gpu, plan.lora, bigger, coeffs)
 

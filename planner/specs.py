@@ -182,12 +182,19 @@ class TrainSettings:
     # prepare_model_for_kbit_training's fp32 upcast of every non-4-bit weight (the single-GPU and DDP recipe);
     # False: the FSDP-QLoRA recipe, which keeps them (and so the residual stream) in the compute dtype
     kbit_upcast: bool = True
+    # Partial checkpointing: with checkpointing on, the last N decoder layers keep their activations
+    # (no recompute for them). 0: every layer is checkpointed. Ignored when checkpointing is off.
+    uncheckpointed_layers: int = 0
 
     def __post_init__(self) -> None:
         for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
                             ("--seq-len", self.seq_len)):
             if value < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {value}")
+        if self.uncheckpointed_layers < 0:
+            raise ValueError(f"--uncheckpointed-layers must be 0 or more, got {self.uncheckpointed_layers}")
+        if not self.gradient_checkpointing and self.uncheckpointed_layers:
+            object.__setattr__(self, "uncheckpointed_layers", 0)  # one spelling of 'no checkpointing'
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -200,6 +207,12 @@ class TrainSettings:
     @property
     def effective_batch(self) -> int:
         return self.batch_size * self.grad_accum
+
+    def checkpointed_layers(self, num_layers: int) -> int:
+        """How many of the model's decoder layers are checkpointed (recomputed in backward)."""
+        if not self.gradient_checkpointing:
+            return 0
+        return max(0, num_layers - self.uncheckpointed_layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +301,8 @@ def settings_dict(lora: LoraSettings, train: TrainSettings, targets: tuple[str, 
     return {
         "batch_size": train.batch_size, "grad_accum": train.grad_accum, "seq_len": train.seq_len,
         "rank": lora.rank, "alpha": lora.alpha, "lora_dropout": lora.dropout, "targets": list(targets),
-        "gradient_checkpointing": train.gradient_checkpointing, "optim": train.optim,
+        "gradient_checkpointing": train.gradient_checkpointing,
+        "uncheckpointed_layers": train.uncheckpointed_layers, "optim": train.optim,
         "compute_dtype": train.compute_dtype, "double_quant": train.double_quant,
         "expandable_segments": train.expandable_segments,
     }

@@ -28,21 +28,26 @@ def step_flops(model: ModelSpec, lora: LoraSettings, train: TrainSettings) -> fl
     names = resolve_targets(model, lora.targets)
     lora_p = sum(lin.count * lora.rank * (lin.in_features + lin.out_features) for lin in model.linears_in(names))
     lora_fwd = 2 * t * lora_p * model.num_hidden_layers
-    passes = 2 if train.gradient_checkpointing else 1  # forward (+ recompute)
+    passes = 1 + recompute_fraction(model, train)  # forward (+ recompute of the checkpointed layers)
     return passes * (fwd + attn_fwd + lora_fwd) + fwd + 2.5 * attn_fwd + 2 * lora_fwd
+
+
+def recompute_fraction(model: ModelSpec, train: TrainSettings) -> float:
+    """The share of decoder layers whose forward runs again in backward (checkpointed layers)."""
+    return train.checkpointed_layers(model.num_hidden_layers) / model.num_hidden_layers
 
 
 def dequant_bytes(model: ModelSpec, train: TrainSettings) -> float:
     """Bytes moved dequantizing every 4-bit weight once per pass (forward, backward, recompute)."""
-    passes = 3 if train.gradient_checkpointing else 2
+    passes = 2 + recompute_fraction(model, train)
     return passes * DEQUANT_BYTES_PER_PARAM * model.quantized_param_count
 
 
 def linear_calls(model: ModelSpec, train: TrainSettings) -> int:
     """4-bit linear invocations per micro-batch (forward, backward, recompute): each costs a
     dequantize kernel, a matmul and the LoRA kernels, whose launch overhead dominates small batches."""
-    passes = 3 if train.gradient_checkpointing else 2
-    return passes * model.num_hidden_layers * sum(lin.count for lin in model.layer_linears)
+    layer_passes = 2 * model.num_hidden_layers + train.checkpointed_layers(model.num_hidden_layers)
+    return layer_passes * sum(lin.count for lin in model.layer_linears)
 
 
 def tokens_per_second(model: ModelSpec, lora: LoraSettings, train: TrainSettings, gpu: GpuSpec,

@@ -96,6 +96,11 @@ def test_nothing_fits_says_why_and_what_would():
     (["plan", "mistral-7b", "--gpu", "t4", "--optim", "sgd"], "Invalid value for '--optim'"),
     (["plan", "mistral-7b", "--gpu", "t4", "--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
     (["plan", "mistral-7b", "--gpu", "lots"], "unknown GPU 'lots'"),
+    (["plan", "mistral-7b", "--gpu", "t4", "--uncheckpointed-layers", "-1"], "--uncheckpointed-layers must be 0 or more"),
+    (["plan", "mistral-7b", "--gpu", "t4", "--uncheckpointed-layers", "2", "--no-gradient-checkpointing"],
+     "needs checkpointing: drop --no-gradient-checkpointing"),
+    (["plan", "mistral-7b", "--gpu", "t4", "--uncheckpointed-layers", "32"], "has 32 decoder layers"),
+    (["plan", "mistral-7b", "--gpu", "t4", "--uncheckpointed-layers", "2", "--num-gpus", "2"], "plans one GPU"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):
     r = CliRunner().invoke(cli, args)
@@ -220,3 +225,19 @@ def test_nothing_fits_on_one_gpu_names_the_fewest_gpus():
     assert "  fits on 4 x NVIDIA T4 with FSDP: qfit plan qwen2.5-14b --gpu t4 --num-gpus 4" in plain.output.splitlines()
     seventy = run("plan", "llama-3.1-70b", "--gpu", "rtx4090")
     assert seventy.exit_code == 1 and "fits on" not in seventy.output and "no count of up to 8" in seventy.output
+
+
+def test_partial_checkpointing_in_the_plan_text_and_json():
+    """The planner fills spare memory by leaving the last layers uncheckpointed, says so, and the
+    saved settings carry the count (qfit run --plan reads it back)."""
+    r = CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "a100-40gb", "--json"])
+    doc = json.loads(r.output)
+    n = doc["settings"]["uncheckpointed_layers"]
+    assert doc["settings"]["gradient_checkpointing"] and 0 < n < 32
+    r = CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "a100-40gb"])
+    assert f"gradient checkpointing on for {32 - n} of 32 layers" in r.output
+    assert f"the last {n} of 32 layers are not checkpointed" in r.output
+    fixed = json.loads(CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "a100-40gb", "--json",
+                                                "--uncheckpointed-layers", "0"]).output)
+    assert fixed["settings"]["uncheckpointed_layers"] == 0
+    assert fixed["memory"]["peak_allocated_bytes"] < doc["memory"]["peak_allocated_bytes"]

@@ -23,3 +23,11 @@ def test_gpu_row_has_memory(tmp_path):
     harness.main(["--grid", "tiny", "--out", str(out), "--workdir", str(tmp_path / "models")])
     rows = list(csv.DictReader(out.open()))
     assert all(int(r["peak_allocated_bytes"]) > 0 for r in rows)
+
+
+def test_appending_to_a_file_with_other_columns_is_refused(tmp_path):
+    out = tmp_path / "old.csv"
+    out.write_text("run_id,model\nx,y\n")
+    with pytest.raises(SystemExit, match="other columns"):
+        harness.main(["--grid", "tiny", "--out", str(out), "--workdir", str(tmp_path / "models")])
+    assert out.read_text() == "run_id,model\nx,y\n"

@@ -179,6 +179,20 @@ def test_backoff_keeps_the_effective_batch():
         runner.backoff(1, 8)
 
 
+def test_oom_with_uncheckpointed_layers_first_checkpoints_every_layer():
+    """Partial checkpointing is the first thing an OOM gives back: the micro-batch is kept, then halved."""
+    from planner.specs import TrainSettings
+
+    state = runner._State(train=TrainSettings(batch_size=8, grad_accum=2, gradient_checkpointing=True,
+                                              uncheckpointed_layers=3))
+    lines = []
+    runner._record_backoff(state, step=4, phase="train", message="CUDA out of memory", checkpoint=None, echo=lines.append)
+    assert (state.train.batch_size, state.train.uncheckpointed_layers) == (8, 0)
+    assert state.oom_events[-1]["uncheckpointed_layers_before"] == 3 and "every layer is checkpointed" in lines[-1]
+    runner._record_backoff(state, step=4, phase="train", message="CUDA out of memory", checkpoint=None, echo=lines.append)
+    assert (state.train.batch_size, state.train.grad_accum) == (4, 4)
+
+
 def test_oom_detection():
     import torch
 
@@ -286,6 +300,9 @@ def test_bad_data_is_reported_before_the_model_loads(cache, demo_dir, tmp_path, 
     (["--resume", "{o}"], "nothing to resume"),
     (["--resume", "{o}", "--rank", "8"], "--resume continues a run with its saved settings: drop --rank"),
     (["--demo"], "--output DIR is required"),
+    (["--demo", "--output", "{o}", "--uncheckpointed-layers", "1", "--no-gradient-checkpointing"],
+     "--uncheckpointed-layers needs checkpointing"),
+    (["--demo", "--output", "{o}", "--uncheckpointed-layers", "99"], "decoder layers; for none checkpointed"),
     (["--demo", "--output", "{o}", "--plan", "{o}/none.json"], "drop MODEL, --dataset and --plan"),
 ])
 def test_user_mistakes_are_one_line_exit_2(cache, tmp_path, no_model_load, args, expect):
@@ -423,9 +440,21 @@ def test_alloc_conf_is_set_for_the_plan_and_a_user_value_is_kept(fake_gpus, monk
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
 
 
-def test_calibration_row_uses_the_harness_layout(cache, fake_gpus):
+@pytest.mark.parametrize("older", [False, True])
+def test_calibration_row_uses_the_harness_layout(cache, fake_gpus, older):
+    """older: a runs.csv written before a column was added keeps its rows under today's header."""
     import csv
 
+    from planner.calibration import user_cache_dir
+
+    if older:
+        old_fields = [f for f in FIELDS if f != "uncheckpointed_layers"]
+        path = user_cache_dir() / "runs.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=old_fields)
+            w.writeheader()
+            w.writerow({f: "" for f in old_fields} | {"run_id": "earlier", "model": "qwen2.5-0.5b"})
     dev = runner.detect_device()
     req, _ = runner.build_request(RunOptions(output="x", effective_batch=8), None, 256)
     plan, _ = runner.plan_run(runner.load_model("qwen2.5-0.5b"), dev, req)
@@ -441,6 +470,7 @@ def test_calibration_row_uses_the_harness_layout(cache, fake_gpus):
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == FIELDS
+    assert [r["run_id"] == "earlier" for r in rows] == ([True, False] if older else [False])
     row = rows[-1]
     assert (row["model"], row["seq_len"], row["status"], row["budget_bytes"]) == ("qwen2.5-0.5b", "200", "ok", "0")
     assert int(row["peak_allocated_bytes"]) == measured["peak_allocated_bytes"] and row["gpu_name"] == "Tesla T4"

@@ -33,7 +33,7 @@ from planner.train import stack
 
 FIELDS = (
     "run_id", "model", "compute_dtype", "double_quant", "alloc_conf", "batch_size", "grad_accum", "seq_len",
-    "gradient_checkpointing", "rank", "alpha", "lora_dropout", "targets", "optim", "status", "budget_bytes",
+    "gradient_checkpointing", "uncheckpointed_layers", "rank", "alpha", "lora_dropout", "targets", "optim", "status", "budget_bytes",
     "load_peak_allocated_bytes", "after_load_allocated_bytes", "after_wrap_allocated_bytes",
     "peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes", "nvml_baseline_bytes",
     "context_bytes", "leak_bytes", "step_time_s", "tokens_per_s", "steps", "error",
@@ -53,10 +53,11 @@ def nvml_used() -> tuple[int, str, str]:
     return used, name, drv.decode() if isinstance(drv, bytes) else drv
 
 
-def _cfg(model, batch, seq, ckpt, rank, targets, optim, dtype="bf16", dq=True, accum=2, budget=0, bisect=False):
+def _cfg(model, batch, seq, ckpt, rank, targets, optim, dtype="bf16", dq=True, accum=2, budget=0, bisect=False,
+         unckpt=0):
     return dict(model=model, compute_dtype=dtype, double_quant=dq, batch_size=batch, seq_len=seq,
-                gradient_checkpointing=ckpt, rank=rank, targets=targets, optim=optim, grad_accum=accum,
-                budget_bytes=budget, bisect=bisect)
+                gradient_checkpointing=ckpt, uncheckpointed_layers=unckpt if ckpt else 0, rank=rank, targets=targets,
+                optim=optim, grad_accum=accum, budget_bytes=budget, bisect=bisect)
 
 
 def grid(name: str) -> list[dict]:
@@ -105,6 +106,31 @@ def grid(name: str) -> list[dict]:
                 _cfg(m, 4, 4096, True, 16, A, "adamw_torch"),
                 _cfg(m, 8, 2048, True, 64, L, "paged_adamw_32bit"),
                 _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", dtype="fp16")]
+    if name == "h200-alloc-c":  # the default allocator on a second 32k-vocabulary model (checkpointed peaks in a layer)
+        m = "llama-2-7b"
+        return [_cfg(m, 4, 512, False, 16, A, "paged_adamw_32bit"),
+                _cfg(m, 2, 1024, False, 64, L, "adamw_torch"),
+                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", bisect=True),
+                _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit"),
+                _cfg(m, 8, 2048, True, 8, L, "adamw_torch"),
+                _cfg(m, 16, 1024, True, 16, A, "paged_adamw_32bit", bisect=True),
+                _cfg(m, 2, 4096, True, 8, L, "paged_adamw_32bit"),
+                _cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=8),
+                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", dtype="fp16")]
+    if name == "h200-p":  # partial checkpointing: the last N decoder layers keep their activations
+        rows = []
+        for m, n in (("mistral-7b", 32), ("llama-3.1-8b", 32), ("qwen2.5-1.5b", 28)):
+            rows += [_cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=n // 4, bisect=True),
+                     _cfg(m, 4, 2048, True, 16, A, "adamw_torch", unckpt=n // 2),
+                     _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit", unckpt=n - 4)]
+        return rows + [_cfg("llama-2-7b", 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=8),
+                       _cfg("llama-2-7b", 4, 512, True, 16, A, "adamw_torch", unckpt=16)]
+    if name == "h200-repeat":  # the worst expandable-segments row measured again, and its Mistral twin
+        return [_cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit") for m in ("llama-2-7b", "mistral-7b")]
+    if name.startswith("speed-partial:"):  # benchmarks/partial_ckpt_speed.py: one model, each setting twice
+        m = name.split(":", 1)[1]
+        once = [_cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=u) for u in (0, 4, 8, 16, 31)]
+        return (once + [_cfg(m, 8, 1024, False, 16, L, "paged_adamw_32bit")]) * 2
     if name == "h200-c":  # a fourth architecture whose checkpointed backward, not the logits, sets the peak
         m = "llama-2-7b"
         return [_cfg(m, 4, 512, True, 16, L, "paged_adamw_32bit", bisect=True),
@@ -136,7 +162,7 @@ def grid(name: str) -> list[dict]:
 
 
 def grid_from_json(path: str) -> list[dict]:
-    """A JSON list of {model, batch, seq, ckpt, rank, targets, optim[, dtype, dq, accum, budget, bisect]}."""
+    """A JSON list of {model, batch, seq, ckpt, rank, targets, optim[, dtype, dq, accum, budget, bisect, unckpt]}."""
     return [_cfg(**row) for row in json.loads(Path(path).read_text())]
 
 
@@ -164,7 +190,8 @@ def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
     lora = LoraSettings(rank=cfg["rank"], alpha=2 * cfg["rank"], dropout=0.05, targets=(cfg["targets"],))
     train = TrainSettings(batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], seq_len=cfg["seq_len"],
                           gradient_checkpointing=cfg["gradient_checkpointing"], optim=cfg["optim"],
-                          compute_dtype=cfg["compute_dtype"], double_quant=cfg["double_quant"])
+                          compute_dtype=cfg["compute_dtype"], double_quant=cfg["double_quant"],
+                          uncheckpointed_layers=cfg.get("uncheckpointed_layers", 0))
     names = resolve_targets(spec, lora.targets)
     row = {**env, **cfg, "alpha": lora.alpha, "lora_dropout": lora.dropout, "status": "ok", "error": "",
            "after_load_allocated_bytes": after_load}
@@ -178,7 +205,7 @@ def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
         ds = stack.FixedLengthDataset(train.batch_size * train.grad_accum * steps, train.seq_len, spec.vocab_size)
         timer = stack.StepTimer()
         args = stack.training_arguments(outdir, train, max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant")
-        trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer])
+        trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer, *stack.checkpoint_callbacks(train)])
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -243,7 +270,9 @@ def record_failure(row: dict, exc: BaseException, cuda: bool) -> None:
 def _record(writer, fh, row: dict, cfg: dict, env: dict, load_peak: int) -> dict:
     row["load_peak_allocated_bytes"] = load_peak
     row["run_id"] = (f"{cfg['model']}|{cfg['compute_dtype']}|dq{int(cfg['double_quant'])}|b{cfg['batch_size']}x{cfg['grad_accum']}|"
-                     f"s{cfg['seq_len']}|ckpt{int(cfg['gradient_checkpointing'])}|r{cfg['rank']}|{cfg['targets']}|"
+                     f"s{cfg['seq_len']}|ckpt{int(cfg['gradient_checkpointing'])}"
+                     + (f"-u{cfg['uncheckpointed_layers']}" if cfg.get("uncheckpointed_layers") else "")
+                     + f"|r{cfg['rank']}|{cfg['targets']}|"
                      f"{cfg['optim']}|{env['alloc_conf'] or 'default'}|cap{cfg['budget_bytes']}")
     writer.writerow(row)
     fh.flush()
@@ -279,6 +308,8 @@ def main(argv=None) -> int:
     env["cuda"] = torch.version.cuda or ""
     out = Path(args.out)
     new = not out.exists()
+    if not new and out.read_text().split("\n", 1)[0].split(",") != list(FIELDS):
+        raise SystemExit(f"{out} was written with other columns: give a new --out file")
     with out.open("a", newline="") as fh, tempfile.TemporaryDirectory() as tmp:
         writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
         if new:

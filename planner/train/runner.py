@@ -94,6 +94,7 @@ class RunOptions:
     lora_dropout: float | None = None
     targets: tuple[str, ...] | None = None
     gradient_checkpointing: bool | None = None
+    uncheckpointed_layers: int | None = None  # partial checkpointing (None: planned)
     optim: str | None = None
     compute_dtype: str | None = None
     fmt: str | None = None
@@ -467,16 +468,19 @@ def build_request(opts: RunOptions, plan_doc: dict | None, seq_len: int) -> tupl
         targets = s["targets"] if isinstance(s["targets"], list) else [s["targets"]]
         base = dict(batch_size=s["batch_size"], grad_accum=s["grad_accum"], rank=s["rank"], alpha=s.get("alpha"),
                     lora_dropout=s.get("lora_dropout", 0.05), targets=tuple(targets),
-                    gradient_checkpointing=s.get("gradient_checkpointing"), optim=s["optim"],
+                    gradient_checkpointing=s.get("gradient_checkpointing"),
+                    uncheckpointed_layers=s.get("uncheckpointed_layers", 0), optim=s["optim"],
                     compute_dtype=s["compute_dtype"], double_quant=s.get("double_quant", True),
                     expandable_segments=s.get("expandable_segments", True))
     given = {k: getattr(opts, k) for k in ("rank", "alpha", "lora_dropout", "targets", "gradient_checkpointing",
-                                           "optim", "compute_dtype") if getattr(opts, k) is not None}
+                                           "uncheckpointed_layers", "optim", "compute_dtype")
+             if getattr(opts, k) is not None}
     if plan_doc and (given or opts.effective_batch or (opts.seq_len and opts.seq_len != plan_doc["settings"]["seq_len"])):
         # the saved micro-batch was fitted to the saved settings: let the planner fit it again
         eff = base.pop("batch_size") * base.pop("grad_accum")
         base["effective_batch"] = eff
         notes.append("options given on top of --plan: the micro-batch is planned again (effective batch kept)")
+        base.pop("uncheckpointed_layers", None)  # fitted with the micro-batch
     base.update(given)
     if opts.effective_batch:
         base["effective_batch"] = opts.effective_batch
@@ -487,6 +491,8 @@ def build_request(opts: RunOptions, plan_doc: dict | None, seq_len: int) -> tupl
         base.pop("grad_accum", None)
         base.setdefault("effective_batch", max(opts.batch_size, DEFAULT_EFFECTIVE_BATCH))
     base["seq_len"] = seq_len
+    if base.get("uncheckpointed_layers") and base.get("gradient_checkpointing") is None:
+        base["gradient_checkpointing"] = True  # leaving some layers uncheckpointed means checkpointing the others
     if base.get("lora_dropout") is None:
         base.pop("lora_dropout", None)
     return Request(**base), notes
@@ -782,6 +788,14 @@ def _check_against_model(opts: RunOptions, spec: ModelSpec) -> None:
     if opts.seq_len and opts.seq_len > spec.max_position_embeddings:
         raise RunError(f"--seq-len {opts.seq_len} exceeds {spec.display_name}'s max_position_embeddings "
                        f"({spec.max_position_embeddings})")
+    if opts.uncheckpointed_layers:
+        if opts.gradient_checkpointing is False:
+            raise RunError("--uncheckpointed-layers needs checkpointing: drop --no-gradient-checkpointing")
+        if opts.uncheckpointed_layers >= spec.num_hidden_layers:
+            raise RunError(f"--uncheckpointed-layers {opts.uncheckpointed_layers}: {spec.display_name} has "
+                           f"{spec.num_hidden_layers} decoder layers; for none checkpointed use --no-gradient-checkpointing")
+        if (opts.num_gpus or 1) > 1:
+            raise RunError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
 
 
 def _check_plan_model(plan_doc: dict, spec: ModelSpec, plan_path: str) -> None:
@@ -836,7 +850,8 @@ def _saved_settings(saved: dict) -> tuple[LoraSettings, TrainSettings]:
     train = TrainSettings(batch_size=s["batch_size"], grad_accum=s["grad_accum"], seq_len=s["seq_len"],
                           gradient_checkpointing=s["gradient_checkpointing"], optim=s["optim"],
                           compute_dtype=s["compute_dtype"], double_quant=s["double_quant"],
-                          expandable_segments=s["expandable_segments"])
+                          expandable_segments=s["expandable_segments"],
+                          uncheckpointed_layers=s.get("uncheckpointed_layers", 0))  # runs saved before it existed: 0
     return lora, train
 
 
@@ -985,7 +1000,7 @@ def _fit_probe(model, state: _State, vocab_size: int, echo, device: str = "cuda"
     micro-batch the data can produce), before any step: an OOM here reduces the micro-batch at once."""
     import torch
 
-    from planner.train.stack import TORCH_DTYPES
+    from planner.train.stack import TORCH_DTYPES, uncheckpoint_last_layers
 
     cuda = device == "cuda"
     model.train()  # from_pretrained returns eval mode, where checkpointing and dropout are off
@@ -996,6 +1011,7 @@ def _fit_probe(model, state: _State, vocab_size: int, echo, device: str = "cuda"
             # only the old name, 5.24 both): the one this install has
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
+            uncheckpoint_last_layers(model, t.uncheckpointed_layers)
         oom = None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -1023,6 +1039,18 @@ def _fit_probe(model, state: _State, vocab_size: int, echo, device: str = "cuda"
 
 def _record_backoff(state: _State, step: int, phase: str, message: str, checkpoint: str | None, echo) -> None:
     t = state.train
+    where = f"resuming from {Path(checkpoint).name}" if checkpoint else "starting from step 1"
+    if t.gradient_checkpointing and t.uncheckpointed_layers:
+        # partial checkpointing first: checkpoint every layer again before the micro-batch shrinks
+        state.oom_events.append({"phase": phase, "step": step + 1, "message": message,
+                                 "micro_batch_before": t.batch_size, "grad_accum_before": t.grad_accum,
+                                 "micro_batch_after": t.batch_size, "grad_accum_after": t.grad_accum,
+                                 "uncheckpointed_layers_before": t.uncheckpointed_layers,
+                                 "uncheckpointed_layers_after": 0, "resumed_from": checkpoint})
+        state.train = replace(t, uncheckpointed_layers=0)
+        echo(f"out of memory ({phase}, step {step + 1}) with {t.uncheckpointed_layers} layers uncheckpointed: "
+             f"now every layer is checkpointed (micro-batch {t.batch_size} kept), {where}; no step lost")
+        return
     if t.batch_size < 2:
         raise RunError(f"out of memory at micro-batch 1 x {t.seq_len} tokens ({phase}, step {step + 1}): "
                        "try --gradient-checkpointing, a shorter --seq-len, a lower --rank or a smaller model")
@@ -1031,7 +1059,6 @@ def _record_backoff(state: _State, step: int, phase: str, message: str, checkpoi
                              "micro_batch_before": t.batch_size, "grad_accum_before": t.grad_accum,
                              "micro_batch_after": mb, "grad_accum_after": accum, "resumed_from": checkpoint})
     state.train = replace(t, batch_size=mb, grad_accum=accum)
-    where = f"resuming from {Path(checkpoint).name}" if checkpoint else "starting from step 1"
     echo(f"out of memory ({phase}, step {step + 1}) at micro-batch {t.batch_size}: now micro-batch {mb} x "
          f"accumulation {accum} (effective batch {mb * accum} unchanged), {where}; no step lost")
 
@@ -1054,7 +1081,7 @@ def _trainer(model, tokenizer, dataset, collator, out: Path, train: TrainSetting
     if args.n_gpu > 1:
         args._n_gpu = 1  # one GPU: otherwise the Trainer multiplies the micro-batch by the GPU count
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      processing_class=tokenizer, callbacks=cbs)
+                      processing_class=tokenizer, callbacks=[*cbs, *stack.checkpoint_callbacks(train)])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; qfit's own bar shows the loss
     return trainer
 
@@ -1223,6 +1250,8 @@ def settings_in_effect(trainer, model, seq_len: int) -> dict:
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
+    from planner.train.stack import decoder_layers
+
     args = trainer.args
     base = model.get_base_model()
     ckpt = base.is_activation_checkpointing if hasattr(type(base), "is_activation_checkpointing") \
@@ -1240,6 +1269,8 @@ def settings_in_effect(trainer, model, seq_len: int) -> dict:
         "effective_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps,
         "seq_len": seq_len,
         "gradient_checkpointing": bool(ckpt),
+        # partial checkpointing: decoder layers whose flag is off while checkpointing is on
+        "uncheckpointed_layers": sum(not layer.gradient_checkpointing for layer in decoder_layers(base)) if ckpt else 0,
         "optim": str(getattr(args.optim, "value", args.optim)),
         "optimizer_class": type(opt).__name__ if opt is not None else "",
         "compute_dtype": dtype_names.get(str(q4[0].compute_dtype), str(q4[0].compute_dtype)) if q4 else "",
@@ -1285,7 +1316,7 @@ def _finish(opts, out, src, tokenizer, model, trainer, collator, plan, device, c
     effect = settings_in_effect(trainer, model, config["seq_len"])
     effect["padding"] = "max-length" if collator.pad_to else "longest"  # as the collator padded
     planned = settings_dict(plan.lora, plan.train, resolve_targets(plan.model, plan.lora.targets))
-    differs = [k for k in ("batch_size", "grad_accum", "gradient_checkpointing", "optim", "compute_dtype", "rank",
+    differs = [k for k in ("batch_size", "grad_accum", "gradient_checkpointing", "uncheckpointed_layers", "optim", "compute_dtype", "rank",
                            "alpha", "double_quant") if k in planned and effect.get(k) != planned[k]]
     notes = list(state.notes)
     if differs:
@@ -1383,6 +1414,7 @@ def _append_calibration(report: dict, plan: Plan, device: Device, config: dict, 
         "model": plan.model.name, "compute_dtype": e["compute_dtype"], "double_quant": e["double_quant"],
         "alloc_conf": e["alloc_conf"], "batch_size": e["batch_size"], "grad_accum": e["grad_accum"],
         "seq_len": collator.longest or config["seq_len"], "gradient_checkpointing": e["gradient_checkpointing"],
+        "uncheckpointed_layers": e.get("uncheckpointed_layers", 0),
         "rank": e["rank"], "alpha": e["alpha"], "lora_dropout": e["lora_dropout"], "targets": targets,
         "optim": e["optim"], "status": "ok",
         "budget_bytes": ((report.get("device") or {}).get("emulation") or {}).get("budget_bytes", 0),  # capped run
@@ -1402,6 +1434,15 @@ def _append_calibration(report: dict, plan: Plan, device: Device, config: dict, 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.is_file() or path.stat().st_size == 0
+        if not new:
+            with path.open(newline="") as fh:
+                old = csv.DictReader(fh)
+                rows = list(old) if old.fieldnames != list(FIELDS) else None
+            if rows is not None:  # written by an older qfit: the same rows under today's columns
+                with path.open("w", newline="") as fh:
+                    w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+                    w.writeheader()
+                    w.writerows(rows)
         with path.open("a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
             if new:

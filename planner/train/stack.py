@@ -104,6 +104,42 @@ class FixedLengthDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
+def decoder_layers(model) -> list:
+    """The model's checkpointable decoder layers, first to last (transformers' GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def uncheckpoint_last_layers(model, n: int) -> int:
+    """Partial checkpointing: once checkpointing is on, turn it off for the last n decoder layers (they
+    keep their activations; backward reaches them first, so their memory is freed before any
+    checkpointed layer is recomputed). transformers checks each layer's flag at every forward.
+    Returns how many layers are still checkpointed."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if i >= len(layers) - n:
+            layer.gradient_checkpointing = False
+    return sum(bool(layer.gradient_checkpointing) for layer in layers)
+
+
+class PartialCheckpointing(TrainerCallback):
+    """Applies uncheckpoint_last_layers after the Trainer has turned checkpointing on (in train(),
+    before on_train_begin)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if model is not None:
+            uncheckpoint_last_layers(model, self.n)
+
+
+def checkpoint_callbacks(train: TrainSettings) -> list:
+    """The callbacks a Trainer needs for these settings' checkpointing (none unless partial)."""
+    return [PartialCheckpointing(train.uncheckpointed_layers)] if train.gradient_checkpointing and train.uncheckpointed_layers else []
+
+
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step (synchronized), for tokens/s."""
 
