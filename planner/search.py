@@ -167,15 +167,43 @@ def search(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, m
     scored = []
     for tier, lora, train in cands:
         plan = make_plan(model, gpu, lora, train, coeffs, memo)
-        scored.append((rank_key(tier, plan), plan))
-        if req.uncheckpointed_layers is None:
-            partial = most_uncheckpointed(plan, coeffs, memo)
-            if partial is not None:
-                scored.append((rank_key(tier, partial), partial))
+        scored.append((rank_key(tier, plan), tier, plan))
+    if req.uncheckpointed_layers is None:
+        scored += _partial_plans(scored, coeffs, memo)
     scored.sort(key=lambda kv: kv[0])
-    plans = tuple(p for _, p in scored)
+    plans = tuple(p for _, _, p in scored)
     best = plans[0] if plans and plans[0].fits else None
     return SearchResult(plans=plans, best=best, notes=tuple(notes))
+
+
+def _partial_plans(scored: list[tuple], coeffs: Coefficients, memo: dict | None) -> list[tuple]:
+    """Partial-checkpointing variants (most_uncheckpointed) of the fitting checkpointed candidates that
+    could still rank first: each candidate's bound is its rank with every layer but one uncheckpointed
+    (its fastest possible variant), so candidates are bisected best bound first and the rest skipped
+    once no bound can beat the best plan found. Keeps the search within its time budget."""
+    fitting = [key for key, _, p in scored if p.fits]
+    if not fitting:
+        return []
+    best = min(fitting)
+    pool = []
+    for key, tier, p in scored:
+        t, layers = p.train, p.model.num_hidden_layers
+        if not (p.fits and t.gradient_checkpointing and t.uncheckpointed_layers == 0 and layers > 1):
+            continue
+        fastest = tokens_per_second(p.model, p.lora, replace(t, uncheckpointed_layers=layers - 1), p.gpu, coeffs)
+        bound = (False, tier, -t.seq_len, "8bit" in t.optim, -round(fastest, 1)) + key[5:-1] + (0,)
+        pool.append((bound, tier, p))
+    pool.sort(key=lambda kv: kv[0])
+    out = []
+    for bound, tier, p in pool:
+        if bound >= best:
+            break
+        partial = most_uncheckpointed(p, coeffs, memo)
+        if partial is not None:
+            key = rank_key(tier, partial)
+            out.append((key, tier, partial))
+            best = min(best, key)
+    return out
 
 
 def smallest(plans: tuple[Plan, ...]) -> Plan:
