@@ -162,6 +162,7 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs) -> 
         lines.append(f"| {p['run_id'].rsplit('|cap', 1)[0]} | {p['phase']} | {gib_str(p['measured_allocated'])} | "
                      f"{gib_str(p['predicted_allocated'])} | {_pct(p, 'allocated'):+.1f}% | {gib_str(p['measured_reserved'])} | "
                      f"{gib_str(p['predicted_reserved'])} | {_pct(p, 'reserved'):+.1f}% |")
+    lines += required_section(df)
     lines += validation_section(coeffs)
     lines += multigpu_section(coeffs)
     lines.append("")
@@ -270,6 +271,36 @@ def multigpu_section(coeffs) -> list[str]:
     return lines
 
 
+def required_section(df) -> list[str]:
+    """The smallest allocator budget, cross-validated on the cap bisections."""
+    from planner.fit import cross_validate_required
+
+    groups = cross_validate_required(df)
+    if not groups:
+        return []
+    lines = ["", "## Smallest budget (allocator-cap bisections, leave-one-model-out)", "",
+             "Each configuration below was run again under `set_per_process_memory_fraction` caps between its peak "
+             "allocated and peak reserved. `required` (memory.required_budget_bytes) comes from a fit that did not see "
+             "the model; it must lie above the largest budget that ran out of memory.", "",
+             "| configuration | largest failing budget GiB | smallest budget that ran GiB | required (predicted) GiB | above the smallest that ran | safe |",
+             "|---|---|---|---|---|---|"]
+    over, unsafe = [], 0
+    for g in groups:
+        safe = g["oom_max"] is None or g["required"] > g["oom_max"]
+        unsafe += not safe
+        rel = (g["required"] - g["ok_min"]) / g["ok_min"] * 100 if g["ok_min"] else None
+        if rel is not None:
+            over.append(rel)
+        lines.append(f"| {g['key']} | {gib_str(g['oom_max']) if g['oom_max'] is not None else '-'} | "
+                     f"{gib_str(g['ok_min']) if g['ok_min'] is not None else '-'} | {gib_str(g['required'])} | "
+                     f"{f'{rel:+.1f}%' if rel is not None else '-'} | {'yes' if safe else 'NO'} |")
+    over.sort()
+    lines += ["", f"{len(groups)} bisected configurations: the held-out required budget is above the largest failing "
+                  f"budget in {len(groups) - unsafe} of {len(groups)}; above the smallest budget that ran by median "
+                  f"{over[len(over) // 2]:.1f}%, max {over[-1]:.1f}%."]
+    return lines
+
+
 def validation_section(coeffs) -> list[str]:
     """The emulated-budget runs (planner/train/validate.py), if present. They were not used by the fit:
     their measured peak reserved is also a held-out test of the model (predicted with `coeffs`)."""
@@ -332,9 +363,8 @@ def validation_section(coeffs) -> list[str]:
     earlier = sorted(glob.glob(str(Path(VALIDATION_GLOB).parent / "earlier" / "*.csv")))
     if earlier:
         rows = [r for path in earlier for r in csv.DictReader(open(path))]
-        lines += ["", f"Earlier validation runs (`calibration/validation/earlier/`: plans made before partial "
-                      f"checkpointing, every layer checkpointed or none): {len(rows)} runs, "
-                      f"{sum(r['status'] == 'oom' for r in rows)} OOM."]
+        lines += ["", f"Earlier validation runs (`calibration/validation/earlier/`: the plans of earlier versions of "
+                      f"the planner and its coefficients): {len(rows)} runs, {sum(r['status'] == 'oom' for r in rows)} OOM."]
     return lines
 
 

@@ -162,37 +162,55 @@ def _nnls(a, b, iterations: int = 200):
 
 
 def fit_required(df, coeffs: Coefficients) -> dict:
-    """The smallest allocator budget that ran, from the cap bisections: per mode, a fraction of the
-    activation terms plus a constant above the predicted peak allocated, taken as the largest
-    observed excess so that a plan's budget is never below a measured failure."""
+    """The smallest allocator budget that ran, from the cap bisections. Per allocator mode, required =
+    peak allocated + r x the predicted allocator reserve + required_const (kept from the base: 256 MiB,
+    chosen by leave-one-model-out over 0-512 MiB, see calibration/REPORT.md); r is the largest share of
+    the predicted reserve a bisected configuration needed beyond the constant, so that a plan's budget is
+    never below a measured success's minimum."""
+    out = {}
+    for mode, rows in bisection_groups(df, coeffs).items():
+        const = coeffs.get(f"required_const_{mode}")
+        ok = [g for g in rows if g["ok_min"] is not None]
+        if ok:
+            out[f"required_frac_{mode}"] = float(max(0.0, max((g["ok_min"] - g["allocated"] - const) / max(g["reserve"], 1)
+                                                              for g in ok)))
+    return out
+
+
+def cross_validate_required(df, base: Coefficients | None = None) -> list[dict]:
+    """Leave-one-model-out for the smallest budget: each bisected configuration's required budget from a
+    fit that did not see its model, beside its smallest budget that ran and largest that failed."""
+    base = base or _read(str(DEFAULTS_FILE))
+    out = []
+    for m in sorted(set(df["model"])):
+        coeffs = fit(df[df["model"] != m], base)
+        for mode, rows in bisection_groups(df[df["model"] == m], coeffs).items():
+            out += [{**g, "mode": mode} for g in rows]
+    return out
+
+
+def bisection_groups(df, coeffs: Coefficients) -> dict[str, list[dict]]:
+    """Per allocator mode, each capped configuration's smallest budget that ran and largest that ran out of
+    memory (both less memory an earlier configuration left behind), with the model's predicted peak
+    allocated and allocator reserve at that peak."""
     from planner.profiles import load_model
 
-    out = {}
-    groups = {}
+    groups: dict[str, list] = {}
     for _, row in df.iterrows():
-        if int(row["budget_bytes"]) == 0:
-            continue
-        key = row["run_id"].rsplit("|cap", 1)[0]
-        groups.setdefault(key, []).append(row)
-    for mode in ("expandable", "default"):
-        excess = []
-        for key, rows in groups.items():
-            if ("expandable_segments:True" in key) != (mode == "expandable"):
-                continue
-            ok = [int(r["budget_bytes"]) for r in rows if r["status"] == "ok"]
-            if not ok:
-                continue
-            r0 = rows[0]
-            model = load_model(r0["model"])
-            lora, train = _row_settings(r0)
-            bd = _breakdown({"model": model, "lora": lora, "train": train}, coeffs)
-            static_offset = int(r0["after_load_allocated_bytes"]) - (
-                bd.quantized_weights + bd.quant_constants + bd.unquantized_weights)
-            act = bd.saved_activations + bd.layer_working_set + bd.logits
-            excess.append((min(ok) - static_offset - bd.peak_allocated_bytes) / max(act, 1))
-        if excess:
-            out[f"required_frac_{mode}"] = float(max(0.0, max(excess)))
-            out[f"required_const_{mode}"] = 0.0
+        if int(row["budget_bytes"]) != 0:
+            groups.setdefault(row["run_id"].rsplit("|cap", 1)[0], []).append(row)
+    out: dict[str, list[dict]] = {"expandable": [], "default": []}
+    for key, rows in groups.items():
+        r0 = rows[0]
+        model = load_model(r0["model"])
+        lora, train = _row_settings(r0)
+        bd = _breakdown({"model": model, "lora": lora, "train": train}, coeffs)
+        offset = int(r0["after_load_allocated_bytes"]) - (bd.quantized_weights + bd.quant_constants + bd.unquantized_weights)
+        ok = [int(r["budget_bytes"]) - offset for r in rows if r["status"] == "ok"]
+        oom = [int(r["budget_bytes"]) - offset for r in rows if r["status"] == "oom"]
+        out["expandable" if train.expandable_segments else "default"].append({
+            "key": key, "model": r0["model"], "ok_min": min(ok) if ok else None, "oom_max": max(oom) if oom else None,
+            "allocated": bd.peak_allocated_bytes, "reserve": bd.allocator_reserve, "required": bd.required_bytes})
     return out
 
 

@@ -356,14 +356,14 @@ def allocator_reserve_bytes(model: ModelSpec, lora: LoraSettings, train: TrainSe
     return int(sum(coeffs.get(f"reserve_{name}_{mode}") * v for name, v in feats.items()))
 
 
-def required_budget_bytes(peak_allocated: int, activation_part: int, train: TrainSettings,
-                          coeffs: Coefficients) -> int:
+def required_budget_bytes(peak_allocated: int, reserve: int, train: TrainSettings, coeffs: Coefficients) -> int:
     """The smallest allocator budget (set_per_process_memory_fraction) the step runs in: under a
     cap the allocator frees cached blocks and retries before raising OOM, so this sits between
-    peak allocated and peak reserved (calibrated by stepping the cap)."""
+    peak allocated and peak reserved: peak allocated + a calibrated share of the predicted allocator
+    reserve (required_frac_*, the largest share the cap bisections needed) + a constant
+    (required_const_*, 256 MiB: chosen by leave-one-model-out on the bisections, calibration/REPORT.md)."""
     mode = "expandable" if train.expandable_segments else "default"
-    return int(peak_allocated + coeffs.get(f"required_frac_{mode}") * activation_part
-               + coeffs.get(f"required_const_{mode}"))
+    return int(peak_allocated + coeffs.get(f"required_frac_{mode}") * reserve + coeffs.get(f"required_const_{mode}"))
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -429,8 +429,10 @@ def estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs:
         return sum(terms.values()) + allocator_reserve_bytes(model, lora, train, terms, coeffs)
 
     def required(terms):
-        activation_part = terms["saved_activations"] + terms["layer_working_set"] + terms["logits"]
-        return required_budget_bytes(sum(terms.values()), activation_part, train, coeffs)
+        # under a cap the allocator returns cached blocks and retries: with no activations alive (the
+        # optimizer step) the slack of the activation phases is not needed
+        reserve = allocator_reserve_bytes(model, lora, train, terms, coeffs) if terms["saved_activations"] else 0
+        return required_budget_bytes(sum(terms.values()), reserve, train, coeffs)
 
     peak_phase, terms = max(by_phase.items(), key=lambda kv: reserved(kv[1]))
     return MemoryBreakdown(

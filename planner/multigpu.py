@@ -279,9 +279,9 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
         if name == "optimizer step":
             terms["gathered_layers"] = 0  # no layer is gathered while stepping
         allocated = sum(terms.values())
-        act = terms["saved_activations"] + terms["layer_working_set"] + terms["logits"]
         margin = int(fsdp_margin_frac(coeffs) * allocated)
-        required = required_budget_bytes(allocated + margin, act, train, coeffs)
+        reserve = allocator_reserve_bytes(model, lora, train, terms, coeffs) if terms["saved_activations"] else 0
+        required = required_budget_bytes(allocated + margin, reserve, train, coeffs)
         if best is None or required > best[0]:
             best = (required, name, terms)
     required, _, terms = best

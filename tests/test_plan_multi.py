@@ -141,7 +141,7 @@ def plan_largest(plan) -> str:
 
 def test_cpu_offload_is_searched_and_explained():
     """Llama-3.1-8B at seq 8192 on 2 x L4: training, not the load, sets the peak, and without offload no 2-GPU
-    FSDP plan fits; the plan turns offload on and says so. Without offload it takes 4 cards."""
+    FSDP plan fits; the plan turns offload on and says so. Without offload it takes more cards (the hint names how many)."""
     args = ("plan", "llama-3.1-8b", "--gpu", "l4", "--num-gpus", "2", "--seq-len", "8192")
     doc = json.loads(run(*args, "--json").output)
     check_json(doc)
@@ -152,8 +152,10 @@ def test_cpu_offload_is_searched_and_explained():
     off = run(*args, "--no-cpu-offload")
     assert off.exit_code == 1
     assert "--num-gpus 2: does not fit." in off.output and "Memory per GPU, training phase" in off.output
-    assert "  fits on 4 x NVIDIA L4 with FSDP: qfit plan llama-3.1-8b --gpu l4 --num-gpus 4 (with the options above)" \
-        in off.output.splitlines()
+    hint = [line for line in off.output.splitlines() if line.startswith("  fits on ")]
+    n = int(hint[0].split()[2])
+    assert n > 2 and hint == [f"  fits on {n} x NVIDIA L4 with FSDP: qfit plan llama-3.1-8b --gpu l4 --num-gpus {n} "
+                              "(with the options above)"]
 
 
 def test_fsdp_rows_add_up():
