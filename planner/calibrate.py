@@ -107,6 +107,15 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
             f"wrote {out} and {rpath}" + (f" and {plot}" if plot else " (no plot: pip install matplotlib)"))
 
 
+def _families(models: list[str]) -> dict[str, list[str]]:
+    from planner.profiles import load_model
+
+    out: dict[str, list[str]] = {}
+    for name in sorted(models):
+        out.setdefault(load_model(name).model_type, []).append(name)
+    return out
+
+
 def _pct(p: dict, kind: str) -> float:
     return (p[f"predicted_{kind}"] - p[f"measured_{kind}"]) / p[f"measured_{kind}"] * 100
 
@@ -150,7 +159,9 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs) -> 
                          f"{ps[kind]['median_abs_pct']}% | {ps[kind]['max_abs_pct']}% | "
                          f"{ps[kind]['under_prediction_rate'] * 100:.1f}% | {ps[kind]['worst_under_pct']}% |")
     lines += ["", f"Throughput model (tokens/s), leave-one-model-out: median {sp['median_abs_pct']}%, max {sp['max_abs_pct']}% over {sp['runs']} runs.",
-              "", "The families are llama (Llama-2-7B, Llama-3.1-8B), mistral and qwen2; leave-one-family-out holds out both Llama models together.",
+              "", "The families (model_type) are " + "; ".join(
+                  f"{fam}: {', '.join(ms)}" for fam, ms in _families(m["models"]).items())
+              + ". Leave-one-family-out holds out every model of a family together.",
               "", "![predicted vs measured](predicted_vs_measured.png)", "",
               "## Fitted coefficients", "", "| coefficient | value |", "|---|---|"]
     for k, v in doc["values"].items():

@@ -125,6 +125,14 @@ def grid(name: str) -> list[dict]:
                      _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit", unckpt=n - 4)]
         return rows + [_cfg("llama-2-7b", 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=8),
                        _cfg("llama-2-7b", 4, 512, True, 16, A, "adamw_torch", unckpt=16)]
+    if name == "h200-t":  # a fifth model: tied embeddings with Llama-3's 128k vocabulary, full and partial checkpointing
+        m = "llama-3.2-1b"
+        return [_cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit"),
+                _cfg(m, 16, 1024, True, 16, A, "adamw_torch"),
+                _cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=4),
+                _cfg(m, 4, 2048, True, 16, A, "adamw_torch", unckpt=8),
+                _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit", unckpt=12),
+                _cfg(m, 4, 512, False, 16, L, "paged_adamw_32bit")]
     if name == "h200-repeat":  # the worst expandable-segments row measured again, and its Mistral twin
         return [_cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit") for m in ("llama-2-7b", "mistral-7b")]
     if name.startswith("speed-partial:"):  # benchmarks/partial_ckpt_speed.py: one model, each setting twice
