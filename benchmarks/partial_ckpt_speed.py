@@ -56,10 +56,10 @@ def summarize(rows: list[dict], coeffs, gpu) -> dict[str, list[list]]:
             speeds = [float(r["tokens_per_s"]) for r in rs]
             pred_speed = tokens_per_second(model, lora, train, gpu, coeffs)
             alloc = statistics.mean(int(r["peak_allocated_bytes"]) - int(r["after_load_allocated_bytes"]) for r in rs)
-            pred_alloc = estimate(model, lora, train, coeffs).peak_allocated_bytes
             # measured peak above the loaded model vs the model's peak less its static weights
-            weights = sum(v for k, v in estimate(model, lora, train, coeffs).components().items()
-                          if k in ("quantized_weights", "quant_constants", "unquantized_weights"))
+            mem = estimate(model, lora, train, coeffs)
+            pred_alloc = mem.peak_allocated_bytes
+            weights = mem.quantized_weights + mem.quant_constants + mem.unquantized_weights
             label = "off" if not ckpt else f"{n} of {model.num_hidden_layers}"
             table.append([label, " / ".join(f"{s:,.0f}" for s in speeds), f"{statistics.mean(speeds) / base_speed:.3f}x",
                           f"{pred_speed / base_pred:.3f}x", f"{alloc / GiB:.2f}", f"{(pred_alloc - weights) / GiB:.2f}"])

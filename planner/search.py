@@ -109,15 +109,20 @@ def capacity_bytes(gpu: GpuSpec, coeffs: Coefficients) -> int:
     return int(gpu.memory_bytes * (1.0 - coeffs.get("safety_margin_frac")))
 
 
+def _estimate(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients, memo: dict | None):
+    """memory.estimate, shared through `memo` when given (memory does not depend on the GPU)."""
+    if memo is None:
+        return estimate(model, lora, train, coeffs)
+    memory = memo.get((model, lora, train))
+    if memory is None:
+        memory = memo[(model, lora, train)] = estimate(model, lora, train, coeffs)
+    return memory
+
+
 def make_plan(model: ModelSpec, gpu: GpuSpec, lora: LoraSettings, train: TrainSettings, coeffs: Coefficients,
               memo: dict | None = None) -> Plan:
     """One candidate on one card. `memo` shares estimates between cards: memory does not depend on the GPU."""
-    if memo is None:
-        memory = estimate(model, lora, train, coeffs)
-    else:
-        memory = memo.get((model, lora, train))
-        if memory is None:
-            memory = memo[(model, lora, train)] = estimate(model, lora, train, coeffs)
+    memory = _estimate(model, lora, train, coeffs, memo)
     capacity = capacity_bytes(gpu, coeffs)
     return Plan(model=model, gpu=gpu, lora=lora, train=train, memory=memory, capacity_bytes=capacity,
                 tokens_per_s=tokens_per_second(model, lora, train, gpu, coeffs))
@@ -141,13 +146,7 @@ def most_uncheckpointed(plan: Plan, coeffs: Coefficients, memo: dict | None = No
         return None
 
     def fits(n):  # memory only (the speed estimate is made once, for the answer)
-        train = replace(t, uncheckpointed_layers=n)
-        if memo is None:
-            memory = estimate(plan.model, plan.lora, train, coeffs)
-        else:
-            memory = memo.get((plan.model, plan.lora, train))
-            if memory is None:
-                memory = memo[(plan.model, plan.lora, train)] = estimate(plan.model, plan.lora, train, coeffs)
+        memory = _estimate(plan.model, plan.lora, replace(t, uncheckpointed_layers=n), coeffs, memo)
         return memory.needs_bytes <= plan.capacity_bytes
 
     lo, hi, best = 1, layers - 1, 0

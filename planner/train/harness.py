@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     env["cuda"] = torch.version.cuda or ""
     out = Path(args.out)
     new = not out.exists()
-    if not new and out.read_text().split("\n", 1)[0].split(",") != list(FIELDS):
+    if not new and out.open().readline().rstrip("\r\n").split(",") != list(FIELDS):
         raise SystemExit(f"{out} was written with other columns: give a new --out file")
     with out.open("a", newline="") as fh, tempfile.TemporaryDirectory() as tmp:
         writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
