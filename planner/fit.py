@@ -10,6 +10,10 @@ from planner.memory import RESERVE_TERMS as RESERVE_FEATURES
 from planner.specs import Coefficients
 
 ALLOC_KEYS = ("act_scale", "bwd_temp_factor", "logits_fwd_bytes", "logits_bwd_bytes")
+# memory an earlier model of the same harness process left allocated, beyond its two 32 MiB cuBLAS
+# workspaces: above this a row is "contaminated" (the allocator's address space is not a fresh
+# process's, so its peak reserved is not what a user's run sees) and is left out of the fit
+CONTAMINATION_BYTES = 96 * 2**20
 RIDGE = 1e-2  # pulls coefficients the data cannot identify back to their first-principles defaults
 
 
@@ -49,11 +53,12 @@ def _with(coeffs: Coefficients, **values) -> Coefficients:
     return Coefficients(name=coeffs.name, description=coeffs.description, values={**coeffs.values, **values})
 
 
-def prepare_rows(df, base: Coefficients) -> list[dict]:
+def prepare_rows(df, base: Coefficients, keep_contaminated: bool = False) -> list[dict]:
     """Per measured row: the model's phase sums at the base coefficients and their exact
     derivatives with respect to ALLOC_KEYS (every phase is linear in them), plus the measured
     targets corrected for memory that earlier configurations of the same process left behind
-    (after_load_allocated minus the predicted static weights)."""
+    (after_load_allocated minus the predicted static weights). Contaminated rows (see
+    CONTAMINATION_BYTES) are left out unless keep_contaminated."""
     from planner.memory import phases, quant_constants_bytes, quantized_weights_bytes, unquantized_weights_bytes
     from planner.profiles import load_model
 
@@ -73,6 +78,8 @@ def prepare_rows(df, base: Coefficients) -> list[dict]:
         for key in ALLOC_KEYS:
             p1 = phases(model, lora, train, _with(base, **{key: base.get(key) + 1.0}))
             grads[key] = {n: sum(p1[n].values()) - base_tot[n] for n in names}
+        if offset > CONTAMINATION_BYTES and not keep_contaminated:
+            continue
         out.append({"row": row, "model": model, "lora": lora, "train": train, "offset": offset,
                     "alloc": int(row["peak_allocated_bytes"]) - offset,
                     "reserved": int(row["peak_reserved_bytes"]) - offset,
@@ -206,6 +213,8 @@ def bisection_groups(df, coeffs: Coefficients) -> dict[str, list[dict]]:
         lora, train = _row_settings(r0)
         bd = _breakdown({"model": model, "lora": lora, "train": train}, coeffs)
         offset = int(r0["after_load_allocated_bytes"]) - (bd.quantized_weights + bd.quant_constants + bd.unquantized_weights)
+        if offset > CONTAMINATION_BYTES:
+            continue
         ok = [int(r["budget_bytes"]) - offset for r in rows if r["status"] == "ok"]
         oom = [int(r["budget_bytes"]) - offset for r in rows if r["status"] == "oom"]
         out["expandable" if train.expandable_segments else "default"].append({
@@ -385,3 +394,49 @@ def fit_multigpu(df, coeffs: Coefficients) -> dict:
         out["fsdp_margin_frac"] = round(max(0.0, max((p["measured_allocated"] - p["predicted_allocated"])
                                                      / p["predicted_allocated"] for p in fsdp)), 4)
     return out
+
+
+def contaminated_grid(df, alloc_conf: str, bisect: bool = False) -> list[dict]:
+    """The contaminated rows measured under one allocator setting ("" for the default), as a harness
+    JSON grid (planner/train/harness.py grid_from_json) to measure again in fresh processes;
+    bisect: also bisect the allocator cap where the original did."""
+    from planner.calibration import DEFAULTS_FILE as _defaults
+
+    base = _read(str(_defaults))
+    bisected = {r.rsplit("|cap", 1)[0] for r in df[df["budget_bytes"].astype(int) != 0]["run_id"]}
+    out, seen = [], set()
+    for it in prepare_rows(df, base, keep_contaminated=True):
+        r = it["row"]
+        key = r["run_id"].rsplit("|cap", 1)[0]
+        if it["offset"] <= CONTAMINATION_BYTES or str(r["alloc_conf"]) != alloc_conf or key in seen:
+            continue
+        seen.add(key)
+        lora, train = it["lora"], it["train"]
+        out.append({"model": r["model"], "batch": train.batch_size, "seq": train.seq_len,
+                    "ckpt": train.gradient_checkpointing, "rank": lora.rank, "targets": ",".join(lora.targets),
+                    "optim": train.optim, "dtype": train.compute_dtype, "dq": train.double_quant,
+                    "accum": train.grad_accum, "unckpt": train.uncheckpointed_layers,
+                    "bisect": bisect and key in bisected})
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+    import glob
+    import json
+
+    ap = argparse.ArgumentParser(description="Write a harness grid of the contaminated calibration rows.")
+    ap.add_argument("--runs", default="calibration/runs/*.csv")
+    ap.add_argument("--alloc-conf", default="expandable_segments:True", help='"" for the default allocator')
+    ap.add_argument("--bisect", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    rows = contaminated_grid(read_runs(sorted(glob.glob(args.runs))), args.alloc_conf, args.bisect)
+    with open(args.out, "w") as fh:
+        json.dump(rows, fh, indent=1)
+    print(f"{len(rows)} configurations -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -114,6 +114,7 @@ class TraceLog:
     category: dict = field(default_factory=dict)  # serial -> category, for storages given a role
     born: dict = field(default_factory=dict)  # serial -> (stage, region)
     events: list = field(default_factory=list)  # +serial (alloc) / -serial-1 (free)
+    marks: dict = field(default_factory=dict)  # name -> len(events) then: "loaded" (before the LoRA wrap), "train"
     windows: dict = field(default_factory=dict)  # window -> WindowPeak
     window_order: list = field(default_factory=list)
 
@@ -484,6 +485,7 @@ def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[s
     model.config.quantization_config = bnb_cfg
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False, auto_clear_cache=False)
     model.config.use_cache = False
+    tracker.log.marks["loaded"] = len(tracker.log.events)  # stack.load_4bit returns here
     with _module_to_sets_data():
         peft_model = get_peft_model(model, stack.lora_config(lora, targets))
     if train.gradient_checkpointing:
@@ -491,6 +493,8 @@ def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[s
         # and enable_input_require_grads on the embeddings)
         enable = getattr(peft_model, "activation_checkpointing_enable", None) or peft_model.gradient_checkpointing_enable
         enable()
+        if train.uncheckpointed_layers:  # partial checkpointing, as qfit run's PartialCheckpointing callback
+            stack.uncheckpoint_last_layers(peft_model, train.uncheckpointed_layers)
     elif input_requires_grad:
         peft_model.get_base_model().enable_input_require_grads()
     base = peft_model.get_base_model()
@@ -707,6 +711,7 @@ def run_step(built: Built, train: TrainSettings, vocab: int, tracker: AllocTrack
     forward = _accelerate_forward(model, compute_dtype)
     opt = _optimizer(built.lora_params, train.optim, tracker, fake_mode)
     regions = Regions(built, tracker)
+    tracker.log.marks["train"] = len(tracker.log.events)
     tracker.set_window("setup")
     tr_loss = torch.zeros(())  # Trainer._tr_loss lives on the device
     tracker.track(tr_loss, "temporaries")

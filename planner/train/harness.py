@@ -1,10 +1,12 @@
 """The profiling harness behind `qfit calibrate`: sweep QLoRA configurations on a CUDA GPU and
 write one CSV row per configuration (raw integer bytes; an OOM is a row, not a lost run).
 
-One process sweeps many configurations. The 4-bit base model is loaded once per (model, compute
-dtype, double quant) and reused: after each configuration the LoRA layers are unloaded and the
-allocator emptied, and the row records whether allocated memory came back to the post-load level
-(`leak_bytes`), so that reuse cannot silently contaminate the numbers.
+The 4-bit base model is loaded once per (model, compute dtype, double quant) and reused for that
+group's configurations: after each the LoRA layers are unloaded and the allocator emptied, and the
+row records whether allocated memory came back to the post-load level (`leak_bytes`). Each group
+runs in a fresh child process: a model loaded and dropped earlier in the same process leaves
+memory behind (after_load_allocated_bytes shows it) and holes in the allocator's address space,
+which change peak reserved memory (calibration/REPORT.md, "Contaminated rows").
 
 Run (on the GPU machine):  python -m planner.train.harness --grid h200-a --out runs.csv
 """
@@ -290,6 +292,39 @@ def _record(writer, fh, row: dict, cfg: dict, env: dict, load_peak: int) -> dict
     return row
 
 
+def _group_key(c: dict):
+    return c["model"], c["compute_dtype"], c["double_quant"]
+
+
+def _json_row(c: dict) -> dict:
+    """A config as grid_from_json reads it back."""
+    return {"model": c["model"], "batch": c["batch_size"], "seq": c["seq_len"], "ckpt": c["gradient_checkpointing"],
+            "rank": c["rank"], "targets": c["targets"], "optim": c["optim"], "dtype": c["compute_dtype"],
+            "dq": c["double_quant"], "accum": c["grad_accum"], "budget": c["budget_bytes"], "bisect": c["bisect"],
+            "unckpt": c["uncheckpointed_layers"]}
+
+
+def _per_group_processes(groups: list[list[dict]], args, t_start: float) -> int:
+    """Run each model group in its own child process (same options, appending to the same CSV)."""
+    import subprocess
+
+    rc = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, group in enumerate(groups):
+            left = args.time_limit - (time.time() - t_start)
+            if left <= 0:
+                print("[harness] time limit reached", flush=True)
+                break
+            path = Path(tmp) / f"group{i}.json"
+            path.write_text(json.dumps([_json_row(c) for c in group]))
+            cmd = [sys.executable, "-m", "planner.train.harness", "--grid", str(path), "--out", args.out,
+                   "--workdir", args.workdir, "--bisect-steps", str(args.bisect_steps), "--time-limit", str(left),
+                   "--one-process"] + (["--layers", str(args.layers)] if args.layers else [])
+            print(f"[harness] group {i + 1}/{len(groups)}: {_group_key(group[0])} in a fresh process", flush=True)
+            rc = subprocess.run(cmd, check=False).returncode or rc
+    return rc
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", default="tiny", help="a named grid (tiny, h200-a, h200-b) or a JSON file of configs")
@@ -298,9 +333,14 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke tests)")
     ap.add_argument("--bisect-steps", type=int, default=3, help="allocator-cap bisection steps for configs marked bisect")
     ap.add_argument("--time-limit", type=float, default=1e9, help="stop starting new configurations after this many seconds")
+    ap.add_argument("--one-process", action="store_true",
+                    help="sweep every model group in this process (default: a fresh child process per group)")
     args = ap.parse_args(argv)
     t_start = time.time()
     configs = grid_from_json(args.grid) if args.grid.endswith(".json") else grid(args.grid)
+    groups = [list(g) for _, g in groupby(sorted(configs, key=_group_key), key=_group_key)]
+    if len(groups) > 1 and not args.one_process:
+        return _per_group_processes(groups, args, t_start)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -322,8 +362,7 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
         if new:
             writer.writeheader()
-        key = lambda c: (c["model"], c["compute_dtype"], c["double_quant"])  # noqa: E731
-        for (mname, dtype, dq), group in groupby(sorted(configs, key=key), key=key):
+        for (mname, dtype, dq), group in groupby(sorted(configs, key=_group_key), key=_group_key):
             group = list(group)
             if time.time() - t_start > args.time_limit:
                 break
