@@ -351,7 +351,7 @@ def no_count_fits_line(model, gpu, req: Request, coeffs, strategy: str | None = 
 @click.option("--save", type=click.Path(dir_okay=False), help="Also write the plan JSON to this file (for `qfit run --plan`).")
 @click.option("--coefficients", type=click.Path(exists=True, dir_okay=False), help="Use this coefficients file instead of the calibrated one.")
 @click.option("--fit-map", type=click.Path(dir_okay=False), help="Write a PNG heatmap of micro-batch x sequence length: fits or not, GiB per cell.")
-@click.option("--exact", is_flag=True, help="Also trace the recommended step on fake tensors (real transformers + peft + bitsandbytes; needs the train extra, ~10 s).")
+@click.option("--exact", is_flag=True, help="Also trace the recommended step on fake tensors (real transformers + peft + bitsandbytes; needs the train extra) and simulate the CUDA caching allocator over it for peak reserved (~1 s per decoder layer).")
 @click.option("--num-gpus", type=int, default=1, show_default=True,
               help="GPUs of one host. 2+: per-GPU memory under DDP or FSDP (NCCL buffers and FSDP measured on 2 x H200; the notes say whether the coefficients carry that calibration).")
 @click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp"]),
@@ -467,19 +467,12 @@ def _exact(spec, best, doc: dict, coeffs) -> str:
     from planner.exact import device_for, trace_step
 
     device = device_for(best.gpu)
-    note = ""
-    if best.train.uncheckpointed_layers:
-        # the trace extrapolates from a few layers that share one checkpointing mode: it traces the
-        # same plan with every layer checkpointed, against that plan's analytic breakdown
-        from planner.search import make_plan
-
-        best = make_plan(spec, best.gpu, best.lora, replace(best.train, uncheckpointed_layers=0), coeffs)
-        note = ("\nnote: exact mode traced this plan with every layer checkpointed (it extrapolates from a few "
-                "layers that share one mode); the partial checkpointing above is analytic only")
-    traced = trace_step(spec, best.lora, best.train, device=device)
+    # the whole depth: exact allocated bytes with no extrapolation, partial checkpointing as planned,
+    # and the allocation log complete for the allocator simulation (peak reserved)
+    traced = trace_step(spec, best.lora, best.train, layers=spec.num_hidden_layers, device=device)
     doc["exact"] = exact_json(spec, best.lora, best.train, best.memory, result=traced, device=device)
-    doc["exact"]["traced_uncheckpointed_layers"] = 0 if note else best.train.uncheckpointed_layers
-    return exact_section(spec, best.lora, best.train, best.memory, result=traced, device=device) + note
+    doc["exact"]["traced_uncheckpointed_layers"] = best.train.uncheckpointed_layers
+    return exact_section(spec, best.lora, best.train, best.memory, result=traced, device=device)
 
 
 # --------------------------------------------------------------------------- catalogs

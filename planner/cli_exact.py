@@ -47,13 +47,15 @@ def exact_json(model_spec, lora: LoraSettings, train: TrainSettings, breakdown: 
     for name in (*MemoryBreakdown.ALLOCATED_FIELDS, "other"):
         analytic = getattr(breakdown, name, 0) if name != "other" else 0
         fields[name] = {"analytic_bytes": analytic, "traced_bytes": traced.get(name, 0)}
-    # traced allocated + the fitted allocator slack, CUDA context and paged state give reserved and device use
-    slack = breakdown.allocator_reserve
-    reserved = res.peak_allocated_bytes + slack
+    # reserved: the allocator simulated over a whole-depth trace; else traced allocated + the fitted slack
+    simulated = res.simulated_reserved_bytes > 0
+    reserved = res.simulated_reserved_bytes if simulated else res.peak_allocated_bytes + breakdown.allocator_reserve
     return {
         "model": res.model,
         "peak_allocated_bytes": res.peak_allocated_bytes,
         "peak_reserved_bytes": reserved,
+        "reserved_source": "allocator simulation" if simulated else "traced allocated + fitted allocator slack",
+        "allocator": "expandable_segments:True" if res.expandable_segments else "default",
         "device_used_bytes": reserved + breakdown.cuda_context + res.paged_optimizer_bytes,
         "analytic_peak_reserved_bytes": breakdown.peak_reserved_bytes,
         "analytic_device_used_bytes": breakdown.device_used_bytes,
@@ -94,7 +96,9 @@ def exact_section(model_spec, lora: LoraSettings, train: TrainSettings, breakdow
     err = (t_peak - a_peak) / a_peak * 100 if a_peak else 0.0
     rows.append(["-" * 48, "", "", ""])
     rows.append(["peak allocated", gib_str(a_peak), gib_str(t_peak), _signed_gib(t_peak - a_peak)])
-    for label, key in (("peak reserved (+ fitted allocator slack)", "peak_reserved_bytes"),
+    reserved_label = ("peak reserved (allocator simulated)" if doc["reserved_source"] == "allocator simulation"
+                      else "peak reserved (+ fitted allocator slack)")
+    for label, key in ((reserved_label, "peak_reserved_bytes"),
                        ("device used (+ CUDA context, paged state)", "device_used_bytes")):
         a, t = doc[f"analytic_{key}"], doc[key]
         rows.append([label, gib_str(a), gib_str(t), _signed_gib(t - a)])
@@ -120,6 +124,9 @@ def exact_section(model_spec, lora: LoraSettings, train: TrainSettings, breakdow
            + (", extrapolated per phase" if doc["extrapolated"] else "")
            + f" on fake tensors for {doc['device']} ({doc['attn_implementation']} attention, {doc['optimizer']}), "
            f"{doc['trace_seconds']:.1f} s")
+    if doc["reserved_source"] == "allocator simulation":
+        how += (f"; peak reserved replays every allocation through a simulation of PyTorch's caching allocator "
+                f"({doc['allocator']}, planner/allocsim.py)")
     lines += ["", how]
     lines += [f"note: {n}" for n in doc["notes"]]
     return "\n".join(lines)

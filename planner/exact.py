@@ -122,6 +122,10 @@ class ExactResult:
     device: str = ""
     trace_seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    # planner.allocsim replaying the whole-depth trace through the CUDA caching allocator (0 when the
+    # trace was extrapolated from a few layers: fragmentation does not extrapolate)
+    simulated_reserved_bytes: int = 0
+    expandable_segments: bool = True
 
     @property
     def tensor_peak_bytes(self) -> int:
@@ -245,7 +249,9 @@ def trace_step(model, lora: LoraSettings, train: TrainSettings, layers: int | No
     """Trace one QLoRA training step (two optimizer steps of the Trainer, see planner/train/exact.py).
 
     layers=None: trace at 2 and 3 decoder layers and extrapolate each phase linearly to the model's
-    depth (a model of at most 3 layers is traced whole). layers=n: trace exactly n layers.
+    depth (a model of at most 3 layers is traced whole). layers=n: trace exactly n layers, and replay
+    the allocation log through the caching allocator (planner.allocsim) for simulated peak reserved
+    memory (a whole-depth trace only: allocator fragmentation does not extrapolate).
     device: a CudaDevice (default: H200, sm90), or a GpuSpec (see device_for).
     input_requires_grad: without checkpointing, make the embedding output require grad anyway, as in a
     process where an earlier checkpointed run left transformers' enable_input_require_grads hook on
@@ -267,13 +273,13 @@ def trace_step(model, lora: LoraSettings, train: TrainSettings, layers: int | No
         if layers is not None or depth <= max(TRACE_DEPTHS):
             n = layers if layers is not None else depth
             raw = heavy.trace(cfg, dataclasses.replace(spec, num_hidden_layers=n), lora, train, n, device,
-                              input_requires_grad)
-            return _result(spec, [raw], n, time.perf_counter() - t0)
+                              input_requires_grad, simulate=True)
+            return _result(spec, [raw], n, time.perf_counter() - t0, train)
         raws = [heavy.trace(cfg, dataclasses.replace(spec, num_hidden_layers=n), lora, train, n, device,
                             input_requires_grad) for n in TRACE_DEPTHS]
     except heavy.TraceError as exc:
         raise ValueError(str(exc)) from None
-    return _result(spec, raws, depth, time.perf_counter() - t0)
+    return _result(spec, raws, depth, time.perf_counter() - t0, train)
 
 
 def static_bytes(model, lora: LoraSettings, train: TrainSettings, layers: int | None = None) -> dict[str, int]:
@@ -302,7 +308,7 @@ def _linear(at_a: int, at_b: int, a: int, b: int, depth: int) -> int:
     return at_a + (at_b - at_a) * (depth - a) // (b - a)
 
 
-def _result(spec: ModelSpec, raws: list, depth: int, seconds: float) -> ExactResult:
+def _result(spec: ModelSpec, raws: list, depth: int, seconds: float, train: TrainSettings) -> ExactResult:
     """One trace: read it off. Two traces (depths a < b): extrapolate every window both have, and its
     breakdown, to `depth`; the step's peak is the largest extrapolated window."""
     last = raws[-1]
@@ -340,4 +346,6 @@ def _result(spec: ModelSpec, raws: list, depth: int, seconds: float) -> ExactRes
         extrapolated=len(raws) > 1, peak_allocated_bytes=int(peak), peak_phase=peak_name, peak_op=ops[peak_name],
         categories=on_allocator, static=static, phase_peaks={k: int(v[0]) for k, v in windows.items()},
         paged_optimizer_bytes=int(paged), attn_implementation=last.attn_implementation, optimizer=last.optimizer,
-        device=last.device, trace_seconds=round(seconds, 2), notes=tuple(notes))
+        device=last.device, trace_seconds=round(seconds, 2), notes=tuple(notes),
+        simulated_reserved_bytes=int(last.simulated_reserved) if len(raws) == 1 else 0,
+        expandable_segments=train.expandable_segments)

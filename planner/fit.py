@@ -428,10 +428,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Write a harness grid of the contaminated calibration rows.")
     ap.add_argument("--runs", default="calibration/runs/*.csv")
     ap.add_argument("--alloc-conf", default="expandable_segments:True", help='"" for the default allocator')
-    ap.add_argument("--bisect", action="store_true")
+    ap.add_argument("--bisect", action="store_true", help="bisect the allocator cap where the original did")
+    ap.add_argument("--bisected-only", action="store_true", help="only the configurations the original bisected")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    rows = contaminated_grid(read_runs(sorted(glob.glob(args.runs))), args.alloc_conf, args.bisect)
+    rows = contaminated_grid(read_runs(sorted(glob.glob(args.runs))), args.alloc_conf, args.bisect or args.bisected_only)
+    if args.bisected_only:
+        rows = [r for r in rows if r["bisect"]]
     with open(args.out, "w") as fh:
         json.dump(rows, fh, indent=1)
     print(f"{len(rows)} configurations -> {args.out}")

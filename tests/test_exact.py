@@ -122,6 +122,8 @@ def test_extrapolation_matches_a_full_depth_trace(ckpt):
     assert ex.peak_allocated_bytes == full.peak_allocated_bytes
     assert ex.categories == full.categories
     assert ex.static == full.static
+    # fragmentation does not extrapolate: only the whole-depth trace is replayed through the allocator
+    assert ex.simulated_reserved_bytes == 0 and full.simulated_reserved_bytes >= full.peak_allocated_bytes
 
 
 # --------------------------------------------------------------------------- measured H200 runs
@@ -217,9 +219,15 @@ def test_exact_json_numbers(tiny):
     assert doc["analytic_peak_allocated_bytes"] == breakdown.peak_allocated_bytes
     assert sum(v["traced_bytes"] for v in doc["fields"].values()) == res.peak_allocated_bytes
     assert all(isinstance(v, int) for v in doc["categories"].values())
-    # reserved and device use: the traced allocation plus the fitted allocator, context and paged terms
-    assert doc["peak_reserved_bytes"] == res.peak_allocated_bytes + breakdown.allocator_reserve
+    # a whole-depth trace: reserved is the allocator simulated over it; device use adds context and paged state
+    assert res.simulated_reserved_bytes >= res.peak_allocated_bytes
+    assert doc["peak_reserved_bytes"] == res.simulated_reserved_bytes
+    assert doc["reserved_source"] == "allocator simulation"
     assert doc["device_used_bytes"] == doc["peak_reserved_bytes"] + breakdown.cuda_context + res.paged_optimizer_bytes
+    # an extrapolated trace has no simulation: traced allocated + the fitted allocator slack
+    ex = exact_json(spec, LORA, SMALL, breakdown, result=dataclasses.replace(res, simulated_reserved_bytes=0))
+    assert ex["peak_reserved_bytes"] == res.peak_allocated_bytes + breakdown.allocator_reserve
+    assert ex["reserved_source"].startswith("traced allocated")
     json.dumps(doc)
 
 
@@ -227,7 +235,7 @@ def test_exact_section_text(tiny):
     spec, breakdown, res = tiny
     text = exact_section(spec, LORA, SMALL, breakdown, result=res)
     assert "traced GiB" in text and "analytic GiB" in text and "peak allocated" in text
-    assert "peak reserved (+ fitted allocator slack)" in text
+    assert "peak reserved (allocator simulated)" in text and "planner/allocsim.py" in text
     assert " GB" not in text
     assert res.peak_phase in text
 

@@ -135,6 +135,23 @@ def grid(name: str) -> list[dict]:
                 _cfg(m, 4, 2048, True, 16, A, "adamw_torch", unckpt=8),
                 _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit", unckpt=12),
                 _cfg(m, 4, 512, False, 16, L, "paged_adamw_32bit")]
+    if name == "h200-heldout":  # models the fit never sees (calibration/heldout/): two new architectures, two larger models
+        return [_cfg("phi-3-mini", 4, 1024, True, 16, L, "paged_adamw_32bit"),
+                _cfg("phi-3-mini", 8, 512, False, 8, A, "adamw_torch"),
+                _cfg("phi-3-mini", 2, 2048, True, 64, L, "paged_adamw_8bit"),
+                _cfg("phi-3-mini", 16, 512, True, 16, A, "adamw_torch", unckpt=8),
+                _cfg("gemma-2-2b", 4, 1024, True, 16, L, "paged_adamw_32bit"),
+                _cfg("gemma-2-2b", 2, 512, False, 16, A, "adamw_torch"),
+                _cfg("gemma-2-2b", 8, 512, True, 8, L, "paged_adamw_8bit"),
+                _cfg("gemma-2-2b", 1, 2048, True, 64, A, "adamw_torch"),
+                _cfg("qwen2.5-7b", 4, 1024, True, 16, L, "paged_adamw_32bit"),
+                _cfg("qwen2.5-7b", 8, 2048, True, 16, A, "adamw_torch"),
+                _cfg("qwen2.5-7b", 2, 512, False, 64, L, "paged_adamw_8bit"),
+                _cfg("qwen2.5-7b", 16, 512, True, 16, L, "paged_adamw_32bit", unckpt=8),
+                _cfg("llama-2-13b", 4, 1024, True, 16, L, "paged_adamw_32bit"),
+                _cfg("llama-2-13b", 8, 512, True, 64, L, "paged_adamw_8bit"),
+                _cfg("llama-2-13b", 1, 2048, False, 16, A, "adamw_torch"),
+                _cfg("llama-2-13b", 16, 1024, True, 8, A, "paged_adamw_32bit")]
     if name == "h200-repeat":  # the worst expandable-segments row measured again, and its Mistral twin
         return [_cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit") for m in ("llama-2-7b", "mistral-7b")]
     if name.startswith("speed-partial:"):  # benchmarks/partial_ckpt_speed.py: one model, each setting twice

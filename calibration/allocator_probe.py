@@ -1,0 +1,48 @@
+"""Probe the CUDA caching allocator on a GPU: the sequences tests/test_allocsim.py replays through
+planner.allocsim, with torch's reserved and allocated MiB after every step, for one allocator setting
+(set PYTORCH_CUDA_ALLOC_CONF before running; run once per setting).
+
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python calibration/allocator_probe.py
+    python calibration/allocator_probe.py
+"""
+
+import os
+
+import torch
+
+MiB = 2**20
+PROBES = {
+    "sequence": [("a", "x", int(1.5 * MiB)), ("a", "y", int(19.5 * MiB)), ("a", "s", 1000), ("a", "z", 30 * MiB),
+                 ("a", "w", 17 * MiB), ("f", "z"), ("a", "v", 25 * MiB)],
+    "tail": [("a", "a", 10 * MiB), ("a", "b", 12 * MiB), ("a", "c", 8 * MiB), ("f", "b"), ("a", "d", 9 * MiB)],
+    "unmap": [("a", "a", int(1.5 * MiB)), ("a", "b", 30 * MiB), ("f", "a"), ("e",), ("a", "s", MiB), ("f", "b"), ("e",)],
+    "segments": [("a", "a", 12 * MiB), ("a", "b", 12 * MiB), ("f", "a"), ("e",)],
+}
+
+
+def main() -> None:
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, "
+          f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r}")
+    for name, steps in PROBES.items():
+        torch.cuda.empty_cache()
+        live, base, rows = {}, None, []
+        for step in steps:
+            if step[0] == "a":
+                live[step[1]] = torch.empty(step[2], dtype=torch.uint8, device="cuda")
+            elif step[0] == "f":
+                del live[step[1]]
+            else:
+                torch.cuda.empty_cache()
+            rows.append(f"{torch.cuda.memory_reserved() / MiB:g}/{torch.cuda.memory_allocated() / MiB:.3f}")
+        if name == "sequence":
+            base = live["x"].data_ptr()
+            rows.append(f"v at +{(live['v'].data_ptr() - base) / MiB:g} MiB")
+        if name == "tail":
+            rows.append(f"d at +{(live['d'].data_ptr() - live['a'].data_ptr()) / MiB:g} MiB")
+        print(f"{name}: reserved/allocated MiB after each step: {' '.join(rows)}")
+        live.clear()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

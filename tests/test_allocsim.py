@@ -1,0 +1,91 @@
+"""planner.allocsim against the CUDA caching allocator's behaviour on a real GPU.
+
+The expected figures are what calibration/allocator_probe.py printed on the H200 (torch 2.11.0+cu130;
+calibration/logs/allocator-probe.txt): each probe's reserved and allocated MiB after every step.
+"""
+
+import pytest
+
+from planner.allocsim import Allocator, allocation_size, replay, round_size
+
+MiB = 2**20
+
+
+def run(expandable: bool, steps):
+    """steps: ("a", name, bytes) allocates, ("f", name) frees, ("e",) empties the cache. Returns the
+    (reserved, allocated) MiB after each step, and the blocks by name."""
+    a, live, out = Allocator(expandable), {}, []
+    for step in steps:
+        if step[0] == "a":
+            live[step[1]] = a.malloc(step[2])
+        elif step[0] == "f":
+            a.free(live.pop(step[1]))
+        else:
+            a.empty_cache()
+        out.append((round(a.reserved / MiB, 3), round(a.allocated / MiB, 3)))
+    return out, live
+
+
+SEQUENCE = [("a", "x", int(1.5 * MiB)), ("a", "y", int(19.5 * MiB)), ("a", "s", 1000), ("a", "z", 30 * MiB),
+            ("a", "w", 17 * MiB), ("f", "z"), ("a", "v", 25 * MiB)]
+
+
+def test_rounding_and_segment_sizes():
+    assert round_size(1) == 512 and round_size(513) == 1024 and round_size(1024) == 1024
+    assert allocation_size(MiB) == 2 * MiB  # small pool
+    assert allocation_size(MiB + 512) == 20 * MiB  # 1-10 MiB share a 20 MiB segment
+    assert allocation_size(10 * MiB) == 10 * MiB and allocation_size(19 * MiB + 1) == 20 * MiB
+
+
+def test_default_mode_matches_the_gpu():
+    out, _ = run(False, SEQUENCE)
+    assert [r for r, _ in out] == [20, 40, 42, 72, 72, 72, 72]
+    # the 19.5 MiB request keeps its whole 20 MiB segment (the 0.5 MiB rest is not split off)
+    assert [a for _, a in out] == [1.5, 21.5, 21.501, 51.501, 68.501, 38.501, 63.501]
+
+
+def test_expandable_segments_match_the_gpu():
+    out, live = run(True, SEQUENCE)
+    assert [r for r, _ in out] == [20, 40, 42, 62, 82, 82, 82]
+    assert [a for _, a in out] == [1.5, 21.0, 21.001, 51.001, 68.001, 38.001, 63.001]
+    # the 25 MiB request reuses the freed 30 MiB block, not the growable tail
+    assert live["v"].addr - live["x"].addr == 21 * MiB
+
+
+def test_expandable_best_fit_passes_over_the_tail():
+    out, live = run(True, [("a", "a", 10 * MiB), ("a", "b", 12 * MiB), ("a", "c", 8 * MiB), ("f", "b"),
+                           ("a", "d", 9 * MiB)])
+    assert live["d"].addr - live["a"].addr == 10 * MiB  # the freed 12 MiB block, not the 10 MiB tail
+    assert out[-1][0] == 40
+
+
+def test_empty_cache_unmaps_whole_free_pages_only():
+    out, _ = run(True, [("a", "a", int(1.5 * MiB)), ("a", "b", 30 * MiB), ("f", "a"), ("e",),
+                        ("a", "s", MiB), ("f", "b"), ("e",)])
+    assert [r for r, _ in out] == [20, 40, 40, 40, 42, 42, 2]
+
+
+def test_default_empty_cache_frees_unused_segments():
+    out, _ = run(False, [("a", "a", 12 * MiB), ("a", "b", 12 * MiB), ("f", "a"), ("e",)])
+    assert [r for r, _ in out] == [12, 24, 24, 12]
+
+
+def test_replay_of_an_event_log():
+    sizes = {0: 100 * MiB, 1: 50 * MiB, 2: 120 * MiB}
+    events = [0, 1, -1, 2, -2, -3]  # 0 and 1 live, 0 freed, 2 cannot use its 100 MiB hole
+    a = replay(sizes, events, expandable=True)
+    assert a.peak_allocated == 170 * MiB
+    assert a.peak_reserved == 280 * MiB  # 160 mapped (150 in 20 MiB pages), then 120 more past the 50
+    skipped = replay(sizes, events, expandable=True, skip={2})
+    assert skipped.peak_reserved == 160 * MiB
+
+
+@pytest.mark.parametrize("expandable", [False, True])
+def test_allocator_returns_to_empty(expandable):
+    a = Allocator(expandable)
+    blocks = [a.malloc(n) for n in (3 * MiB, 700, 45 * MiB, 2 * MiB, 11 * MiB)]
+    for b in blocks[::2] + blocks[1::2]:
+        a.free(b)
+    assert a.allocated == 0
+    a.empty_cache()
+    assert a.reserved == 0
