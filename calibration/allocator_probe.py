@@ -8,8 +8,6 @@ planner.allocsim, with torch's reserved and allocated MiB after every step, for 
 
 import os
 
-import torch
-
 MiB = 2**20
 PROBES = {
     "sequence": [("a", "x", int(1.5 * MiB)), ("a", "y", int(19.5 * MiB)), ("a", "s", 1000), ("a", "z", 30 * MiB),
@@ -20,7 +18,36 @@ PROBES = {
 }
 
 
+def cap_probes() -> list[str]:
+    """Under set_per_process_memory_fraction: a request that must grow reserved memory is checked with its
+    whole segment size, and every cached block is released before the request fails."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    out = []
+    for name, first, second in (("cap-a", int(1.5 * MiB), 25 * MiB), ("cap-b", int(1.5 * MiB), 24 * MiB),
+                                ("cap-c", 12 * MiB, 40 * MiB)):
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(45 * MiB / total)
+        x = torch.empty(first, dtype=torch.uint8, device="cuda")
+        if name == "cap-c":
+            del x
+        try:
+            y = torch.empty(second, dtype=torch.uint8, device="cuda")
+            result = f"ok, reserved {torch.cuda.memory_reserved() / MiB:g} MiB"
+            del y
+        except torch.OutOfMemoryError:
+            result = f"OOM, reserved {torch.cuda.memory_reserved() / MiB:g} MiB"
+        out.append(f"{name}: cap 45 MiB, {first / MiB:g} MiB {'freed' if name == 'cap-c' else 'held'}, then {second / MiB:g} MiB: {result}")
+        x = None
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
+    import torch
+
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, "
           f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r}")
     for name, steps in PROBES.items():
@@ -42,6 +69,8 @@ def main() -> None:
         print(f"{name}: reserved/allocated MiB after each step: {' '.join(rows)}")
         live.clear()
         torch.cuda.empty_cache()
+    for line in cap_probes():
+        print(line)
 
 
 if __name__ == "__main__":

@@ -101,9 +101,19 @@ class Pool:
         del self.unmapped[i]
 
 
+class OutOfMemory(Exception):
+    """The simulated allocator could not serve a request under its cap (torch.OutOfMemoryError)."""
+
+
 class Allocator:
-    def __init__(self, expandable: bool):
+    """cap: torch.cuda.set_per_process_memory_fraction's limit in bytes (None: no limit). With no cached
+    block to reuse, a request may grow reserved memory only while reserved + its segment size
+    (allocation_size, even under expandable segments) stays within the cap; otherwise every cached
+    block is released (empty_cache) and the check is retried once before OutOfMemory."""
+
+    def __init__(self, expandable: bool, cap: int | None = None):
         self.expandable = expandable
+        self.cap = cap
         self.pools = {True: Pool(small=True, page=SMALL_BUFFER), False: Pool(small=False, page=LARGE_BUFFER)}
         self.reserved = self.allocated = 0
         self.peak_reserved = self.peak_allocated = 0
@@ -174,12 +184,24 @@ class Allocator:
         block = pool.best_fit(size, self.expandable)
         if block is not None:
             pool.remove(block)
-        elif self.expandable:
+            return self._hand_out(pool, block, size)
+        if self.cap is not None and self.reserved + allocation_size(size) > self.cap:
+            self.empty_cache()
+            if self.reserved + allocation_size(size) > self.cap:
+                raise OutOfMemory(f"{size} B with {self.reserved} B reserved under a cap of {self.cap} B")
+            block = pool.best_fit(size, self.expandable)  # emptying can merge pages into a fitting block
+            if block is not None:
+                pool.remove(block)
+                return self._hand_out(pool, block, size)
+        if self.expandable:
             block = self._extend(pool, size)
         else:
             seg = allocation_size(size)
             block = Block(self._new_range(seg), seg, self._new_segment(), pool.small)
             self.reserved += seg
+        return self._hand_out(pool, block, size)
+
+    def _hand_out(self, pool: Pool, block: Block, size: int) -> Block:
         remaining = block.size - size
         if (remaining >= MIN_BLOCK) if (pool.small or self.expandable) else (remaining > SMALL_SIZE):
             rest = Block(block.addr + size, remaining, block.segment, block.small, prev=block, next=block.next)
@@ -268,12 +290,12 @@ class Allocator:
 
 
 def replay(sizes: dict, events: list, expandable: bool, skip=frozenset(), empty_cache_at=(),
-           reset_peak_at: int | None = None) -> Allocator:
+           reset_peak_at: int | None = None, cap: int | None = None) -> Allocator:
     """Replay an exact-mode event log (serial >= 0: allocate sizes[serial]; -serial-1: free it);
     serials in skip are not on the allocator (host or managed memory). empty_cache_at: event indices
     before which torch.cuda.empty_cache() runs; reset_peak_at: the index before which the peaks are
     reset to the current values (torch.cuda.reset_peak_memory_stats)."""
-    a = Allocator(expandable)
+    a = Allocator(expandable, cap)
     live: dict[int, Block] = {}
     empties = set(empty_cache_at)
     for i, ev in enumerate(events):
@@ -293,3 +315,20 @@ def replay(sizes: dict, events: list, expandable: bool, skip=frozenset(), empty_
             if b is not None:
                 a.free(b)
     return a
+
+
+def smallest_budget(sizes: dict, events: list, expandable: bool, skip=frozenset(), empty_cache_at=(),
+                    reset_peak_at: int | None = None, resolution: int = 2 * MB) -> int:
+    """The smallest allocator cap (bytes) under which the replay runs without OutOfMemory, to `resolution`:
+    a bisection between the uncapped run's peak allocated (never enough less than that) and its peak
+    reserved (always enough)."""
+    free = replay(sizes, events, expandable, skip, empty_cache_at, reset_peak_at)
+    lo, hi = free.peak_allocated - 1, free.peak_reserved
+    while hi - lo > resolution:
+        mid = (lo + hi) // 2
+        try:
+            replay(sizes, events, expandable, skip, empty_cache_at, reset_peak_at, cap=mid)
+            hi = mid
+        except OutOfMemory:
+            lo = mid
+    return hi

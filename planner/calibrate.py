@@ -16,10 +16,12 @@ from pathlib import Path
 from planner.calibration import CALIBRATION_DIR, DEFAULTS_FILE, FITTED_FILE, user_cache_dir, user_coefficients_file
 from planner.fit import (
     CONTAMINATION_BYTES,
+    contaminated,
     cross_validate,
     error_summary,
     fit,
     fit_multigpu,
+    per_measurement,
     predict_rows,
     prepare_rows,
     read_runs,
@@ -58,7 +60,9 @@ def coefficients_document(coeffs, df, cv_model, cv_family, name: str) -> dict:
                                  f"bitsandbytes {env['bitsandbytes']}, CUDA {env['cuda']}, driver {env['driver']}",
                         "date": env["date"]},
         "cross_validation": {"leave_one_model_out": error_summary(cv_model),
-                             "leave_one_family_out": error_summary(cv_family)},
+                             "leave_one_family_out": error_summary(cv_family),
+                             "leave_one_model_out_every_measurement": error_summary(per_measurement(cv_model)),
+                             "leave_one_family_out_every_measurement": error_summary(per_measurement(cv_family))},
         "values": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in coeffs.values.items()},
     }
 
@@ -76,7 +80,7 @@ def _speed_cv(df, base) -> dict:
         held = df["model"] == m
         c = fit(df[~held], base)
         for _, row in df[held].iterrows():
-            if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["tokens_per_s"]):
+            if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["tokens_per_s"]) or contaminated(row):
                 continue
             lora, train = _row_settings(row)
             pred = tokens_per_second(load_model(row["model"]), lora, train, _gpu_of(row), c)
@@ -105,12 +109,17 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     out = Path(out_path) if out_path else FITTED_FILE
     out.write_text(json.dumps(doc, indent=2) + "\n")
     items = prepare_rows(df, base)
-    doc["contaminated_rows"] = len(prepare_rows(df, base, keep_contaminated=True)) - len(items)
+    doc["contaminated_rows"] = (len(prepare_rows(df, base, keep_contaminated=True, per_configuration=False))
+                                - len(prepare_rows(df, base, per_configuration=False)))
     fitted_preds = predict_rows(items, coeffs)
     exact = exact_mode_rows(items, paths)
     if exact:
         doc["exact_mode"] = exact_summary(exact)
-    report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact)
+    heldout = heldout_rows(coeffs)
+    if heldout:
+        doc["heldout"] = {kind: {q: s[q] for q in ("runs", "models", "allocated", "reserved")}
+                          for kind in ("analytic", "exact") for s in [error_summary(_as_preds(heldout, kind))]}
+    report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout)
     rpath = Path(report_path) if report_path else REPORT_FILE
     rpath.write_text(report)
     plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)
@@ -216,6 +225,25 @@ def exact_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def repeatability_section(preds: list[dict]) -> list[str]:
+    """Configurations measured in more than one fresh process: how far apart their peaks were."""
+    rows = [p for p in preds if len(p["measurements"]) > 1]
+    if not rows:
+        return []
+    lines = ["", "## Repeatability: the same configuration in different processes", "",
+             "Peak allocated memory repeats to the byte; peak reserved memory does not: it depends on where earlier work "
+             "in the process left blocks in the allocator's address space (here: the configurations that ran before it "
+             "on the same loaded model). No model, analytic or simulated, can be closer to every measurement than "
+             "they are to each other, so the figures above use each configuration's mean.", "",
+             "| configuration | peak reserved GiB, each measurement | spread | peak allocated spread MiB |", "|---|---|---|---|"]
+    for p in sorted(rows, key=lambda p: p["run_id"]):
+        res = [r for _, r in p["measurements"]]
+        al = [a for a, _ in p["measurements"]]
+        lines.append(f"| {p['run_id'].rsplit('|cap', 1)[0]} | {', '.join(gib_str(r) for r in res)} | "
+                     f"{(max(res) - min(res)) / min(res) * 100:.1f}% | {(max(al) - min(al)) / 2**20:.0f} |")
+    return lines
+
+
 def _sim_stack() -> str:
     import csv
 
@@ -224,11 +252,81 @@ def _sim_stack() -> str:
     return "; ".join(f"torch {t}, transformers {tf}, peft {p}, bitsandbytes {b} (CPU)" for t, tf, p, b in sorted(vs))
 
 
-def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exact: list[dict] | None = None) -> str:
+HELDOUT_DIR = CALIBRATION_DIR / "heldout"
+
+
+def heldout_rows(coeffs) -> list[dict]:
+    """Models the fit never sees (calibration/heldout/h200-*.csv, grid h200-heldout): measured against the
+    published coefficients and against exact mode's predictions, which were written before the measurement
+    (calibration/heldout/predicted.csv, `python -m planner.train.replay --grid h200-heldout`)."""
+    import csv
+
+    from planner.memory import estimate
+
+    paths = sorted(glob.glob(str(HELDOUT_DIR / "h200-*.csv")))
+    pred_path = HELDOUT_DIR / "predicted.csv"
+    if not paths or not pred_path.exists():
+        return []
+    with pred_path.open(newline="") as fh:
+        preds = {r["config_id"]: r for r in csv.DictReader(fh)}
+    base = coeffs
+    out = []
+    for it in prepare_rows(read_runs(paths), base):
+        r = it["row"]
+        p = preds.get(r["run_id"].rsplit("|cap", 1)[0])
+        if p is None:
+            continue
+        bd = estimate(it["model"], it["lora"], it["train"], coeffs)
+        out.append({"model": r["model"], "run_id": r["run_id"], "alloc_conf": r["alloc_conf"] or "default",
+                    "measured_allocated": it["alloc"], "measured_reserved": it["reserved"],
+                    "analytic_allocated": bd.peak_allocated_bytes, "analytic_reserved": bd.peak_reserved_bytes,
+                    "exact_allocated": int(p["simulated_allocated_bytes"]),
+                    "exact_reserved": int(p["simulated_reserved_bytes"])})
+    return out
+
+
+def _as_preds(rows: list[dict], kind: str) -> list[dict]:
+    """Held-out rows as error_summary's predictions, from the analytic plan or exact mode."""
+    return [{"model": r["model"], "alloc_conf": r["alloc_conf"], "measured_allocated": r["measured_allocated"],
+             "predicted_allocated": r[f"{kind}_allocated"], "measured_reserved": r["measured_reserved"],
+             "predicted_reserved": r[f"{kind}_reserved"]} for r in rows]
+
+
+def heldout_section(rows: list[dict]) -> list[str]:
+    models = sorted({r["model"] for r in rows})
+    lines = ["", "## Held-out models: never fitted, predicted before they were measured", "",
+             f"{len(rows)} configurations of {', '.join(models)} (grid `h200-heldout`, one fresh process per model, "
+             "expandable segments), in `calibration/heldout/`. The fit never reads that folder. Exact mode's predictions "
+             "were committed before the GPU run (`predicted.csv`, `python -m planner.train.replay --grid h200-heldout "
+             "--out calibration/heldout/predicted.csv`); the analytic ones come from the published coefficients.", "",
+             "| | median abs error | max abs error | under-predicted runs | worst under-prediction |", "|---|---|---|---|---|"]
+    for kind, label in (("analytic", "analytic plan"), ("exact", "exact mode")):
+        s = error_summary(_as_preds(rows, kind))
+        for q in ("reserved", "allocated"):
+            k = s[q]
+            lines.append(f"| peak {q}, {label} | {k['median_abs_pct']}% | {k['max_abs_pct']}% | "
+                         f"{k['under_prediction_rate'] * 100:.1f}% | {k['worst_under_pct']}% |")
+    lines += ["", "| run | measured reserved GiB | analytic | err | exact mode | err | measured allocated GiB | analytic | err | exact mode | err |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def e(r, kind, q):
+        return f"{(r[f'{kind}_{q}'] - r[f'measured_{q}']) / r[f'measured_{q}'] * 100:+.1f}%"
+
+    for r in rows:
+        lines.append(f"| {r['run_id'].rsplit('|cap', 1)[0]} | {gib_str(r['measured_reserved'])} | {gib_str(r['analytic_reserved'])} | "
+                     f"{e(r, 'analytic', 'reserved')} | {gib_str(r['exact_reserved'])} | {e(r, 'exact', 'reserved')} | "
+                     f"{gib_str(r['measured_allocated'])} | {gib_str(r['analytic_allocated'])} | {e(r, 'analytic', 'allocated')} | "
+                     f"{gib_str(r['exact_allocated'])} | {e(r, 'exact', 'allocated')} |")
+    return lines
+
+
+def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exact: list[dict] | None = None,
+                  heldout: list[dict] | None = None) -> str:
     cvm = doc["cross_validation"]["leave_one_model_out"]
     cvf = doc["cross_validation"]["leave_one_family_out"]
     sp = doc["cross_validation"]["speed_leave_one_model_out"]
     m = doc["measured_on"]
+    cvme = doc["cross_validation"]["leave_one_model_out_every_measurement"]
     lines = [
         "# Calibration report",
         "",
@@ -236,7 +334,9 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exa
         "configuration, environment in every row). `tests/test_calibration.py` refits on the CPU and checks these figures.",
         "",
         f"- GPU: {m['gpu']}; stack: {m['stack']}; measured {m['date']}",
-        f"- {cvm['runs']} completed configurations (plus OOM rows and allocator-cap bisection rows), models: {', '.join(m['models'])}",
+        f"- {cvm['runs']} completed configurations ({cvme['runs']} measurements: a configuration measured in more than one "
+        f"process is one point, the mean of its measurements; see Repeatability), plus OOM rows and allocator-cap "
+        f"bisection rows; models: {', '.join(m['models'])}",
         "- Measured by `python -m planner.train.harness` (one file per grid: `--grid NAME`, see planner/train/harness.py), "
         "2 optimizer steps of 2 accumulated micro-batches on full-length random sequences:",
         *[f"  - `{Path(f).name}`: {n} rows, PYTORCH_CUDA_ALLOC_CONF={conf or '(unset: the default allocator)'}"
@@ -254,8 +354,13 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exa
         "| | median abs error | max abs error | under-predicted runs | worst under-prediction |",
         "|---|---|---|---|---|",
     ]
+    cvme = doc["cross_validation"]["leave_one_model_out_every_measurement"]
+    cvfe = doc["cross_validation"]["leave_one_family_out_every_measurement"]
+    every = f"every measurement ({cvme['runs']}), not the configuration's mean"
     for title, s in (("peak reserved, leave-one-model-out", cvm["reserved"]), ("peak allocated, leave-one-model-out", cvm["allocated"]),
-                     ("peak reserved, leave-one-family-out", cvf["reserved"]), ("peak allocated, leave-one-family-out", cvf["allocated"])):
+                     ("peak reserved, leave-one-family-out", cvf["reserved"]), ("peak allocated, leave-one-family-out", cvf["allocated"]),
+                     (f"peak reserved, leave-one-model-out, {every}", cvme["reserved"]),
+                     (f"peak reserved, leave-one-family-out, {every}", cvfe["reserved"])):
         lines.append(f"| {title} | {s['median_abs_pct']}% | {s['max_abs_pct']}% | {s['under_prediction_rate'] * 100:.1f}% | {s['worst_under_pct']}% |")
     for mode, s in cvm.get("by_allocator", {}).items():
         n = s["runs"]
@@ -284,8 +389,11 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exa
         lines.append(f"| {p['run_id'].rsplit('|cap', 1)[0]} | {p['phase']} | {gib_str(p['measured_allocated'])} | "
                      f"{gib_str(p['predicted_allocated'])} | {_pct(p, 'allocated'):+.1f}% | {gib_str(p['measured_reserved'])} | "
                      f"{gib_str(p['predicted_reserved'])} | {_pct(p, 'reserved'):+.1f}% |")
+    lines += repeatability_section(cv)
     if exact:
         lines += exact_section(exact)
+    if heldout:
+        lines += heldout_section(heldout)
     lines += required_section(df)
     lines += validation_section(coeffs)
     lines += multigpu_section(coeffs)

@@ -49,16 +49,35 @@ def _row_settings(row):
     return lora, train
 
 
+def row_offset(row, model=None, double_quant: bool | None = None) -> int:
+    """Bytes allocated after the load beyond the model's predicted static weights: what earlier
+    configurations or models of the same harness process left behind."""
+    from planner.memory import quant_constants_bytes, quantized_weights_bytes, unquantized_weights_bytes
+    from planner.profiles import load_model
+
+    model = model or load_model(row["model"])
+    dq = str(row["double_quant"]) == "True" if double_quant is None else double_quant
+    static = quantized_weights_bytes(model) + quant_constants_bytes(model, dq) + unquantized_weights_bytes(model)
+    return int(row["after_load_allocated_bytes"]) - static
+
+
+def contaminated(row) -> bool:
+    return row_offset(row) > CONTAMINATION_BYTES
+
+
 def _with(coeffs: Coefficients, **values) -> Coefficients:
     return Coefficients(name=coeffs.name, description=coeffs.description, values={**coeffs.values, **values})
 
 
-def prepare_rows(df, base: Coefficients, keep_contaminated: bool = False) -> list[dict]:
-    """Per measured row: the model's phase sums at the base coefficients and their exact
+def prepare_rows(df, base: Coefficients, keep_contaminated: bool = False, per_configuration: bool = True) -> list[dict]:
+    """Per measured configuration: the model's phase sums at the base coefficients and their exact
     derivatives with respect to ALLOC_KEYS (every phase is linear in them), plus the measured
     targets corrected for memory that earlier configurations of the same process left behind
     (after_load_allocated minus the predicted static weights). Contaminated rows (see
-    CONTAMINATION_BYTES) are left out unless keep_contaminated."""
+    CONTAMINATION_BYTES) are left out unless keep_contaminated. A configuration measured in
+    several processes is one point, the mean of its measurements (per_configuration; "repeats"
+    counts them): peak reserved depends on what ran earlier in the process (calibration/REPORT.md,
+    "Repeatability"), and one configuration should not weigh twice."""
     from planner.memory import phases, quant_constants_bytes, quantized_weights_bytes, unquantized_weights_bytes
     from planner.profiles import load_model
 
@@ -83,7 +102,23 @@ def prepare_rows(df, base: Coefficients, keep_contaminated: bool = False) -> lis
         out.append({"row": row, "model": model, "lora": lora, "train": train, "offset": offset,
                     "alloc": int(row["peak_allocated_bytes"]) - offset,
                     "reserved": int(row["peak_reserved_bytes"]) - offset,
-                    "base": base_tot, "grads": grads, "phases": names})
+                    "base": base_tot, "grads": grads, "phases": names, "repeats": 1,
+                    "measurements": [(int(row["peak_allocated_bytes"]) - offset, int(row["peak_reserved_bytes"]) - offset)]})
+    return merge_repeats(out) if per_configuration else out
+
+
+def merge_repeats(items: list[dict]) -> list[dict]:
+    """One item per configuration (run_id without the cap): the mean of its measurements' targets."""
+    by: dict[str, list[dict]] = {}
+    for it in items:
+        by.setdefault(it["row"]["run_id"].rsplit("|cap", 1)[0], []).append(it)
+    out = []
+    for group in by.values():
+        first = dict(group[0])
+        meas = [m for it in group for m in it["measurements"]]
+        first.update(repeats=len(meas), measurements=meas, alloc=sum(a for a, _ in meas) // len(meas),
+                     reserved=sum(r for _, r in meas) // len(meas))
+        out.append(first)
     return out
 
 
@@ -202,10 +237,10 @@ def bisection_groups(df, coeffs: Coefficients) -> dict[str, list[dict]]:
     allocated and allocator reserve at that peak."""
     from planner.profiles import load_model
 
-    groups: dict[str, list] = {}
+    groups: dict[tuple, list] = {}  # per file: a configuration bisected in two processes is two groups
     for _, row in df.iterrows():
         if int(row["budget_bytes"]) != 0:
-            groups.setdefault(row["run_id"].rsplit("|cap", 1)[0], []).append(row)
+            groups.setdefault((row["source_file"], row["run_id"].rsplit("|cap", 1)[0]), []).append(row)
     out: dict[str, list[dict]] = {"expandable": [], "default": []}
     for key, rows in groups.items():
         r0 = rows[0]
@@ -218,7 +253,7 @@ def bisection_groups(df, coeffs: Coefficients) -> dict[str, list[dict]]:
         ok = [int(r["budget_bytes"]) - offset for r in rows if r["status"] == "ok"]
         oom = [int(r["budget_bytes"]) - offset for r in rows if r["status"] == "oom"]
         out["expandable" if train.expandable_segments else "default"].append({
-            "key": key, "model": r0["model"], "ok_min": min(ok) if ok else None, "oom_max": max(oom) if oom else None,
+            "key": key[1], "model": r0["model"], "ok_min": min(ok) if ok else None, "oom_max": max(oom) if oom else None,
             "allocated": bd.peak_allocated_bytes, "reserve": bd.allocator_reserve, "required": bd.required_bytes})
     return out
 
@@ -266,6 +301,7 @@ def predict_rows(items: list[dict], coeffs: Coefficients) -> list[dict]:
             "measured_allocated": it["alloc"], "predicted_allocated": bd.peak_allocated_bytes,
             "measured_reserved": it["reserved"], "predicted_reserved": bd.peak_reserved_bytes,
             "phase": bd.peak_phase, "tokens_per_s": float(r["tokens_per_s"] or 0),
+            "measurements": it.get("measurements", [(it["alloc"], it["reserved"])]),
         })
     return out
 
@@ -283,6 +319,11 @@ def cross_validate(df, by: str = "model", base: Coefficients | None = None) -> l
         coeffs = fit(df[~held], base)
         preds += predict_rows(prepare_rows(df[held], base), coeffs)
     return preds
+
+
+def per_measurement(preds: list[dict]) -> list[dict]:
+    """Predictions against every measurement of their configuration, not the mean of its repeats."""
+    return [{**p, "measured_allocated": a, "measured_reserved": r} for p in preds for a, r in p["measurements"]]
 
 
 def error_summary(preds: list[dict]) -> dict:
@@ -313,7 +354,7 @@ def fit_speed(df, coeffs: Coefficients) -> dict:
 
     a, b = [], []
     for _, row in df.iterrows():
-        if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["tokens_per_s"]):
+        if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["tokens_per_s"]) or contaminated(row):
             continue
         model = load_model(row["model"])
         lora, train = _row_settings(row)
@@ -405,7 +446,7 @@ def contaminated_grid(df, alloc_conf: str, bisect: bool = False) -> list[dict]:
     base = _read(str(_defaults))
     bisected = {r.rsplit("|cap", 1)[0] for r in df[df["budget_bytes"].astype(int) != 0]["run_id"]}
     out, seen = [], set()
-    for it in prepare_rows(df, base, keep_contaminated=True):
+    for it in prepare_rows(df, base, keep_contaminated=True, per_configuration=False):
         r = it["row"]
         key = r["run_id"].rsplit("|cap", 1)[0]
         if it["offset"] <= CONTAMINATION_BYTES or str(r["alloc_conf"]) != alloc_conf or key in seen:

@@ -245,12 +245,14 @@ def logits_bytes(model: ModelSpec, train: TrainSettings, coeffs: Coefficients, p
     forward, at the loss: logits in the compute dtype (2V), their fp32 upcast in ForCausalLMLoss
     (4V) and log_softmax's fp32 output (4V). backward, at the loss: the saved log_softmax output,
     nll_loss's fp32 gradient and log_softmax's input gradient (3 x 4V). Gemma-2's final softcapping
-    adds its tanh output and one more compute-dtype copy. The per-element byte counts are
+    (logits / cap, tanh, x cap) leaves one more compute-dtype tensor alive at either peak: exact mode
+    traced 2 bytes per element in bf16, and the held-out Gemma-2-2B runs (calibration/REPORT.md) were
+    over-predicted by one such tensor while this term counted two. The per-element byte counts are
     coefficients (logits_fwd_bytes, logits_bwd_bytes) so that calibration can correct them.
     """
     per = coeffs.get("logits_fwd_bytes" if phase == "forward" else "logits_bwd_bytes")
     if model.final_logit_softcapping:
-        per += 2 * DTYPE_BYTES[train.compute_dtype]
+        per += DTYPE_BYTES[train.compute_dtype]
     return int(per * model.vocab_size * train.tokens_per_micro_batch)
 
 

@@ -89,3 +89,70 @@ def test_allocator_returns_to_empty(expandable):
     assert a.allocated == 0
     a.empty_cache()
     assert a.reserved == 0
+
+
+def test_cap_checks_the_whole_segment_size_even_when_expandable():
+    from planner.allocsim import OutOfMemory
+
+    a = Allocator(True, cap=45 * MiB)
+    a.malloc(int(1.5 * MiB))  # one 20 MiB page
+    with pytest.raises(OutOfMemory):
+        a.malloc(25 * MiB)  # 20 + 26 (the request rounded to 2 MiB) > 45, though one more page would do
+    b = Allocator(True, cap=45 * MiB)
+    b.malloc(int(1.5 * MiB))
+    b.malloc(24 * MiB)
+    assert b.reserved == 40 * MiB
+
+
+def test_cap_releases_cached_blocks_before_failing():
+    a = Allocator(False, cap=45 * MiB)
+    a.free(a.malloc(12 * MiB))  # cached
+    a.malloc(40 * MiB)  # 12 + 40 > 45: the cached 12 MiB segment is released, then it fits
+    assert a.reserved == 40 * MiB
+
+
+def test_smallest_budget_lies_between_allocated_and_reserved():
+    from planner.allocsim import smallest_budget
+
+    sizes = {0: 100 * MiB, 1: 50 * MiB, 2: 120 * MiB}
+    events = [0, 1, -1, 2, -2, -3]
+    need = smallest_budget(sizes, events, expandable=True)
+    free = replay(sizes, events, expandable=True)
+    assert free.peak_allocated <= need <= free.peak_reserved
+    # under that cap the freed 100 MiB hole is released for the 120 MiB request: 160 MiB was never needed
+    assert need < free.peak_reserved
+
+
+def _probe_log():
+    """calibration/logs/allocator-probe.txt: {(mode, probe): ["reserved/allocated", ...]} as the GPU printed it."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "calibration" / "logs" / "allocator-probe.txt").read_text()
+    out, mode = {}, None
+    for line in text.splitlines():
+        if line.startswith("torch "):
+            mode = "expandable" if "expandable_segments:True" in line else "default"
+        elif ": reserved/allocated MiB after each step: " in line:
+            name, rest = line.split(": reserved/allocated MiB after each step: ")
+            out[(mode, name)] = [x for x in rest.split() if "/" in x]
+    return out
+
+
+def _probes():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "calibration" / "allocator_probe.py"
+    spec = importlib.util.spec_from_file_location("allocator_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.PROBES
+
+
+@pytest.mark.parametrize("mode", ["default", "expandable"])
+@pytest.mark.parametrize("probe", ["sequence", "tail", "unmap", "segments"])
+def test_simulator_reproduces_the_gpu_probe(mode, probe):
+    """Every step of every probe, as torch reported it on the H200, replayed through the simulator."""
+    measured = _probe_log()[(mode, probe)]
+    out, _ = run(mode == "expandable", _probes()[probe])
+    assert [f"{r:g}/{a:.3f}" for r, a in out] == measured

@@ -773,25 +773,30 @@ class RawTrace:
     device: str
     simulated_reserved: int = 0  # planner.allocsim over this trace: max_memory_reserved (0: not simulated)
     simulated_allocated: int = 0  # the same replay's max_memory_allocated
+    simulated_required: int = 0  # the smallest allocator cap the replay runs under (0: not simulated)
 
 
-def simulate_allocator(log: TraceLog, expandable: bool):
+def simulate_allocator(log: TraceLog, expandable: bool, budget: bool = False):
     """Replay the trace through planner.allocsim as a training process runs it: the model loaded, the
     allocator's cache emptied (the calibration harness, and `qfit run` after its fit probe), peaks reset,
-    then the LoRA wrap and the step. Returns the Allocator (peak_reserved, peak_allocated)."""
-    from planner.allocsim import replay
+    then the LoRA wrap and the step. Returns (the Allocator: peak_reserved, peak_allocated; and with
+    budget, the smallest cap it runs under, else 0)."""
+    from planner.allocsim import replay, smallest_budget
 
     skip = {s for s, c in log.category.items() if c in EXCLUDED}
-    return replay(log.sizes, log.events, expandable, skip, empty_cache_at=[log.marks.get("loaded", 0)],
-                  reset_peak_at=log.marks.get("loaded", 0))
+    at = log.marks.get("loaded", 0)
+    free = replay(log.sizes, log.events, expandable, skip, empty_cache_at=[at], reset_peak_at=at)
+    need = smallest_budget(log.sizes, log.events, expandable, skip, empty_cache_at=[at], reset_peak_at=at) if budget else 0
+    return free, need
 
 
 def trace(config_fields: dict, spec: ModelSpec, lora: LoraSettings, train: TrainSettings, layers: int,
           device: CudaDevice | None = None, input_requires_grad: bool = False, static_only: bool = False,
-          simulate: bool = False) -> RawTrace:
+          simulate: bool = False, simulate_budget: bool = False) -> RawTrace:
     """Build the model with `layers` decoder layers and trace two optimizer steps (see run_step);
     static_only: build it and stop (the weights and adapters, no step). simulate: replay the allocation
-    log through the caching allocator (simulate_allocator) for peak reserved memory.
+    log through the caching allocator (simulate_allocator) for peak reserved memory; simulate_budget: also
+    bisect the smallest allocator cap it runs under (a dozen replays).
 
     input_requires_grad: make the embedding output require grad without checkpointing (transformers'
     enable_input_require_grads hook, which activation checkpointing installs and
@@ -839,12 +844,13 @@ def trace(config_fields: dict, spec: ModelSpec, lora: LoraSettings, train: Train
         bnbf.name2qmap.clear()
         bnbf.name2qmap.update(saved_qmap)
     windows = {} if static_only else _window_breakdowns(tracker)
-    sim = simulate_allocator(tracker.log, train.expandable_segments) if simulate and not static_only else None
+    sim, need = (simulate_allocator(tracker.log, train.expandable_segments, simulate_budget)
+                 if (simulate or simulate_budget) and not static_only else (None, 0))
     return RawTrace(layers=layers, windows=windows, window_order=list(tracker.log.window_order), static=static,
                     paged_bytes=paged, host_bytes=host, attn_implementation=attn, optimizer=info["optimizer"],
                     seconds=time.perf_counter() - t0, scalar_calls=tracker.scalar_calls, device=device.name,
                     simulated_reserved=sim.peak_reserved if sim else 0,
-                    simulated_allocated=sim.peak_allocated if sim else 0)
+                    simulated_allocated=sim.peak_allocated if sim else 0, simulated_required=need)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def configurations(paths: list[str]) -> list[dict]:
     return out
 
 
-def simulate_one(row: dict, hook: bool) -> dict:
+def simulate_one(row: dict, hook: bool, budget: bool = False) -> dict:
     import dataclasses
 
     from planner.exact import resolve
@@ -66,11 +66,12 @@ def simulate_one(row: dict, hook: bool) -> dict:
     spec, cfg = resolve(row["model"])
     t0 = time.perf_counter()
     raw = heavy.trace(cfg, dataclasses.replace(spec, num_hidden_layers=spec.num_hidden_layers), lora, train,
-                      spec.num_hidden_layers, input_requires_grad=hook, simulate=True)
+                      spec.num_hidden_layers, input_requires_grad=hook, simulate=True, simulate_budget=budget)
     versions = stack.library_versions()
     return {"config_id": config_id(row["run_id"]), "model": row["model"], "alloc_conf": row["alloc_conf"],
             "input_requires_grad": hook, "simulated_allocated_bytes": raw.simulated_allocated,
             "simulated_reserved_bytes": raw.simulated_reserved, "traced_layers": raw.layers,
+            **({"simulated_required_bytes": raw.simulated_required} if budget else {}),
             "trace_seconds": round(time.perf_counter() - t0, 1),
             **{k: versions.get(k, "") for k in ("torch", "transformers", "peft", "bitsandbytes")}}
 
@@ -106,6 +107,15 @@ def analytic(row: dict) -> dict:
             "analytic_required_bytes": bd.required_bytes, "coefficients": coeffs.name}
 
 
+def bisected(paths: list[str]) -> set[str]:
+    """Configurations measured again under allocator caps (the harness's bisection rows)."""
+    out = set()
+    for path in paths:
+        with open(path, newline="") as fh:
+            out |= {config_id(r["run_id"]) for r in csv.DictReader(fh) if int(r["budget_bytes"]) != 0}
+    return out
+
+
 def read_simulated(path: str) -> dict[tuple[str, bool], dict]:
     if not os.path.exists(path):
         return {}
@@ -122,20 +132,24 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", default="", help="predict a harness grid (planner/train/harness.py) instead of measured runs, "
                                                "with the analytic plan's prediction beside exact mode's")
     ap.add_argument("--alloc-conf", default="expandable_segments:True", help="with --grid: the allocator setting to predict")
+    ap.add_argument("--budget", action="store_true",
+                    help="the configurations measured under allocator caps only, with the smallest cap each runs under")
     args = ap.parse_args(argv)
     done = read_simulated(args.out)
     configs = grid_rows(args.grid, args.alloc_conf) if args.grid else configurations(sorted(glob.glob(args.runs)))
+    if args.budget:
+        configs = [c for c in configs if config_id(c["row"]["run_id"]) in bisected(sorted(glob.glob(args.runs)))]
     todo = [c for c in configs
             if (config_id(c["row"]["run_id"]), c["hook"]) not in done and args.only in c["row"]["run_id"]]
     fields = FIELDS + (("analytic_allocated_bytes", "analytic_reserved_bytes", "analytic_required_bytes", "coefficients")
-                       if args.grid else ())
+                       if args.grid else ()) + (("simulated_required_bytes",) if args.budget else ())
     print(f"{len(todo)} configurations to trace ({len(done)} already in {args.out})", flush=True)
     new = not os.path.exists(args.out)
     with open(args.out, "a", newline="") as fh, ProcessPoolExecutor(max(1, args.jobs)) as pool:
         writer = csv.DictWriter(fh, fieldnames=fields)
         if new:
             writer.writeheader()
-        futures = [pool.submit(simulate_one, c["row"], c["hook"]) for c in todo]
+        futures = [pool.submit(simulate_one, c["row"], c["hook"], args.budget) for c in todo]
         for c, fut in zip(todo, futures):
             r = fut.result()
             if args.grid:
