@@ -294,8 +294,9 @@ def replay(sizes: dict, events: list, expandable: bool, skip=frozenset(), empty_
     """Replay an exact-mode event log (serial >= 0: allocate sizes[serial]; -serial-1: free it);
     serials in skip are not on the allocator (host or managed memory). empty_cache_at: event indices
     before which torch.cuda.empty_cache() runs; reset_peak_at: the index before which the peaks are
-    reset to the current values (torch.cuda.reset_peak_memory_stats)."""
-    a = Allocator(expandable, cap)
+    reset to the current values (torch.cuda.reset_peak_memory_stats) and the cap, if any, takes effect
+    (the harness caps the allocator after the model is loaded)."""
+    a = Allocator(expandable, cap if not reset_peak_at else None)
     live: dict[int, Block] = {}
     empties = set(empty_cache_at)
     for i, ev in enumerate(events):
@@ -303,6 +304,7 @@ def replay(sizes: dict, events: list, expandable: bool, skip=frozenset(), empty_
             a.empty_cache()
         if i == reset_peak_at:
             a.peak_reserved, a.peak_allocated = a.reserved, a.allocated
+            a.cap = cap
         if ev >= 0:
             if ev in skip:
                 continue

@@ -55,7 +55,7 @@ def coefficients_document(coeffs, df, cv_model, cv_family, name: str) -> dict:
     return {
         "name": name,
         "description": "fitted by `qfit calibrate --refit` from calibration/runs/*.csv",
-        "measured_on": {"gpu": env["gpu_name"], "runs": int(len(ok)), "models": sorted(set(ok["model"])),
+        "measured_on": {"gpu": env["gpu_name"], "runs": error_summary(cv_model)["runs"], "models": sorted(set(ok["model"])),
                         "stack": f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
                                  f"bitsandbytes {env['bitsandbytes']}, CUDA {env['cuda']}, driver {env['driver']}",
                         "date": env["date"]},
@@ -109,8 +109,7 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     out = Path(out_path) if out_path else FITTED_FILE
     out.write_text(json.dumps(doc, indent=2) + "\n")
     items = prepare_rows(df, base)
-    doc["contaminated_rows"] = (len(prepare_rows(df, base, keep_contaminated=True, per_configuration=False))
-                                - len(prepare_rows(df, base, per_configuration=False)))
+    doc["contaminated"] = contamination_effect(df, base, items)
     fitted_preds = predict_rows(items, coeffs)
     exact = exact_mode_rows(items, paths)
     if exact:
@@ -119,7 +118,7 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     if heldout:
         doc["heldout"] = {kind: {q: s[q] for q in ("runs", "models", "allocated", "reserved")}
                           for kind in ("analytic", "exact") for s in [error_summary(_as_preds(heldout, kind))]}
-    report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout)
+    report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout, exact_budget_rows(df, coeffs))
     rpath = Path(report_path) if report_path else REPORT_FILE
     rpath.write_text(report)
     plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)
@@ -141,6 +140,22 @@ def _families(models: list[str]) -> dict[str, list[str]]:
 
 def _pct(p: dict, kind: str) -> float:
     return (p[f"predicted_{kind}"] - p[f"measured_{kind}"]) / p[f"measured_{kind}"] * 100
+
+
+def contamination_effect(df, base, clean_items: list[dict]) -> dict:
+    """Contaminated rows against the clean re-measurement of the same configuration: |difference| in %."""
+    clean = {it["row"]["run_id"].rsplit("|cap", 1)[0]: it for it in clean_items}
+    every = prepare_rows(df, base, keep_contaminated=True, per_configuration=False)
+    dirty = [it for it in every if it["offset"] > CONTAMINATION_BYTES]
+    pairs = [(it, clean[k]) for it in dirty if (k := it["row"]["run_id"].rsplit("|cap", 1)[0]) in clean]
+
+    def stat(kind):
+        d = sorted(abs(a[kind] - b[kind]) / b[kind] * 100 for a, b in pairs) or [0.0]
+        return round(d[len(d) // 2], 2), round(d[-1], 2)
+
+    (am, ax), (rm, rx) = stat("alloc"), stat("reserved")
+    return {"rows": len(dirty), "remeasured": len(pairs), "allocated_median_pct": am, "allocated_max_pct": ax,
+            "reserved_median_pct": rm, "reserved_max_pct": rx}
 
 
 SIMULATED_FILE = CALIBRATION_DIR / "simulated.csv"
@@ -190,6 +205,49 @@ def exact_mode_rows(items: list[dict], paths: list[str], simulated_path: Path = 
                     "measured_reserved": it["reserved"], "predicted_reserved": int(sim["simulated_reserved_bytes"]) - ws,
                     "phase": "", "tokens_per_s": 0.0})
     return out
+
+
+SIMULATED_BUDGET_FILE = CALIBRATION_DIR / "simulated-budget.csv"
+
+
+def exact_budget_rows(df, coeffs) -> list[dict]:
+    """Exact mode's smallest allocator budget (calibration/simulated-budget.csv, `python -m
+    planner.train.replay --budget`) beside each cap bisection's largest failing and smallest running budget."""
+    import csv
+
+    from planner.fit import bisection_groups
+
+    if not SIMULATED_BUDGET_FILE.exists():
+        return []
+    with SIMULATED_BUDGET_FILE.open(newline="") as fh:
+        sims = {r["config_id"]: int(r["simulated_required_bytes"]) for r in csv.DictReader(fh)}
+    out = []
+    for mode, groups in bisection_groups(df, coeffs).items():
+        for g in groups:
+            if g["key"] in sims:
+                ws = CUBLAS_WORKSPACES if g["offset"] >= CUBLAS_WORKSPACES else 0
+                out.append({**g, "mode": mode, "simulated": sims[g["key"]] - ws})
+    return out
+
+
+def exact_budget_section(rows: list[dict]) -> list[str]:
+    inside = [r for r in rows if (r["oom_max"] is None or r["simulated"] > r["oom_max"])
+              and (r["ok_min"] is None or r["simulated"] <= r["ok_min"])]
+    safe = [r for r in rows if r["oom_max"] is None or r["simulated"] > r["oom_max"]]
+    over = sorted((r["simulated"] - r["ok_min"]) / r["ok_min"] * 100 for r in rows if r["ok_min"])
+    lines = ["", "### Exact mode's smallest budget against the cap bisections", "",
+             "The simulator replays the step again under caps (`planner.allocsim.smallest_budget`: with no cached block "
+             "to reuse, a request may grow reserved memory only while reserved plus its whole segment size stays under the "
+             "cap; otherwise every cached block is released and it is retried once, as PyTorch does). "
+             f"{len(rows)} bisected configurations: the simulated smallest budget is above the largest budget that failed in "
+             f"{len(safe)} of {len(rows)} and inside the measured bracket (above the largest failing, at most the smallest "
+             f"running) in {len(inside)}; against the smallest budget that ran it is "
+             f"{over[len(over) // 2]:+.1f}% at the median ({over[0]:+.1f}% to {over[-1]:+.1f}%).", "",
+             "| configuration | largest failing budget GiB | smallest budget that ran GiB | exact mode GiB |", "|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["key"]):
+        lines.append(f"| {r['key']} | {gib_str(r['oom_max']) if r['oom_max'] is not None else '-'} | "
+                     f"{gib_str(r['ok_min']) if r['ok_min'] is not None else '-'} | {gib_str(r['simulated'])} |")
+    return lines
 
 
 def exact_summary(rows: list[dict]) -> dict:
@@ -294,11 +352,15 @@ def _as_preds(rows: list[dict], kind: str) -> list[dict]:
 
 def heldout_section(rows: list[dict]) -> list[str]:
     models = sorted({r["model"] for r in rows})
-    lines = ["", "## Held-out models: never fitted, predicted before they were measured", "",
+    lines = ["", "## Held-out models: never fitted", "",
              f"{len(rows)} configurations of {', '.join(models)} (grid `h200-heldout`, one fresh process per model, "
              "expandable segments), in `calibration/heldout/`. The fit never reads that folder. Exact mode's predictions "
-             "were committed before the GPU run (`predicted.csv`, `python -m planner.train.replay --grid h200-heldout "
-             "--out calibration/heldout/predicted.csv`); the analytic ones come from the published coefficients.", "",
+             "(`predicted.csv`, `python -m planner.train.replay --grid h200-heldout --out calibration/heldout/predicted.csv`) "
+             "come from the code committed before the GPU run (a3b39e8) and are deterministic. The analytic figures use the "
+             "published coefficients and one fix these runs prompted: Gemma-2's final logit softcapping keeps one extra "
+             "compute-dtype copy of the logits alive at the loss, not two (exact mode traced one; planner.memory.logits_bytes). "
+             "Before that fix the analytic plan over-predicted the four Gemma-2-2B runs by 5-10% (reserved: median 2.26%, "
+             "max 10.08% over the 16 runs; allocated max 11.11%).", "",
              "| | median abs error | max abs error | under-predicted runs | worst under-prediction |", "|---|---|---|---|---|"]
     for kind, label in (("analytic", "analytic plan"), ("exact", "exact mode")):
         s = error_summary(_as_preds(rows, kind))
@@ -321,7 +383,7 @@ def heldout_section(rows: list[dict]) -> list[str]:
 
 
 def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exact: list[dict] | None = None,
-                  heldout: list[dict] | None = None) -> str:
+                  heldout: list[dict] | None = None, exact_budget: list[dict] | None = None) -> str:
     cvm = doc["cross_validation"]["leave_one_model_out"]
     cvf = doc["cross_validation"]["leave_one_family_out"]
     sp = doc["cross_validation"]["speed_leave_one_model_out"]
@@ -341,13 +403,16 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exa
         "2 optimizer steps of 2 accumulated micro-batches on full-length random sequences:",
         *[f"  - `{Path(f).name}`: {n} rows, PYTORCH_CUDA_ALLOC_CONF={conf or '(unset: the default allocator)'}"
           for (f, conf), n in df.groupby(["source_file", "alloc_conf"]).size().items()],
-        f"- Left out of the fit and of every figure: {doc.get('contaminated_rows', 0)} contaminated rows, measured in a process "
+        f"- Left out of the fit and of every figure: {doc['contaminated']['rows']} contaminated rows, measured in a process "
         f"where an earlier model left more than {CONTAMINATION_BYTES // 2**20} MiB allocated (after_load_allocated_bytes "
         "minus the model's weights; the two 32 MiB cuBLAS workspaces explain 64 MiB). The allocator's address space then "
-        "holds that model's leftovers and the holes around them, which moves peak reserved memory by up to 7% against "
-        "a fresh process (exact mode below predicts the fresh process within 1%). Each was measured again in a fresh process "
-        "(`python -m planner.fit --out calibration/grids/clean-*.json`, files `h200-clean-*`); the harness now runs every "
-        "model group in a child process of its own.",
+        "holds that model's leftovers and the holes around them. Each was measured again in a fresh process "
+        "(`python -m planner.fit --out calibration/grids/clean-*.json`, files `h200-clean-*`). Against those, peak allocated "
+        f"differed by median {doc['contaminated']['allocated_median_pct']}%, max {doc['contaminated']['allocated_max_pct']}% "
+        "(the old one-process sweeps also left transformers' input-grad hook on for later uncheckpointed rows, "
+        "planner/train/replay.py), peak reserved by median "
+        f"{doc['contaminated']['reserved_median_pct']}%, max {doc['contaminated']['reserved_max_pct']}%. "
+        "The harness now runs every model group in a child process of its own.",
         "",
         "## Accuracy (cross-validated: every prediction comes from a fit that did not see that model)",
         "",
@@ -395,6 +460,8 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exa
     if heldout:
         lines += heldout_section(heldout)
     lines += required_section(df)
+    if exact_budget:
+        lines += exact_budget_section(exact_budget)
     lines += validation_section(coeffs)
     lines += multigpu_section(coeffs)
     lines.append("")
@@ -546,6 +613,7 @@ def validation_section(coeffs) -> list[str]:
     errs: list[float] = []
     statuses: list[str] = []
     uses: list[float] = []
+    roomy: list[tuple] = []  # plans whose next micro-batch was predicted to fit: (budget use, uncheckpointed layers)
     for path in sorted(glob.glob(VALIDATION_GLOB)):
         plans_path = Path(path).with_suffix(".plans.json")
         plans = json.loads(plans_path.read_text()) if plans_path.is_file() else []
@@ -582,6 +650,8 @@ def validation_section(coeffs) -> list[str]:
             util = used / p["gpu_memory_bytes"] * 100
             budget_use = meas / c["budget"] * 100
             uses.append(budget_use if r["status"] == "ok" else 0.0)
+            if p["next_batch_fits"]:
+                roomy.append((budget_use, c.get("unckpt", 0)))
             lines.append(f"| {p['gpu']} | {p['model']} | {p['seq']} | {plan_s} | {gib_str(c['budget'])} | {r['status']} | "
                          f"{gib_str(meas)} ({gib_str(pred)}, {(pred - meas) / meas * 100:+.1f}%) | {budget_use:.0f}% | "
                          f"{gib_str(used)} GiB = {util:.0f}% | {nxt} |")
@@ -592,6 +662,11 @@ def validation_section(coeffs) -> list[str]:
                       f"{sum(st == 'oom' for st in statuses)} of {len(statuses)} runs OOMed; "
                       f"{sum(u >= 85 for u in uses)} of {len(uses)} used at least 85% of their budget "
                       f"(lowest {min(uses):.0f}%)."]
+        if roomy:
+            lines.append(f"In {len(roomy)} of them the next larger micro-batch was predicted to fit: the planner ranks by "
+                         "estimated speed and spent the memory on fewer recomputed layers instead "
+                         f"({min(u for _, u in roomy)}-{max(u for _, u in roomy)} layers left uncheckpointed); those runs "
+                         f"used {min(b for b, _ in roomy):.0f}-{max(b for b, _ in roomy):.0f}% of their budget.")
     earlier = sorted(glob.glob(str(Path(VALIDATION_GLOB).parent / "earlier" / "*.csv")))
     if earlier:
         rows = [r for path in earlier for r in csv.DictReader(open(path))]

@@ -38,7 +38,7 @@ def _read(path: str) -> Coefficients:
     desc = doc.get("description", "")
     if doc.get("measured_on"):
         m = doc["measured_on"]
-        desc = f"{doc['name']}: fitted on {m.get('runs', '?')} runs on {m.get('gpu', '?')}, {m.get('stack', '')}, {m.get('date', '')}"
+        desc = f"{doc['name']}: fitted on {m.get('runs', '?')} configurations on {m.get('gpu', '?')}, {m.get('stack', '')}, {m.get('date', '')}"
     return Coefficients(name=doc["name"], description=desc or doc["name"], values=values)
 
 

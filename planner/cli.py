@@ -469,7 +469,7 @@ def _exact(spec, best, doc: dict, coeffs) -> str:
     device = device_for(best.gpu)
     # the whole depth: exact allocated bytes with no extrapolation, partial checkpointing as planned,
     # and the allocation log complete for the allocator simulation (peak reserved)
-    traced = trace_step(spec, best.lora, best.train, layers=spec.num_hidden_layers, device=device)
+    traced = trace_step(spec, best.lora, best.train, layers=spec.num_hidden_layers, device=device, budget=True)
     doc["exact"] = exact_json(spec, best.lora, best.train, best.memory, result=traced, device=device)
     doc["exact"]["traced_uncheckpointed_layers"] = best.train.uncheckpointed_layers
     return exact_section(spec, best.lora, best.train, best.memory, result=traced, device=device)

@@ -57,6 +57,8 @@ def exact_json(model_spec, lora: LoraSettings, train: TrainSettings, breakdown: 
         "reserved_source": "allocator simulation" if simulated else "traced allocated + fitted allocator slack",
         "allocator": "expandable_segments:True" if res.expandable_segments else "default",
         "device_used_bytes": reserved + breakdown.cuda_context + res.paged_optimizer_bytes,
+        "required_bytes": res.simulated_required_bytes or None,
+        "analytic_required_bytes": breakdown.required_bytes,
         "analytic_peak_reserved_bytes": breakdown.peak_reserved_bytes,
         "analytic_device_used_bytes": breakdown.device_used_bytes,
         "peak_allocated_without_cublas_workspace_bytes": res.tensor_peak_bytes,
@@ -102,6 +104,9 @@ def exact_section(model_spec, lora: LoraSettings, train: TrainSettings, breakdow
                        ("device used (+ CUDA context, paged state)", "device_used_bytes")):
         a, t = doc[f"analytic_{key}"], doc[key]
         rows.append([label, gib_str(a), gib_str(t), _signed_gib(t - a)])
+    if doc["required_bytes"]:
+        a, t = doc["analytic_required_bytes"], doc["required_bytes"]
+        rows.append(["smallest allocator budget (simulated caps)", gib_str(a), gib_str(t), _signed_gib(t - a)])
     table = tabulate(rows, headers=["Exact mode: allocated at the peak", "analytic GiB", "traced GiB", "diff GiB"],
                      tablefmt="plain", colalign=("left", "right", "right", "right"), disable_numparse=True)
     lines = [table, "",

@@ -125,6 +125,7 @@ class ExactResult:
     # planner.allocsim replaying the whole-depth trace through the CUDA caching allocator (0 when the
     # trace was extrapolated from a few layers: fragmentation does not extrapolate)
     simulated_reserved_bytes: int = 0
+    simulated_required_bytes: int = 0  # the smallest allocator cap the simulated step runs under (0: not simulated)
     expandable_segments: bool = True
 
     @property
@@ -245,13 +246,14 @@ def _config_from_spec(spec: ModelSpec) -> dict:
 # --------------------------------------------------------------------------- tracing
 
 def trace_step(model, lora: LoraSettings, train: TrainSettings, layers: int | None = None,
-               device=None, input_requires_grad: bool = False) -> ExactResult:
+               device=None, input_requires_grad: bool = False, budget: bool = False) -> ExactResult:
     """Trace one QLoRA training step (two optimizer steps of the Trainer, see planner/train/exact.py).
 
     layers=None: trace at 2 and 3 decoder layers and extrapolate each phase linearly to the model's
     depth (a model of at most 3 layers is traced whole). layers=n: trace exactly n layers, and replay
     the allocation log through the caching allocator (planner.allocsim) for simulated peak reserved
-    memory (a whole-depth trace only: allocator fragmentation does not extrapolate).
+    memory (a whole-depth trace only: allocator fragmentation does not extrapolate); budget: also
+    bisect the smallest allocator cap the simulated step runs under (a dozen more replays).
     device: a CudaDevice (default: H200, sm90), or a GpuSpec (see device_for).
     input_requires_grad: without checkpointing, make the embedding output require grad anyway, as in a
     process where an earlier checkpointed run left transformers' enable_input_require_grads hook on
@@ -273,7 +275,7 @@ def trace_step(model, lora: LoraSettings, train: TrainSettings, layers: int | No
         if layers is not None or depth <= max(TRACE_DEPTHS):
             n = layers if layers is not None else depth
             raw = heavy.trace(cfg, dataclasses.replace(spec, num_hidden_layers=n), lora, train, n, device,
-                              input_requires_grad, simulate=True)
+                              input_requires_grad, simulate=True, simulate_budget=budget)
             return _result(spec, [raw], n, time.perf_counter() - t0, train)
         raws = [heavy.trace(cfg, dataclasses.replace(spec, num_hidden_layers=n), lora, train, n, device,
                             input_requires_grad) for n in TRACE_DEPTHS]
@@ -348,4 +350,5 @@ def _result(spec: ModelSpec, raws: list, depth: int, seconds: float, train: Trai
         paged_optimizer_bytes=int(paged), attn_implementation=last.attn_implementation, optimizer=last.optimizer,
         device=last.device, trace_seconds=round(seconds, 2), notes=tuple(notes),
         simulated_reserved_bytes=int(last.simulated_reserved) if len(raws) == 1 else 0,
+        simulated_required_bytes=int(last.simulated_required) if len(raws) == 1 else 0,
         expandable_segments=train.expandable_segments)

@@ -253,7 +253,7 @@ def bisection_groups(df, coeffs: Coefficients) -> dict[str, list[dict]]:
         ok = [int(r["budget_bytes"]) - offset for r in rows if r["status"] == "ok"]
         oom = [int(r["budget_bytes"]) - offset for r in rows if r["status"] == "oom"]
         out["expandable" if train.expandable_segments else "default"].append({
-            "key": key[1], "model": r0["model"], "ok_min": min(ok) if ok else None, "oom_max": max(oom) if oom else None,
+            "key": key[1], "model": r0["model"], "offset": offset, "ok_min": min(ok) if ok else None, "oom_max": max(oom) if oom else None,
             "allocated": bd.peak_allocated_bytes, "reserve": bd.allocator_reserve, "required": bd.required_bytes})
     return out
 

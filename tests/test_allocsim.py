@@ -156,3 +156,27 @@ def test_simulator_reproduces_the_gpu_probe(mode, probe):
     measured = _probe_log()[(mode, probe)]
     out, _ = run(mode == "expandable", _probes()[probe])
     assert [f"{r:g}/{a:.3f}" for r, a in out] == measured
+
+
+@pytest.mark.parametrize("mode", ["default", "expandable"])
+def test_simulator_reproduces_the_gpu_cap_probes(mode):
+    """calibration/allocator_probe.py's cap probes (45 MiB cap) as the H200 answered them."""
+    from pathlib import Path
+
+    from planner.allocsim import OutOfMemory
+
+    text = (Path(__file__).resolve().parent.parent / "calibration" / "logs" / "allocator-probe.txt").read_text()
+    section = text.split("PYTORCH_CUDA_ALLOC_CONF='expandable_segments:True'")[1 if mode == "expandable" else 0]
+    measured = {line.split(":")[0]: line.split(": ", 2)[2] for line in section.splitlines() if line.startswith("cap-")}
+    for name, first, second, freed in (("cap-a", int(1.5 * MiB), 25 * MiB, False), ("cap-b", int(1.5 * MiB), 24 * MiB, False),
+                                       ("cap-c", 12 * MiB, 40 * MiB, True)):
+        a = Allocator(mode == "expandable", cap=45 * MiB)
+        x = a.malloc(first)
+        if freed:
+            a.free(x)
+        try:
+            a.malloc(second)
+            got = f"ok, reserved {a.reserved / MiB:g} MiB"
+        except OutOfMemory:
+            got = f"OOM, reserved {a.reserved / MiB:g} MiB"
+        assert got == measured[name], name
