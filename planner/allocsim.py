@@ -62,6 +62,17 @@ class Block:
         return (self.size, self.addr)
 
 
+def _split(block: Block, size: int) -> Block:
+    """Cut block after its first `size` bytes; returns the rest (same segment, pool and mapping), linked after it."""
+    rest = Block(block.addr + size, block.size - size, block.segment, block.small, mapped=block.mapped,
+                 prev=block, next=block.next)
+    if block.next is not None:
+        block.next.prev = rest
+    block.next = rest
+    block.size = size
+    return rest
+
+
 def _growable(b: Block) -> int:
     return b.size + (b.next.size if b.next is not None and not b.next.mapped else 0)
 
@@ -204,12 +215,7 @@ class Allocator:
     def _hand_out(self, pool: Pool, block: Block, size: int) -> Block:
         remaining = block.size - size
         if (remaining >= MIN_BLOCK) if (pool.small or self.expandable) else (remaining > SMALL_SIZE):
-            rest = Block(block.addr + size, remaining, block.segment, block.small, prev=block, next=block.next)
-            if block.next is not None:
-                block.next.prev = rest
-            block.next = rest
-            block.size = size
-            pool.add(rest)
+            pool.add(_split(block, size))
         block.allocated = True
         self.allocated += block.size
         self.peak_allocated = max(self.peak_allocated, self.allocated)
@@ -273,12 +279,7 @@ class Allocator:
         pages = min(pages, u.size)
         pool.remove_unmapped(u)
         if pages < u.size:
-            rest = Block(u.addr + pages, u.size - pages, u.segment, u.small, mapped=False, prev=u, next=u.next)
-            if u.next is not None:
-                u.next.prev = rest
-            u.next = rest
-            u.size = pages
-            pool.add_unmapped(rest)
+            pool.add_unmapped(_split(u, pages))
         u.mapped = True
         self.reserved += pages
         for nb in (u.prev, u.next):  # free mapped neighbours (a page empty_cache left) merge
