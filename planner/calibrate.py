@@ -112,12 +112,7 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     doc["contaminated"] = contamination_effect(df, base, items)
     fitted_preds = predict_rows(items, coeffs)
     exact = exact_mode_rows(items, paths)
-    if exact:
-        doc["exact_mode"] = exact_summary(exact)
     heldout = heldout_rows(coeffs)
-    if heldout:
-        doc["heldout"] = {kind: {q: s[q] for q in ("runs", "models", "allocated", "reserved")}
-                          for kind in ("analytic", "exact") for s in [error_summary(_as_preds(heldout, kind))]}
     report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout, exact_budget_rows(df, coeffs))
     rpath = Path(report_path) if report_path else REPORT_FILE
     rpath.write_text(report)
@@ -164,21 +159,9 @@ CUBLAS_WORKSPACES = 2 * 32 * 2**20  # planner.exact.CudaDevice: two handles' wor
 
 def row_hooks(paths: list[str]) -> dict[tuple[str, str], bool]:
     """(source file, run_id) -> whether enable_input_require_grads was left on (planner.train.replay)."""
-    import csv
+    from planner.train.replay import rows_with_hooks
 
-    from planner.train.replay import HOOK_LEFT_FILES
-
-    out = {}
-    for path in paths:
-        with open(path, newline="") as fh:
-            ckpt_ran = set()
-            for row in csv.DictReader(fh):
-                group = (row["model"], row["compute_dtype"], row["double_quant"])
-                out[(str(path), row["run_id"])] = (Path(path).name in HOOK_LEFT_FILES and group in ckpt_ran
-                                                   and row["gradient_checkpointing"] != "True")
-                if row["gradient_checkpointing"] == "True":
-                    ckpt_ran.add(group)
-    return out
+    return {(str(path), row["run_id"]): hook for path in paths for row, hook in rows_with_hooks(path)}
 
 
 def exact_mode_rows(items: list[dict], paths: list[str], simulated_path: Path = SIMULATED_FILE) -> list[dict]:
@@ -248,11 +231,6 @@ def exact_budget_section(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['key']} | {gib_str(r['oom_max']) if r['oom_max'] is not None else '-'} | "
                      f"{gib_str(r['ok_min']) if r['ok_min'] is not None else '-'} | {gib_str(r['simulated'])} |")
     return lines
-
-
-def exact_summary(rows: list[dict]) -> dict:
-    s = error_summary(rows)
-    return {k: s[k] for k in ("runs", "models", "allocated", "reserved", "by_allocator") if k in s}
 
 
 def exact_section(rows: list[dict]) -> list[str]:
@@ -327,9 +305,8 @@ def heldout_rows(coeffs) -> list[dict]:
         return []
     with pred_path.open(newline="") as fh:
         preds = {r["config_id"]: r for r in csv.DictReader(fh)}
-    base = coeffs
     out = []
-    for it in prepare_rows(read_runs(paths), base):
+    for it in prepare_rows(read_runs(paths), coeffs):
         r = it["row"]
         p = preds.get(r["run_id"].rsplit("|cap", 1)[0])
         if p is None:

@@ -78,7 +78,7 @@ def prepare_rows(df, base: Coefficients, keep_contaminated: bool = False, per_co
     several processes is one point, the mean of its measurements (per_configuration; "repeats"
     counts them): peak reserved depends on what ran earlier in the process (calibration/REPORT.md,
     "Repeatability"), and one configuration should not weigh twice."""
-    from planner.memory import phases, quant_constants_bytes, quantized_weights_bytes, unquantized_weights_bytes
+    from planner.memory import phases
     from planner.profiles import load_model
 
     out = []
@@ -86,10 +86,10 @@ def prepare_rows(df, base: Coefficients, keep_contaminated: bool = False, per_co
         if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["peak_allocated_bytes"]):
             continue
         model = load_model(row["model"])
+        offset = row_offset(row, model)
+        if offset > CONTAMINATION_BYTES and not keep_contaminated:
+            continue
         lora, train = _row_settings(row)
-        static = (quantized_weights_bytes(model) + quant_constants_bytes(model, train.double_quant)
-                  + unquantized_weights_bytes(model))
-        offset = int(row["after_load_allocated_bytes"]) - static
         p0 = phases(model, lora, train, base)
         names = list(p0)
         base_tot = {n: sum(p0[n].values()) for n in names}
@@ -97,8 +97,6 @@ def prepare_rows(df, base: Coefficients, keep_contaminated: bool = False, per_co
         for key in ALLOC_KEYS:
             p1 = phases(model, lora, train, _with(base, **{key: base.get(key) + 1.0}))
             grads[key] = {n: sum(p1[n].values()) - base_tot[n] for n in names}
-        if offset > CONTAMINATION_BYTES and not keep_contaminated:
-            continue
         out.append({"row": row, "model": model, "lora": lora, "train": train, "offset": offset,
                     "alloc": int(row["peak_allocated_bytes"]) - offset,
                     "reserved": int(row["peak_reserved_bytes"]) - offset,
@@ -246,10 +244,10 @@ def bisection_groups(df, coeffs: Coefficients) -> dict[str, list[dict]]:
         r0 = rows[0]
         model = load_model(r0["model"])
         lora, train = _row_settings(r0)
-        bd = _breakdown({"model": model, "lora": lora, "train": train}, coeffs)
-        offset = int(r0["after_load_allocated_bytes"]) - (bd.quantized_weights + bd.quant_constants + bd.unquantized_weights)
+        offset = row_offset(r0, model)
         if offset > CONTAMINATION_BYTES:
             continue
+        bd = _breakdown({"model": model, "lora": lora, "train": train}, coeffs)
         ok = [int(r["budget_bytes"]) - offset for r in rows if r["status"] == "ok"]
         oom = [int(r["budget_bytes"]) - offset for r in rows if r["status"] == "oom"]
         out["expandable" if train.expandable_segments else "default"].append({
@@ -473,7 +471,10 @@ def main(argv=None) -> int:
     ap.add_argument("--bisected-only", action="store_true", help="only the configurations the original bisected")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    rows = contaminated_grid(read_runs(sorted(glob.glob(args.runs))), args.alloc_conf, args.bisect or args.bisected_only)
+    paths = sorted(glob.glob(args.runs))
+    if not paths:
+        ap.error(f"no measured runs match --runs {args.runs!r}")
+    rows = contaminated_grid(read_runs(paths), args.alloc_conf, args.bisect or args.bisected_only)
     if args.bisected_only:
         rows = [r for r in rows if r["bisect"]]
     with open(args.out, "w") as fh:

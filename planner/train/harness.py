@@ -294,13 +294,17 @@ def record_failure(row: dict, exc: BaseException, cuda: bool) -> None:
     traceback.print_exc()
 
 
+def run_id(cfg: dict, alloc_conf: str) -> str:
+    """A row's id: every setting that changes memory, the allocator setting and the cap."""
+    return (f"{cfg['model']}|{cfg['compute_dtype']}|dq{int(cfg['double_quant'])}|b{cfg['batch_size']}x{cfg['grad_accum']}|"
+            f"s{cfg['seq_len']}|ckpt{int(cfg['gradient_checkpointing'])}"
+            + (f"-u{cfg['uncheckpointed_layers']}" if cfg.get("uncheckpointed_layers") else "")
+            + f"|r{cfg['rank']}|{cfg['targets']}|{cfg['optim']}|{alloc_conf or 'default'}|cap{cfg['budget_bytes']}")
+
+
 def _record(writer, fh, row: dict, cfg: dict, env: dict, load_peak: int) -> dict:
     row["load_peak_allocated_bytes"] = load_peak
-    row["run_id"] = (f"{cfg['model']}|{cfg['compute_dtype']}|dq{int(cfg['double_quant'])}|b{cfg['batch_size']}x{cfg['grad_accum']}|"
-                     f"s{cfg['seq_len']}|ckpt{int(cfg['gradient_checkpointing'])}"
-                     + (f"-u{cfg['uncheckpointed_layers']}" if cfg.get("uncheckpointed_layers") else "")
-                     + f"|r{cfg['rank']}|{cfg['targets']}|"
-                     f"{cfg['optim']}|{env['alloc_conf'] or 'default'}|cap{cfg['budget_bytes']}")
+    row["run_id"] = run_id(cfg, env["alloc_conf"])
     writer.writerow(row)
     fh.flush()
     print(f"[harness] {row['run_id']}: {row['status']} peak_alloc={row.get('peak_allocated_bytes')} "

@@ -32,22 +32,26 @@ def config_id(run_id: str) -> str:
     return run_id.rsplit("|cap", 1)[0]
 
 
+def rows_with_hooks(path: str):
+    """(row, hook) for every row of a measured CSV: hook is whether the enable_input_require_grads hook an
+    earlier checkpointed configuration of the same model group left on was still on for this row."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ckpt_ran = set()
+    for row in rows:
+        group = (row["model"], row["compute_dtype"], row["double_quant"])
+        yield row, Path(path).name in HOOK_LEFT_FILES and group in ckpt_ran and row["gradient_checkpointing"] != "True"
+        if row["gradient_checkpointing"] == "True":
+            ckpt_ran.add(group)
+
+
 def configurations(paths: list[str]) -> list[dict]:
     """Each measured configuration once (completed, uncapped rows), with whether the input-grad hook was on."""
     out, seen = [], set()
     for path in paths:
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        ckpt_ran = set()
-        for row in rows:
-            group = (row["model"], row["compute_dtype"], row["double_quant"])
-            hook = Path(path).name in HOOK_LEFT_FILES and group in ckpt_ran and row["gradient_checkpointing"] != "True"
-            if row["gradient_checkpointing"] == "True":
-                ckpt_ran.add(group)
-            if row["status"] != "ok" or int(row["budget_bytes"]) != 0:
-                continue
+        for row, hook in rows_with_hooks(path):
             key = (config_id(row["run_id"]), hook)
-            if key in seen:
+            if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or key in seen:
                 continue
             seen.add(key)
             out.append({"row": row, "hook": hook})
@@ -79,16 +83,13 @@ def simulate_one(row: dict, hook: bool, budget: bool = False) -> dict:
 def grid_rows(name: str, alloc_conf: str) -> list[dict]:
     """A harness grid's configurations as measured-row dicts (run_id as the harness writes it), to predict
     before they are measured."""
-    from planner.train.harness import grid, grid_from_json
+    from planner.train.harness import grid, grid_from_json, run_id
 
     out = []
     for c in (grid_from_json(name) if name.endswith(".json") else grid(name)):
         row = {**c, "alpha": 2 * c["rank"], "lora_dropout": 0.05, "alloc_conf": alloc_conf,
                "gradient_checkpointing": str(c["gradient_checkpointing"]), "double_quant": str(c["double_quant"])}
-        row["run_id"] = (f"{c['model']}|{c['compute_dtype']}|dq{int(c['double_quant'])}|b{c['batch_size']}x{c['grad_accum']}|"
-                         f"s{c['seq_len']}|ckpt{int(c['gradient_checkpointing'])}"
-                         + (f"-u{c['uncheckpointed_layers']}" if c.get("uncheckpointed_layers") else "")
-                         + f"|r{c['rank']}|{c['targets']}|{c['optim']}|{alloc_conf or 'default'}|cap0")
+        row["run_id"] = run_id(c, alloc_conf)
         out.append({"row": row, "hook": False})
     return out
 
@@ -135,10 +136,21 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", action="store_true",
                     help="the configurations measured under allocator caps only, with the smallest cap each runs under")
     args = ap.parse_args(argv)
+    if os.path.exists(args.out):
+        with open(args.out, newline="") as fh:
+            header = fh.readline().rstrip("\r\n").split(",")
+        if header[:len(FIELDS)] != list(FIELDS):
+            ap.error(f"{args.out} was written with other columns: give a new --out file")
     done = read_simulated(args.out)
-    configs = grid_rows(args.grid, args.alloc_conf) if args.grid else configurations(sorted(glob.glob(args.runs)))
+    paths = sorted(glob.glob(args.runs))
+    if not args.grid and not paths:
+        ap.error(f"no measured runs match --runs {args.runs!r}")
+    try:
+        configs = grid_rows(args.grid, args.alloc_conf) if args.grid else configurations(paths)
+    except (SystemExit, OSError, ValueError, KeyError) as exc:
+        ap.error(f"cannot read grid {args.grid!r}: {exc}")
     if args.budget:
-        configs = [c for c in configs if config_id(c["row"]["run_id"]) in bisected(sorted(glob.glob(args.runs)))]
+        configs = [c for c in configs if config_id(c["row"]["run_id"]) in bisected(paths)]
     todo = [c for c in configs
             if (config_id(c["row"]["run_id"]), c["hook"]) not in done and args.only in c["row"]["run_id"]]
     fields = FIELDS + (("analytic_allocated_bytes", "analytic_reserved_bytes", "analytic_required_bytes", "coefficients")
