@@ -1,0 +1,286 @@
+"""Throughput sweep: time QLoRA training steps on a CUDA GPU across models and shapes, for the speed model.
+
+Each configuration trains with transformers' Trainer exactly as `qfit run` does (4-bit NF4 base, k-bit
+preparation, LoRA, the planned checkpointing and optimizer) on one of three kinds of data:
+
+  full    rows of exactly seq_len random tokens, attention mask all ones: sdpa runs causal without a mask
+  packed  alpaca-like rows packed into rows of seq_len (planner/packing.py): no attention mask, position_ids
+          restart per example, transformers builds a block-diagonal mask (sdpa with an explicit mask)
+  padded  alpaca-like rows, each micro-batch padded to its longest row (what qfit run did before packing)
+
+Every optimizer step is timed (synchronized). The first `warmup` steps are dropped, the rest kept; the row
+gives their median, min and max, so the run-to-run spread is in the data. Peak allocated and reserved
+memory of the configuration are recorded too (raw bytes). One CSV row per configuration; an OOM is a row.
+
+Each model group runs in a fresh child process (the same reason as harness.py: a model dropped earlier in a
+process leaves memory behind).
+
+Run on the GPU machine:  python -m planner.train.throughput --grid calibration/grids/speed.json --out speed.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from itertools import groupby
+from pathlib import Path
+
+import torch
+
+from planner.codec import settings_from_dict
+from planner.memory import resolve_targets
+from planner.packing import PackedCollator, PackedDataset
+from planner.profiles import load_model
+from planner.train import stack
+
+FIELDS = (
+    "run_id", "model", "compute_dtype", "double_quant", "batch_size", "grad_accum", "seq_len", "gradient_checkpointing",
+    "uncheckpointed_layers", "rank", "alpha", "lora_dropout", "targets", "optim", "data", "status", "error",
+    "warmup_steps", "step_times_s", "step_time_s", "step_time_min_s", "step_time_max_s",
+    "computed_tokens_per_step", "real_tokens_per_step", "tokens_per_s", "real_tokens_per_s",
+    "after_load_allocated_bytes", "peak_allocated_bytes", "peak_reserved_bytes",
+    "gpu_name", "gpu_total_bytes", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "alloc_conf", "date",
+)
+DATA_KINDS = ("full", "packed", "padded")
+
+
+def alpaca_like_lengths(n: int, seed: int = 0, lo: int = 16, hi: int = 800) -> list[int]:
+    """Row lengths shaped like Alpaca's under a Llama tokenizer: log-normal, median 114, 99th percentile
+    about 538 (sigma 0.667), clipped to [lo, hi]."""
+    rng = random.Random(seed)
+    return [min(hi, max(lo, int(rng.lognormvariate(4.736, 0.667)))) for _ in range(n)]
+
+
+def synthetic_examples(lengths: list[int], vocab_size: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in lengths:
+        ids = torch.randint(3, vocab_size, (k,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": list(ids)})
+    return out
+
+
+class _Rows:
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+class _Pad:
+    """Pads each micro-batch to its longest row (attention mask 0 on padding); counts real and computed tokens."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.padded_tokens = 0
+
+    def __call__(self, batch):
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.zeros((len(batch), n), dtype=torch.long)
+        labels = torch.full((len(batch), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        self.tokens += int(mask.sum())
+        self.padded_tokens += len(batch) * n
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def dataset_for(cfg: dict, vocab_size: int, rows_needed: int):
+    """-> (dataset, collator or None). For packed and padded data the rows are alpaca-like."""
+    kind = cfg["data"]
+    if kind == "full":
+        return stack.FixedLengthDataset(rows_needed, cfg["seq_len"], vocab_size), None
+    lengths = [min(cfg["seq_len"], k) for k in alpaca_like_lengths(rows_needed * cfg["seq_len"] // 100 + 50, seed=1)]
+    if kind == "padded":
+        return _Rows(synthetic_examples(lengths[:rows_needed], vocab_size)), _Pad()
+    ds = PackedDataset(synthetic_examples(lengths, vocab_size), cfg["seq_len"])
+    ds.bins = ds.bins[:rows_needed]  # the first rows_needed packed rows (the fullest: FFD fills early bins best)
+    return ds, PackedCollator(pad_id=0, seq_len=cfg["seq_len"])
+
+
+def run_id(cfg: dict) -> str:
+    return (f"{cfg['model']}|{cfg['compute_dtype']}|b{cfg['batch_size']}x{cfg['grad_accum']}|s{cfg['seq_len']}|"
+            f"ckpt{int(cfg['gradient_checkpointing'])}" + (f"-u{cfg['uncheckpointed_layers']}" if cfg.get("uncheckpointed_layers") else "")
+            + f"|r{cfg['rank']}|{cfg['targets']}|{cfg['optim']}|{cfg['data']}|rep{cfg.get('repeat', 0)}")
+
+
+def normalize(raw: dict) -> dict:
+    """A grid entry with defaults filled in (the codec's keys)."""
+    cfg = {"compute_dtype": "bf16", "double_quant": True, "grad_accum": 1, "gradient_checkpointing": True,
+           "uncheckpointed_layers": 0, "targets": "all-linear", "optim": "paged_adamw_32bit", "data": "full",
+           "steps": 5, "warmup": 1, "repeat": 0, **raw}
+    cfg.setdefault("alpha", 2 * cfg["rank"])
+    if cfg["data"] not in DATA_KINDS:
+        raise SystemExit(f"data must be one of {DATA_KINDS}, got {cfg['data']!r}")
+    return cfg
+
+
+def measure(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> dict:
+    from peft import get_peft_model
+    from transformers import Trainer
+
+    cuda = torch.cuda.is_available()
+    lora, train = settings_from_dict(cfg, lora_dropout=0.05)
+    names = resolve_targets(spec, lora.targets)
+    row = {**env, **cfg, "lora_dropout": lora.dropout, "status": "ok", "error": "", "run_id": run_id(cfg),
+           "after_load_allocated_bytes": after_load, "warmup_steps": cfg["warmup"]}
+    model = trainer = None
+    try:
+        model = get_peft_model(base, stack.lora_config(lora, names))
+        ds, collator = dataset_for(cfg, spec.vocab_size, train.batch_size * train.grad_accum * cfg["steps"])
+        timer = stack.StepTimer()
+        args = stack.training_arguments(outdir, train, max_steps=cfg["steps"], learning_rate=1e-4,
+                                        lr_scheduler_type="constant", dataloader_drop_last=True)
+        kw = {"data_collator": collator} if collator is not None else {}
+        trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer, *stack.checkpoint_callbacks(train)], **kw)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+            row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        timed = timer.times[cfg["warmup"]:] or timer.times
+        row["step_times_s"] = ";".join(f"{t:.4f}" for t in timer.times)
+        row["step_time_s"] = round(statistics.median(timed), 4)
+        row["step_time_min_s"], row["step_time_max_s"] = round(min(timed), 4), round(max(timed), 4)
+        steps = len(timer.times)
+        if collator is None:
+            computed = real = train.tokens_per_micro_batch * train.grad_accum
+        else:
+            computed, real = collator.padded_tokens / steps, collator.tokens / steps
+        row["computed_tokens_per_step"], row["real_tokens_per_step"] = round(computed, 1), round(real, 1)
+        row["tokens_per_s"] = round(computed / row["step_time_s"], 1)
+        row["real_tokens_per_s"] = round(real / row["step_time_s"], 1)
+    except Exception as exc:  # an OOM or a failed configuration is a row too
+        row["status"] = "oom" if isinstance(exc, torch.OutOfMemoryError) else "error"
+        row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        if row["status"] == "error":
+            traceback.print_exc()
+    finally:
+        if trainer is not None:
+            trainer.accelerator.free_memory()
+        del trainer
+        if model is not None:
+            model.unload()
+        if hasattr(base, "gradient_checkpointing_disable"):
+            base.gradient_checkpointing_disable()
+        try:
+            base.disable_input_require_grads()
+        except (AttributeError, RuntimeError):
+            pass
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def _environment() -> dict:
+    from planner.train.harness import nvml_used
+
+    versions = stack.library_versions()
+    if not torch.cuda.is_available():
+        return {**versions, "gpu_name": "cpu", "driver": "", "gpu_total_bytes": 0, "date": time.strftime("%Y-%m-%d")}
+    torch.zeros(1, device="cuda")
+    _, name, driver = nvml_used()
+    return {**versions, "gpu_name": name, "driver": driver, "gpu_total_bytes": torch.cuda.get_device_properties(0).total_memory,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def sweep_group(configs: list[dict], out: Path, workdir: Path, deadline: float) -> None:
+    from planner.train.harness import _model_path, _profile_fields
+
+    env = _environment()
+    mname, dtype, dq = configs[0]["model"], configs[0]["compute_dtype"], configs[0]["double_quant"]
+    spec = load_model(mname)
+    t0 = time.time()
+    path = _model_path(mname, _profile_fields(mname), dtype, workdir, None)
+    cuda = torch.cuda.is_available()
+    base = stack.load_4bit(path, dtype, dq, device_map={"": 0} if cuda else None)
+    if cuda:
+        torch.cuda.empty_cache()
+    after_load = torch.cuda.memory_allocated() if cuda else 0
+    print(f"[speed] loaded {mname} in {time.time() - t0:.0f} s", flush=True)
+    new = not out.exists()
+    with out.open("a", newline="") as fh, tempfile.TemporaryDirectory() as tmp:
+        w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for cfg in configs:
+            if time.time() > deadline:
+                print("[speed] time limit reached", flush=True)
+                break
+            row = measure(base, spec, cfg, env, after_load, tmp)
+            w.writerow(row)
+            fh.flush()
+            print(f"[speed] {row['run_id']}: {row['status']} step {row.get('step_time_s')} s "
+                  f"({row.get('step_time_min_s')}-{row.get('step_time_max_s')}) tok/s {row.get('tokens_per_s')} "
+                  f"real {row.get('real_tokens_per_s')} peak {row.get('peak_allocated_bytes')} {row['error']}", flush=True)
+
+
+def _key(c):
+    return c["model"], c["compute_dtype"], c["double_quant"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", required=True, help="a JSON list of configurations")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workdir", default="/dev/shm/qfit-models")
+    ap.add_argument("--time-limit", type=float, default=540.0, help="seconds; no configuration starts after it")
+    ap.add_argument("--models", default="", help="comma-separated: only these model groups, in this order")
+    ap.add_argument("--one-process", action="store_true")
+    args = ap.parse_args(argv)
+    deadline = time.time() + args.time_limit
+    configs = [normalize(c) for c in json.loads(Path(args.grid).read_text())]
+    groups = {k: list(g) for k, g in groupby(sorted(configs, key=_key), key=_key)}
+    order = list(groups)
+    if args.models:
+        want = args.models.split(",")
+        order = sorted((k for k in groups if k[0] in want), key=lambda k: want.index(k[0]))
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.one_process:
+        for k in order:
+            sweep_group(groups[k], Path(args.out), workdir, deadline)
+        return 0
+    rc = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, k in enumerate(order):
+            left = deadline - time.time()
+            if left <= 20:
+                print("[speed] time limit reached", flush=True)
+                break
+            path = Path(tmp) / f"g{i}.json"
+            path.write_text(json.dumps(groups[k]))
+            print(f"[speed] group {i + 1}/{len(order)}: {k} ({len(groups[k])} configurations)", flush=True)
+            cmd = [sys.executable, "-m", "planner.train.throughput", "--grid", str(path), "--out", args.out,
+                   "--workdir", args.workdir, "--time-limit", str(left), "--one-process"]
+            rc = subprocess.run(cmd, check=False, env=os.environ).returncode or rc
+            for p in workdir.glob(f"{k[0]}-*"):  # free /dev/shm for the next model
+                subprocess.run(["rm", "-rf", str(p)], check=False)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
