@@ -15,7 +15,7 @@ from planner.specs import LoraSettings, TrainSettings
 SETTINGS_KEYS = (
     "batch_size", "grad_accum", "seq_len", "rank", "alpha", "lora_dropout", "targets",
     "gradient_checkpointing", "uncheckpointed_layers", "optim", "compute_dtype", "double_quant",
-    "expandable_segments",
+    "expandable_segments", "packing",
 )
 
 
@@ -28,7 +28,7 @@ def settings_to_dict(lora: LoraSettings, train: TrainSettings, targets: tuple[st
         "gradient_checkpointing": train.gradient_checkpointing,
         "uncheckpointed_layers": train.uncheckpointed_layers, "optim": train.optim,
         "compute_dtype": train.compute_dtype, "double_quant": train.double_quant,
-        "expandable_segments": train.expandable_segments,
+        "expandable_segments": train.expandable_segments, "packing": train.packing,
     }
 
 
@@ -95,5 +95,6 @@ def settings_from_dict(d: Mapping, **overrides) -> tuple[LoraSettings, TrainSett
                           double_quant=get("double_quant", _bool, train_defaults.double_quant),
                           expandable_segments=expandable,
                           kbit_upcast=get("kbit_upcast", _bool, train_defaults.kbit_upcast),
-                          uncheckpointed_layers=get("uncheckpointed_layers", _int, 0))
+                          uncheckpointed_layers=get("uncheckpointed_layers", _int, 0),
+                          packing=get("packing", _bool, False))
     return lora, train

@@ -202,6 +202,7 @@ def layer_saved_bytes_per_token(model: ModelSpec, lora: LoraSettings, names: tup
         attn = 3 * c * model.q_dim + c * model.q_dim + score_bytes * model.num_attention_heads * train.seq_len
     else:
         attn = c * (model.q_dim + 2 * model.kv_dim) + c * model.q_dim + FP32 * model.num_attention_heads
+        attn += packed_repeated_kv_bytes_per_token(model, train)
     experts = max(1, model.num_experts_per_tok) if model.is_moe else 1
     r = residual_bytes(train)  # the RMSNorms save an fp32 copy of their input either way; the MLP runs in r
     mlp = experts * 3 * r * i
@@ -209,6 +210,32 @@ def layer_saved_bytes_per_token(model: ModelSpec, lora: LoraSettings, names: tup
         mlp += experts * r * h  # each expert's gathered copy of its tokens' hidden states
     lora_saved = sum(_lora_input_bytes(lin, lora, c) for lin in model.linears_in(names))
     return residual + attn + mlp + lora_saved
+
+
+def packed_repeated_kv_bytes_per_token(model: ModelSpec, train: TrainSettings) -> int:
+    """Packed micro-batches, grouped-query attention: with an explicit mask transformers does not let sdpa
+    broadcast the key/value heads (integrations/sdpa_attention.py use_gqa_in_sdpa: only without a mask on
+    CUDA), so repeat_kv copies k and v to every query head and sdpa saves those copies for backward instead
+    of k and v: 2 x (q_dim - kv_dim) more compute-dtype values per token and layer."""
+    if not train.packing:
+        return 0
+    return 2 * DTYPE_BYTES[train.compute_dtype] * (model.q_dim - model.kv_dim)
+
+
+def packed_mask_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """Packed micro-batches: transformers' block-diagonal causal mask, bool [micro-batch, 1, s, s], built once
+    per forward (masking_utils.sdpa_mask) and held by every layer's attention until backward is done."""
+    if not train.packing:
+        return 0
+    return alloc(BOOL_MASK * train.batch_size * train.seq_len * train.seq_len)
+
+
+def packed_bias_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """Packed micro-batches: for its memory-efficient kernel sdpa turns the bool mask into an additive bias in the
+    compute dtype ([micro-batch, 1, s, s]) at every layer call, and saves it for that layer's backward."""
+    if not train.packing:
+        return 0
+    return alloc(DTYPE_BYTES[train.compute_dtype] * train.batch_size * train.seq_len * train.seq_len)
 
 
 def checkpointed_layer_saved_bytes_per_token(model: ModelSpec, train: TrainSettings | None = None) -> int:
@@ -278,7 +305,8 @@ def _layer_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...], t
                  attn_impl: str, coeffs: Coefficients) -> tuple[float, float]:
     """(one layer's saved set when not checkpointed, its checkpointed input) for one micro-batch."""
     t = train.tokens_per_micro_batch
-    full = layer_saved_bytes_per_token(model, lora, names, train, attn_impl) * t * coeffs.get("act_scale")
+    full = ((layer_saved_bytes_per_token(model, lora, names, train, attn_impl) * t + packed_bias_bytes(model, train))
+            * coeffs.get("act_scale"))
     ckpt = checkpointed_layer_saved_bytes_per_token(model, train) * t * coeffs.get("ckpt_saved_scale")
     return full, ckpt
 
@@ -292,7 +320,8 @@ def saved_activations_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[s
     full, ckpt = _layer_bytes(model, lora, names, train, attn_impl, coeffs)
     k = train.checkpointed_layers(model.num_hidden_layers)
     n_full = 0 if checkpointed_only else model.num_hidden_layers - k
-    return int(k * ckpt + n_full * full) + head_saved_bytes(model, train) + moe_expert_weight_copies_bytes(model, train)
+    return (int(k * ckpt + n_full * full) + head_saved_bytes(model, train) + moe_expert_weight_copies_bytes(model, train)
+            + packed_mask_bytes(model, train))
 
 
 def layer_working_set_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...],

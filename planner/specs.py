@@ -185,6 +185,10 @@ class TrainSettings:
     # Partial checkpointing: with checkpointing on, the last N decoder layers keep their activations
     # (no recompute for them). 0: every layer is checkpointed. Ignored when checkpointing is off.
     uncheckpointed_layers: int = 0
+    # Packed micro-batches (planner/packing.py): rows of seq_len tokens holding several examples, no attention
+    # mask, position_ids restarting per example. transformers then gives sdpa an explicit block-diagonal mask,
+    # which costs memory (the mask, repeated k/v for grouped-query attention) and speed (no flash kernel).
+    packing: bool = False
 
     def __post_init__(self) -> None:
         for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),

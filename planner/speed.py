@@ -1,63 +1,122 @@
-"""Throughput estimate (tokens/s) of a QLoRA step: a roofline-style sum of matmul time and
-dequantization traffic and per-kernel overhead. Calibrated on measured runs: mfu (the fraction of
-the GPU's dense tensor rate the matmuls reach) and linear_call_overhead_s (launch and Python
-overhead per 4-bit linear call). dequant_bw_frac is not identifiable on the H200 (dequantization is
-about 1-3% of a step there) and stays at its stated default. Pure functions; no I/O.
+"""Throughput of a QLoRA step (tokens/s): a sum of named time terms, with the CPU's kernel launches and the GPU's
+work overlapping. Pure functions; no I/O; standard library only.
+
+One micro-batch costs the larger of two times (smoothly: a p-norm with the fitted exponent `speed_overlap`):
+
+  CPU   Python and kernel launches: a cost per decoder-layer pass, per 4-bit linear call (bitsandbytes'
+        dequantize + matmul), per LoRA module call (peft's dropout, A, B, scale, add) and per micro-batch.
+        Small micro-batches of small models are bound by this; it varies from machine to machine.
+  GPU   the frozen base's matmuls (forward, input-gradient backward, the recompute of checkpointed layers, the
+        lm_head) at a fitted fraction of the datasheet tensor rate; attention (the causal flash kernel when
+        micro-batches carry no mask, the memory-efficient kernel over the full s x s block when they are packed);
+        dequantization traffic per pass; the activations' elementwise traffic per layer pass; the fp32 logits
+        chain; LoRA's traffic over its inputs and outputs.
+
+An optimizer step adds a cost per trainable tensor (bitsandbytes' optimizers update tensor by tensor), the
+optimizer state traffic, and a fixed cost. Step time = accumulation x micro-batch time + optimizer step.
+
+Each term is a feature in physical units (seconds at the datasheet rate, a count of calls) and its coefficient
+is fitted on measured steps (planner/speed_fit.py, calibration/speed/*.csv): 1/efficiency for rate terms,
+seconds per call for counts. The coefficients come only through Coefficients (`speed_<term>`).
 """
 
 from __future__ import annotations
 
-from planner.memory import resolve_targets
+from dataclasses import dataclass
+
+from planner.memory import resolve_targets, trainable_params
 from planner.specs import Coefficients, GpuSpec, LoraSettings, ModelSpec, TrainSettings
+from planner.units import DTYPE_BYTES
 
-DEQUANT_BYTES_PER_PARAM = 0.5 + 0.0625 + 2 + 2  # read NF4 + scales, write bf16 weight, matmul reads it back
+# Bytes moved to dequantize one 4-bit weight for one matmul: read NF4 (0.5 B) and its scales (1/16 B), write the
+# compute-dtype weight (2 B), the matmul reads it back (2 B).
+DEQUANT_BYTES_PER_PARAM = 0.5 + 0.0625 + 2 + 2
+CPU_TERMS = ("layer_pass", "linear_call", "lora_call", "micro_batch")
+GPU_TERMS = ("base_matmul", "attention_flash", "attention_masked", "dequant", "activations", "logits", "lora_traffic")
+STEP_TERMS = ("optimizer_tensor", "optimizer_traffic", "optimizer_step")
+TERMS = CPU_TERMS + GPU_TERMS + STEP_TERMS
 
 
-def step_flops(model: ModelSpec, lora: LoraSettings, train: TrainSettings) -> float:
-    """FLOPs of one micro-batch: forward, input-gradient backward of the frozen base (no weight
-    gradients), recompute under checkpointing, causal attention, and LoRA's own three matmuls."""
-    t, s = train.tokens_per_micro_batch, train.seq_len
-    experts = model.num_experts_per_tok if model.is_moe else 0
+@dataclass(frozen=True, slots=True)
+class SpeedFeatures:
+    """The features of one configuration: per micro-batch (CPU and GPU terms) and per optimizer step."""
+
+    grad_accum: int
+    tokens_per_step: int  # computed tokens (padding included) per optimizer step
+    cpu: dict[str, float]
+    gpu: dict[str, float]
+    step: dict[str, float]
+
+
+def features(model: ModelSpec, lora: LoraSettings, train: TrainSettings, gpu: GpuSpec) -> SpeedFeatures:
+    """Every term's feature for one micro-batch of train.batch_size x train.seq_len tokens (packed or not)."""
+    peak = gpu.tflops(train.compute_dtype) * 1e12
+    bw = gpu.bandwidth_gb_s * 1e9
+    t, s, L = train.tokens_per_micro_batch, train.seq_len, model.num_hidden_layers
+    ck = train.checkpointed_layers(L)
+    rf = ck / L
+    passes = 2 + rf  # forward, input-gradient backward, recompute of the checkpointed layers
+    layer_passes = 2 * L + ck
     base = model.quantized_param_count
     if model.is_moe:  # experts are outside the linear inventory: only top-k of them run per token
-        per_layer_expert = (model.layer_other_params - 2 * model.hidden_size) // max(1, model.num_local_experts)
-        base += model.num_hidden_layers * experts * per_layer_expert
+        per_expert = (model.layer_other_params - 2 * model.hidden_size) // max(1, model.num_local_experts)
+        base += L * model.num_experts_per_tok * per_expert
     head = model.vocab_size * model.hidden_size
-    fwd = 2 * t * (base + head)
-    attn_fwd = 2 * t * s * model.q_dim * model.num_hidden_layers  # QK^T and PV, causal half of 4*t*s*d
     names = resolve_targets(model, lora.targets)
-    lora_p = sum(lin.count * lora.rank * (lin.in_features + lin.out_features) for lin in model.linears_in(names))
-    lora_fwd = 2 * t * lora_p * model.num_hidden_layers
-    passes = 1 + recompute_fraction(model, train)  # forward (+ recompute of the checkpointed layers)
-    return passes * (fwd + attn_fwd + lora_fwd) + fwd + 2.5 * attn_fwd + 2 * lora_fwd
+    wrapped = model.linears_in(names)
+    lora_modules = sum(lin.count for lin in wrapped)
+    lora_width = sum(lin.count * (lin.in_features + lin.out_features) for lin in wrapped)
+    c = DTYPE_BYTES[train.compute_dtype]
+    attn_fwd = 2 * t * s * model.q_dim * L  # QK^T and PV over the causal half
+    attn = attn_fwd * (1 + rf) + 2.5 * attn_fwd  # forward (+ recompute) and backward
+    cpu = {
+        "layer_pass": float(layer_passes),
+        "linear_call": float(layer_passes * sum(lin.count for lin in model.layer_linears)),
+        "lora_call": float(layer_passes * lora_modules),
+        "micro_batch": 1.0,
+    }
+    gpu_terms = {
+        "base_matmul": (2 * t * base * passes + 4 * t * head) / peak,
+        "attention_flash": 0.0 if train.packing else attn / peak,
+        "attention_masked": 2 * attn / peak if train.packing else 0.0,  # no causal skipping with an explicit mask
+        "dequant": passes * DEQUANT_BYTES_PER_PARAM * base / bw,
+        "activations": t * layer_passes * (model.hidden_size + model.intermediate_size) * c / bw,
+        "logits": t * model.vocab_size * 4 / bw,
+        "lora_traffic": t * lora_width * layer_passes * c / bw,
+    }
+    eight_bit = "8bit" in train.optim
+    step = {
+        "optimizer_tensor": float(2 * lora_modules * L),  # A and B of every wrapped linear
+        "optimizer_traffic": trainable_params(model, lora) * (8 if eight_bit else 16) / bw,
+        "optimizer_step": 1.0,
+    }
+    return SpeedFeatures(train.grad_accum, t * train.grad_accum, cpu, gpu_terms, step)
 
 
-def recompute_fraction(model: ModelSpec, train: TrainSettings) -> float:
-    """The share of decoder layers whose forward runs again in backward (checkpointed layers)."""
-    return train.checkpointed_layers(model.num_hidden_layers) / model.num_hidden_layers
+def micro_batch_seconds(f: SpeedFeatures, coeffs: Coefficients) -> tuple[float, float, float]:
+    """(CPU seconds, GPU seconds, overlapped seconds) of one micro-batch."""
+    cpu = sum(coeffs.get(f"speed_{k}") * v for k, v in f.cpu.items())
+    gpu = sum(coeffs.get(f"speed_{k}") * v for k, v in f.gpu.items())
+    p = coeffs.get("speed_overlap")
+    both = (cpu ** p + gpu ** p) ** (1.0 / p) if cpu > 0 or gpu > 0 else 0.0
+    return cpu, gpu, both
 
 
-def dequant_bytes(model: ModelSpec, train: TrainSettings) -> float:
-    """Bytes moved dequantizing every 4-bit weight once per pass (forward, backward, recompute)."""
-    passes = 2 + recompute_fraction(model, train)
-    return passes * DEQUANT_BYTES_PER_PARAM * model.quantized_param_count
+def step_seconds(f: SpeedFeatures, coeffs: Coefficients) -> float:
+    """Seconds per optimizer step: accumulation x micro-batch time + the optimizer step."""
+    opt = sum(coeffs.get(f"speed_{k}") * v for k, v in f.step.items())
+    return f.grad_accum * micro_batch_seconds(f, coeffs)[2] + opt
 
 
-def linear_calls(model: ModelSpec, train: TrainSettings) -> int:
-    """4-bit linear invocations per micro-batch (forward, backward, recompute): each costs a
-    dequantize kernel, a matmul and the LoRA kernels, whose launch overhead dominates small batches."""
-    layer_passes = 2 * model.num_hidden_layers + train.checkpointed_layers(model.num_hidden_layers)
-    return layer_passes * sum(lin.count for lin in model.layer_linears)
+def has_speed_model(coeffs: Coefficients) -> bool:
+    return all(f"speed_{k}" in coeffs.values for k in TERMS + ("overlap",))
 
 
 def tokens_per_second(model: ModelSpec, lora: LoraSettings, train: TrainSettings, gpu: GpuSpec,
                       coeffs: Coefficients) -> float:
-    """Estimated training tokens/s; 0.0 when the GPU profile has no speed facts (bare capacity)."""
-    tflops = gpu.tflops(train.compute_dtype)
-    if tflops <= 0 or gpu.bandwidth_gb_s <= 0:
+    """Estimated computed tokens/s (padding included); 0.0 when the GPU profile has no speed facts (a bare
+    capacity) or the coefficients hold no speed model."""
+    if gpu.tflops(train.compute_dtype) <= 0 or gpu.bandwidth_gb_s <= 0 or not has_speed_model(coeffs):
         return 0.0
-    compute_s = step_flops(model, lora, train) / (tflops * 1e12 * coeffs.get("mfu"))
-    memory_s = dequant_bytes(model, train) / (gpu.bandwidth_gb_s * 1e9 * coeffs.get("dequant_bw_frac"))
-    overhead_s = linear_calls(model, train) * coeffs.get("linear_call_overhead_s")
-    seconds = compute_s + memory_s + overhead_s
-    return train.tokens_per_micro_batch / seconds
+    f = features(model, lora, train, gpu)
+    return f.tokens_per_step / step_seconds(f, coeffs)

@@ -1,0 +1,150 @@
+"""Fit the throughput model (planner/speed.py) to measured optimizer steps, and measure how well it predicts
+steps it never saw.
+
+Rows are the throughput sweep's CSV rows (planner/train/throughput.py; calibration/speed/*.csv): one
+configuration each, with its median step time over the timed steps. Rows with padded data are left out of the
+fit (their micro-batches change shape every step, so no single shape describes them); they are reported apart.
+
+The fit minimises the squared log ratio predicted / measured (relative error, so small models weigh as much as
+large ones) over non-negative coefficients, with scipy's bounded least squares. Validation:
+  - leave one configuration out (its repeats go with it): the error on configurations the fit never saw;
+  - leave one model out: the error on an architecture the fit never saw;
+  - fit on one sweep, predict another (another machine or another GPU kind).
+
+numpy and scipy are imported inside the functions (the `train` extra).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.codec import settings_from_dict
+from planner.profiles import load_gpu, load_model, match_gpu_name
+from planner.specs import Coefficients
+from planner.speed import CPU_TERMS, GPU_TERMS, STEP_TERMS, SpeedFeatures, features, step_seconds
+
+PARAMS = tuple(f"speed_{k}" for k in CPU_TERMS + GPU_TERMS + STEP_TERMS) + ("speed_overlap",)
+OVERLAP_START, OVERLAP_MAX = 2.0, 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedRow:
+    run_id: str
+    config_id: str  # run_id without the repeat index: repeats of one configuration share it
+    model: str
+    gpu: str  # catalog profile name
+    data: str
+    step_time_s: float
+    features: SpeedFeatures
+
+
+def gpu_profile_for(nvml_name: str) -> str:
+    """The catalog GPU NVML's name matches (speed features need its datasheet rates)."""
+    gpu = match_gpu_name(nvml_name)
+    if gpu is None:
+        raise ValueError(f"no GPU profile matches {nvml_name!r}: add one under profiles/gpus/")
+    return gpu.name
+
+
+def read_rows(paths: Iterable[Path], *, padded: bool = False) -> list[SpeedRow]:
+    rows = []
+    for path in paths:
+        with Path(path).open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r["status"] != "ok" or (r["data"] == "padded") != padded:
+                    continue
+                rows.append(row_from_csv(r))
+    return rows
+
+
+def row_from_csv(r: dict) -> SpeedRow:
+    lora, train = settings_from_dict(r, packing=r["data"] == "packed")
+    if r["data"] == "padded":  # the mean padded micro-batch stands for all of them
+        per_micro = float(r["computed_tokens_per_step"]) / train.grad_accum
+        train = dataclasses.replace(train, seq_len=max(1, round(per_micro / train.batch_size)), packing=True)
+    gpu = gpu_profile_for(r["gpu_name"])
+    f = features(load_model(r["model"]), lora, train, load_gpu(gpu))
+    return SpeedRow(r["run_id"], r["run_id"].rsplit("|rep", 1)[0], r["model"], gpu, r["data"], float(r["step_time_s"]), f)
+
+
+def _matrices(rows: list[SpeedRow]):
+    import numpy as np
+
+    a = np.array([r.features.grad_accum for r in rows], dtype=float)
+    c = np.array([[r.features.cpu[k] for k in CPU_TERMS] for r in rows])
+    g = np.array([[r.features.gpu[k] for k in GPU_TERMS] for r in rows])
+    s = np.array([[r.features.step[k] for k in STEP_TERMS] for r in rows])
+    y = np.array([r.step_time_s for r in rows])
+    return a, c, g, s, y
+
+
+def _predict(p, a, c, g, s):
+    nc, ng, ns = c.shape[1], g.shape[1], s.shape[1]
+    cpu, gpu, k = c @ p[:nc], g @ p[nc:nc + ng], p[-1]
+    return a * (cpu ** k + gpu ** k) ** (1.0 / k) + s @ p[nc + ng:nc + ng + ns]
+
+
+def _initial(c, g, s):
+    import numpy as np
+
+    # start each coefficient where its term alone would explain a typical share of a step
+    scale = lambda m: np.where(m.mean(axis=0) > 0, 0.1 / np.maximum(m.mean(axis=0), 1e-30), 1.0)  # noqa: E731
+    p0 = np.concatenate([scale(c), np.ones(g.shape[1]), scale(s) * 0.1, [OVERLAP_START]])
+    p0[c.shape[1]:c.shape[1] + g.shape[1]] = 1.5
+    return p0
+
+
+def fit(rows: list[SpeedRow], start: Coefficients | None = None) -> dict[str, float]:
+    """Coefficients (speed_*) fitted to the rows. `start`: initial values (a previous fit), else neutral ones."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    a, c, g, s, y = _matrices(rows)
+    if start is not None and all(k in start.values for k in PARAMS):
+        p0 = np.array([start.get(k) for k in PARAMS], dtype=float)
+    else:
+        p0 = _initial(c, g, s)
+    lb = np.zeros(len(PARAMS))
+    lb[-1] = 1.0
+    ub = np.full(len(PARAMS), np.inf)
+    ub[-1] = OVERLAP_MAX
+    p0 = np.clip(p0, lb, np.where(np.isfinite(ub), ub, p0 + 1))
+    res = least_squares(lambda p: np.log(_predict(p, a, c, g, s) / y), p0, bounds=(lb, ub), x_scale="jac")
+    return {k: float(v) for k, v in zip(PARAMS, res.x)}
+
+
+def predict(rows: list[SpeedRow], coeffs: dict[str, float] | Coefficients) -> list[float]:
+    co = coeffs if isinstance(coeffs, Coefficients) else Coefficients("fit", "", dict(coeffs))
+    return [step_seconds(r.features, co) for r in rows]
+
+
+def errors_pct(rows: list[SpeedRow], predicted: list[float]) -> list[float]:
+    """Signed error of predicted tokens/s (= measured time / predicted time - 1), in percent."""
+    return [100.0 * (r.step_time_s / p - 1.0) for r, p in zip(rows, predicted)]
+
+
+def held_out(rows: list[SpeedRow], group: Callable[[SpeedRow], str], start: dict | None = None) -> list[float]:
+    """Each row predicted by a fit without every row of its group; signed tokens/s errors in percent."""
+    start_co = Coefficients("start", "", start) if start else None
+    out = [0.0] * len(rows)
+    for key in sorted({group(r) for r in rows}):
+        train = [r for r in rows if group(r) != key]
+        test = [i for i, r in enumerate(rows) if group(r) == key]
+        co = fit(train, start_co)
+        for i, e in zip(test, errors_pct([rows[i] for i in test], predict([rows[i] for i in test], co))):
+            out[i] = e
+    return out
+
+
+def summary(errs: list[float]) -> dict[str, float]:
+    """Median, 90th percentile and max of the absolute errors, in percent."""
+    if not errs:
+        return {"n": 0, "median": 0.0, "p90": 0.0, "max": 0.0}
+    a = sorted(abs(e) for e in errs)
+    p90 = a[min(len(a) - 1, max(0, round(0.9 * (len(a) - 1))))]
+    return {"n": len(a), "median": round(statistics.median(a), 2), "p90": round(p90, 2), "max": round(a[-1], 2)}
