@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.calibration import load_coefficients
+from planner.coefficients import load_coefficients
 from planner.compare import Workload, compare
 from planner.profiles import all_gpus, load_model
 from planner.report_compare import render_text, to_json_list

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from planner.calibration import CALIBRATION_DIR, DEFAULTS_FILE, FITTED_FILE, user_cache_dir, user_coefficients_file
+from planner.coefficients import CALIBRATION_DIR, DEFAULTS_FILE, FITTED_FILE, user_cache_dir, user_coefficients_file
 from planner.fit import (
     CONTAMINATION_BYTES,
     contaminated,
@@ -92,7 +92,7 @@ def _speed_cv(df, base) -> dict:
 
 def refit_and_report(paths: list[str], out_path: str | None = None, report_path: str | None = None) -> str:
     """Fit on every run, cross-validate (never on fitted points), write coefficients and the report."""
-    from planner.calibration import _read
+    from planner.coefficients import _read
 
     df = read_runs(paths)
     base = _read(str(DEFAULTS_FILE))
@@ -708,7 +708,7 @@ def calibrate_this_gpu(target_model: str | None, echo=print) -> Path:
     df = read_runs([str(runs)])
     # the shipped calibration is the prior: a few minutes of runs on one or two models refine it (the ridge pulls
     # what they cannot identify back to it) instead of replacing a 64-run fit
-    from planner.calibration import load_coefficients
+    from planner.coefficients import load_coefficients
 
     shipped = load_coefficients(None)
     coeffs = fit(df, base=shipped)

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from planner import __version__
-from planner.calibration import load_coefficients
+from planner.coefficients import load_coefficients
 from planner.multigpu import (
     FSDP_OPTIM,
     FSDP_OPTIM_REASON,
@@ -463,8 +463,8 @@ def _exact(spec, best, doc: dict, coeffs) -> str:
         import torch  # noqa: F401  (the train extra)
     except ImportError:
         raise UserError("--exact traces the real stack: install the train extra (pip install -e '.[train]')") from None
-    from planner.cli_exact import exact_json, exact_section
     from planner.exact import device_for, trace_step
+    from planner.report_exact import exact_json, exact_section
 
     device = device_for(best.gpu)
     # the whole depth: exact allocated bytes with no extrapolation, partial checkpointing as planned,

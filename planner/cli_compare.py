@@ -197,7 +197,7 @@ def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, seq_len, g
 
     Example: qfit compare mistral-7b --examples 5000 --avg-tokens 350 --epochs 3
     """
-    from planner.calibration import load_coefficients
+    from planner.coefficients import load_coefficients
     from planner.report_compare import cost_time_png, render_text, to_json_list
     from planner.search import Request
 

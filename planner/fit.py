@@ -1,11 +1,11 @@
 """Fitting the coefficients to measured runs, and cross-validating them (numpy/pandas inside functions).
 
-Used by `qfit calibrate`; kept apart from calibration.py so that `qfit plan` does not compile it.
+Used by `qfit calibrate`; kept apart from coefficients.py so that `qfit plan` does not compile it.
 """
 
 from __future__ import annotations
 
-from planner.calibration import DEFAULTS_FILE, _read
+from planner.coefficients import DEFAULTS_FILE, _read
 from planner.memory import RESERVE_TERMS as RESERVE_FEATURES
 from planner.specs import Coefficients
 
@@ -439,7 +439,7 @@ def contaminated_grid(df, alloc_conf: str, bisect: bool = False) -> list[dict]:
     """The contaminated rows measured under one allocator setting ("" for the default), as a harness
     JSON grid (planner/train/harness.py grid_from_json) to measure again in fresh processes;
     bisect: also bisect the allocator cap where the original did."""
-    from planner.calibration import DEFAULTS_FILE as _defaults
+    from planner.coefficients import DEFAULTS_FILE as _defaults
 
     base = _read(str(_defaults))
     bisected = {r.rsplit("|cap", 1)[0] for r in df[df["budget_bytes"].astype(int) != 0]["run_id"]}

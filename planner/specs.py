@@ -217,7 +217,7 @@ class TrainSettings:
 
 @dataclass(frozen=True, slots=True)
 class Coefficients:
-    """What must come from measurement. Loaded from calibration/*.json; see calibration.py."""
+    """What must come from measurement. Loaded from calibration/*.json; see planner/coefficients.py."""
 
     name: str
     description: str

@@ -1,4 +1,5 @@
-"""Byte constants and size parsing. Bytes are ints everywhere inside qfit; only report.py divides."""
+"""Byte constants and size parsing. Bytes are ints everywhere inside qfit; only the renderers (report*.py and the
+calibration report) divide them into GiB for display."""
 
 from __future__ import annotations
 

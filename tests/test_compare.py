@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from planner.calibration import load_coefficients
 from planner.cli_compare import compare_cmd, parse_count
+from planner.coefficients import load_coefficients
 from planner.compare import (
     SPEED_CALIBRATED,
     SPEED_DATASHEET,

@@ -7,7 +7,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from planner import memory
-from planner.calibration import load_coefficients
+from planner.coefficients import load_coefficients
 from planner.memory import (
     estimate,
     lora_tensor_numels,

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.calibration import DEFAULTS_FILE, load_coefficients
+from planner.coefficients import DEFAULTS_FILE, load_coefficients
 from planner.memory import (
     alloc,
     cuda_context_bytes,

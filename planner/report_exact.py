@@ -1,6 +1,6 @@
-"""`qfit plan --exact`: the traced breakdown beside the analytic one (numbers in planner/exact.py).
+"""Rendering of `qfit plan --exact`: the traced breakdown beside the analytic one (numbers in planner/exact.py).
 
-Example (once cli.py wires it):  qfit plan mistral-7b --gpu h200 --exact
+Example:  qfit plan mistral-7b --gpu h200 --exact
 
 `exact_json` gathers the numbers, `exact_section` renders them; both trace the step unless given an
 ExactResult. Bytes stay int until gib_str turns them into GiB at display. Standard library and
