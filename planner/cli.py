@@ -552,20 +552,20 @@ def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, fr
       qfit calibrate --refit --report calibration/REPORT.md     # CPU: refit the committed data
       qfit calibrate --gpu auto                                 # on a CUDA machine: sweep, fit, use
     """
-    from planner import calibrate
+    from planner.refit import calibrate_this_gpu, expand_runs, refit_and_report, refit_from_user_runs
 
     if gpu == "auto":
-        path = calibrate.calibrate_this_gpu(target_model, echo=click.echo)
+        path = calibrate_this_gpu(target_model, echo=click.echo)
         click.echo(f"coefficients for this GPU written to {path}; `qfit plan ... --gpu auto` uses them.")
         return 0
     if from_runs:
-        path = calibrate.refit_from_user_runs(echo=click.echo)
+        path = refit_from_user_runs(echo=click.echo)
         click.echo(f"coefficients written to {path}")
         return 0
     if not refit:
         raise UserError("say what to do: --refit (CPU, committed data), --gpu auto (sweep this GPU) or --from-runs")
-    paths = calibrate.expand_runs(runs_glob)
-    summary = calibrate.refit_and_report(paths, out_path, report_path)
+    paths = expand_runs(runs_glob)
+    summary = refit_and_report(paths, out_path, report_path)
     click.echo(summary)
     return 0
 

@@ -46,9 +46,10 @@ def _int(v) -> int:
 def _bool(v) -> bool:
     if isinstance(v, bool):
         return v
-    if isinstance(v, str) and v.strip().lower() in ("true", "1", "yes", "on"):
+    text = str(v).strip().lower()  # str() also covers numpy.bool_ cells of a pandas row
+    if text in ("true", "1", "yes", "on"):
         return True
-    if isinstance(v, str) and v.strip().lower() in ("false", "0", "no", "off", ""):
+    if text in ("false", "0", "no", "off", ""):
         return False
     if isinstance(v, int | float):
         return bool(v)

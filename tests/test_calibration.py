@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from planner.calibrate import refit_and_report
 from planner.coefficients import CALIBRATION_DIR, FITTED_FILE, load_coefficients
 from planner.fit import read_runs
+from planner.refit import refit_and_report
 
 RUNS = sorted(glob.glob(str(CALIBRATION_DIR / "runs" / "*.csv")))
 
