@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
 from planner import __version__
+from planner.cli_errors import QfitGroup
 from planner.coefficients import load_coefficients
+from planner.errors import QfitError
 from planner.multigpu import (
     FSDP_OPTIM,
     FSDP_OPTIM_REASON,
@@ -25,69 +26,9 @@ from planner.multigpu import (
     multigpu_calibrated,
     plan_multi,
 )
-from planner.profiles import ProfileError, all_gpus, gpu_names, load_gpu, load_model, match_gpu_name, model_names
+from planner.profiles import all_gpus, gpu_names, load_gpu, load_model, match_gpu_name, model_names
 from planner.search import AUTO_SEQ_LENS, LORA_FALLBACKS, Request, search
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
-
-# modules of the `train` extra: a command that needs them says how to install them instead of a traceback
-TRAIN_EXTRA_MODULES = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "pandas", "numpy",
-                       "pynvml", "tokenizers", "safetensors", "pyarrow"}
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit code 2."""
-
-
-class QfitGroup(click.Group):
-    """Every user mistake becomes one line on stderr (or {"error": ...} with --json) and exit code 2.
-
-    Commands in their own modules load only when invoked (click's "Further Deferring Imports"):
-    `qfit plan` does not compile `qfit run`'s or `qfit compare`'s code.
-    """
-
-    LAZY = {"run": ("planner.cli_run", "run_cmd"), "compare": ("planner.cli_compare", "compare_cmd")}
-
-    def list_commands(self, ctx):
-        return sorted([*super().list_commands(ctx), *self.LAZY])
-
-    def get_command(self, ctx, name):
-        if name in self.LAZY:
-            import importlib
-
-            module, attr = self.LAZY[name]
-            return getattr(importlib.import_module(module), attr)
-        return super().get_command(ctx, name)
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        args = list(sys.argv[1:] if args is None else args)
-        as_json = "--json" in args
-        try:
-            rv = super().main(args=args, prog_name=prog_name or "qfit", complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            click.echo("aborted.", err=True)
-            sys.exit(1)
-        except click.UsageError as exc:
-            _fail(exc.format_message(), as_json, hint=exc.ctx.command_path if exc.ctx else "qfit")
-        except (UserError, ProfileError, ValueError) as exc:
-            _fail(str(exc), as_json)
-        except ModuleNotFoundError as exc:
-            if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
-                raise
-            _fail(f"this command needs the train extra (missing module '{exc.name}'): pip install -e '.[train]'", as_json)
-        except click.ClickException as exc:
-            _fail(exc.format_message(), as_json)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-def _fail(message: str, as_json: bool, hint: str | None = None) -> None:
-    message = " ".join(message.split())
-    if as_json:
-        click.echo(json.dumps({"error": message}))
-    else:
-        suffix = f" (see `{hint} --help`)" if hint else ""
-        click.echo(f"error: {message}{suffix}", err=True)
-    sys.exit(2)
 
 
 @click.group(cls=QfitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,15 +52,15 @@ def _seq_len(value: str | None) -> int | None:
     try:
         n = int(value)
     except ValueError:
-        raise UserError(f"--seq-len must be a positive integer or 'auto', got {value!r}") from None
+        raise QfitError(f"--seq-len must be a positive integer or 'auto', got {value!r}") from None
     if n < 1:
-        raise UserError(f"--seq-len must be a positive integer, got {n}")
+        raise QfitError(f"--seq-len must be a positive integer, got {n}")
     return n
 
 
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
-        raise UserError(f"{name} must be a positive integer, got {value}")
+        raise QfitError(f"{name} must be a positive integer, got {value}")
 
 
 def _targets(value: str | None) -> tuple[str, ...] | None:
@@ -127,7 +68,7 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
         return None
     names = tuple(t.strip() for t in value.split(",") if t.strip())
     if not names:
-        raise UserError("--targets must be attn, all-linear, or a comma list of module names")
+        raise QfitError("--targets must be attn, all-linear, or a comma list of module names")
     return names
 
 
@@ -137,7 +78,7 @@ def detect_gpu_name() -> str:
 
     found = detect_gpu()
     if found is None:
-        raise UserError("no NVIDIA GPU found (NVML): pass --gpu NAME or --gpu 24GiB")
+        raise QfitError("no NVIDIA GPU found (NVML): pass --gpu NAME or --gpu 24GiB")
     name, total = found
     spec = match_gpu_name(name)
     return spec.name if spec else f"{total}B"
@@ -150,17 +91,17 @@ def build_request(seq_len, batch_size, grad_accum, effective_batch, rank, alpha,
                     ("--effective-batch", effective_batch), ("--rank", rank), ("--alpha", alpha)):
         _positive(flag, v)
     if not 0.0 <= lora_dropout < 1.0:
-        raise UserError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
+        raise QfitError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
     if batch_size and grad_accum and effective_batch and batch_size * grad_accum != effective_batch:
-        raise UserError(f"--batch-size {batch_size} x --grad-accum {grad_accum} != --effective-batch {effective_batch}")
+        raise QfitError(f"--batch-size {batch_size} x --grad-accum {grad_accum} != --effective-batch {effective_batch}")
     if uncheckpointed_layers is not None and uncheckpointed_layers < 0:
-        raise UserError(f"--uncheckpointed-layers must be 0 or more, got {uncheckpointed_layers}")
+        raise QfitError(f"--uncheckpointed-layers must be 0 or more, got {uncheckpointed_layers}")
     if uncheckpointed_layers and gradient_checkpointing is False:
-        raise UserError("--uncheckpointed-layers needs checkpointing: drop --no-gradient-checkpointing")
+        raise QfitError("--uncheckpointed-layers needs checkpointing: drop --no-gradient-checkpointing")
     if uncheckpointed_layers and gradient_checkpointing is None:
         gradient_checkpointing = True  # leaving some layers uncheckpointed means checkpointing the others
     if effective_batch and batch_size and effective_batch % batch_size:
-        raise UserError(f"--effective-batch {effective_batch} is not a multiple of --batch-size {batch_size}")
+        raise QfitError(f"--effective-batch {effective_batch} is not a multiple of --batch-size {batch_size}")
     return Request(batch_size=batch_size, grad_accum=grad_accum, effective_batch=effective_batch,
                    seq_len=_seq_len(seq_len), rank=rank, alpha=alpha, lora_dropout=lora_dropout,
                    targets=_targets(targets), gradient_checkpointing=gradient_checkpointing, optim=optim,
@@ -253,11 +194,11 @@ def choose_multi(model, gpu, req: Request, coeffs, n: int, strategy: str | None 
     (measured: a 4-bit checkpoint loads whole on every rank, see planner.multigpu.RANK0_CPU_MEASURED)."""
     asked = strategy or "auto"
     if asked == "ddp" and cpu_offload:
-        raise UserError("--cpu-offload is FSDP's (DDP keeps the whole model on every GPU): use --strategy fsdp or auto")
+        raise QfitError("--cpu-offload is FSDP's (DDP keeps the whole model on every GPU): use --strategy fsdp or auto")
     if asked == "ddp" and loading is not None:
-        raise UserError("--loading is FSDP's (under DDP every rank loads the whole model): use --strategy fsdp or auto")
+        raise QfitError("--loading is FSDP's (under DDP every rank loads the whole model): use --strategy fsdp or auto")
     if loading == "rank0_cpu":
-        raise UserError(RANK0_CPU_MEASURED)
+        raise QfitError(RANK0_CPU_MEASURED)
     loading = loading or "full"
     ddp_min = None
     if asked in ("auto", "ddp") and not cpu_offload:
@@ -266,7 +207,7 @@ def choose_multi(model, gpu, req: Request, coeffs, n: int, strategy: str | None 
             return MultiChoice(ddp, "ddp", asked, False, loading)
         ddp_min = _min_needs(ddp)
         if req.optim not in (None, FSDP_OPTIM):
-            raise UserError(f"DDP does not fit on {n} x {gpu.name} and FSDP cannot run --optim {req.optim}: "
+            raise QfitError(f"DDP does not fit on {n} x {gpu.name} and FSDP cannot run --optim {req.optim}: "
                             f"{FSDP_OPTIM_REASON}; drop --optim or pass --optim {FSDP_OPTIM}")
     offloads = (False, True) if cpu_offload is None else (cpu_offload,)
     first = None
@@ -375,27 +316,27 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
     from planner.report import plan_json, render_no_fit, render_plan
 
     if num_gpus < 1:
-        raise UserError(f"--num-gpus must be a positive integer, got {num_gpus}")
+        raise QfitError(f"--num-gpus must be a positive integer, got {num_gpus}")
     if num_gpus == 1:
         offload_flag = "--cpu-offload" if cpu_offload else "--no-cpu-offload"
         for flag, value in (("--strategy", strategy), (offload_flag, cpu_offload),
                             ("--loading", loading)):
             if value is not None:
-                raise UserError(f"{flag} needs --num-gpus 2 or more (one GPU has no DDP or FSDP)")
+                raise QfitError(f"{flag} needs --num-gpus 2 or more (one GPU has no DDP or FSDP)")
     elif fit_map or exact:
-        raise UserError("--fit-map and --exact plan one GPU: drop them, or drop --num-gpus")
+        raise QfitError("--fit-map and --exact plan one GPU: drop them, or drop --num-gpus")
     spec = load_model(model)
     gpu_name = detect_gpu_name() if gpu == "auto" else gpu
     gpu_spec = load_gpu(gpu_name)
     req = build_request(**knobs)
     if req.seq_len and req.seq_len > spec.max_position_embeddings:
-        raise UserError(f"--seq-len {req.seq_len} exceeds {spec.display_name}'s max_position_embeddings "
+        raise QfitError(f"--seq-len {req.seq_len} exceeds {spec.display_name}'s max_position_embeddings "
                         f"({spec.max_position_embeddings})")
     if req.uncheckpointed_layers and req.uncheckpointed_layers >= spec.num_hidden_layers:
-        raise UserError(f"--uncheckpointed-layers {req.uncheckpointed_layers}: {spec.display_name} has "
+        raise QfitError(f"--uncheckpointed-layers {req.uncheckpointed_layers}: {spec.display_name} has "
                         f"{spec.num_hidden_layers} decoder layers; for none checkpointed use --no-gradient-checkpointing")
     if req.uncheckpointed_layers and num_gpus > 1:
-        raise UserError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
+        raise QfitError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
     coeffs = load_coefficients(gpu_spec.name, coefficients)
     if num_gpus > 1:
         return _plan_multi(spec, gpu_spec, req, coeffs, num_gpus, strategy, cpu_offload, loading, as_json, save,
@@ -462,7 +403,7 @@ def _exact(spec, best, doc: dict, coeffs) -> str:
     try:
         import torch  # noqa: F401  (the train extra)
     except ImportError:
-        raise UserError("--exact traces the real stack: install the train extra (pip install -e '.[train]')") from None
+        raise QfitError("--exact traces the real stack: install the train extra (pip install -e '.[train]')") from None
     from planner.exact import device_for, trace_step
     from planner.report_exact import exact_json, exact_section
 
@@ -563,7 +504,7 @@ def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, fr
         click.echo(f"coefficients written to {path}")
         return 0
     if not refit:
-        raise UserError("say what to do: --refit (CPU, committed data), --gpu auto (sweep this GPU) or --from-runs")
+        raise QfitError("say what to do: --refit (CPU, committed data), --gpu auto (sweep this GPU) or --from-runs")
     paths = expand_runs(runs_glob)
     summary = refit_and_report(paths, out_path, report_path)
     click.echo(summary)
@@ -586,7 +527,7 @@ def profile_cmd(source, name, out_path, trust_remote_code):
     Example:
       qfit profile ./my-model/config.json --name my-model --out profiles/models/my-model.toml
     """
-    from planner.introspect import IntrospectionError, read_config_json
+    from planner.introspect import read_config_json
     from planner.profile_writer import profile_toml
 
     path = Path(source)
@@ -594,7 +535,7 @@ def profile_cmd(source, name, out_path, trust_remote_code):
         path = path / "config.json"
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
-            raise UserError(f"no such file: {path}")
+            raise QfitError(f"no such file: {path}")
         config = read_config_json(path)
         hf_id, src = "", str(path)
     else:
@@ -603,21 +544,21 @@ def profile_cmd(source, name, out_path, trust_remote_code):
 
             config = read_config_json(hf_hub_download(source, "config.json"))
         except Exception as exc:  # offline, gated, unknown id
-            raise UserError(f"cannot fetch config.json for '{source}' ({type(exc).__name__}); "
+            raise QfitError(f"cannot fetch config.json for '{source}' ({type(exc).__name__}); "
                             "download it and pass the file path") from None
         hf_id, src = source, f"https://huggingface.co/{source}/blob/main/config.json"
     if config.get("auto_map") and not trust_remote_code:
-        raise UserError("this model needs trust_remote_code (its code lives in the model repo); "
+        raise QfitError("this model needs trust_remote_code (its code lives in the model repo); "
                         "pass --trust-remote-code if you trust it")
     config.pop("auto_map", None)
     short = name or (hf_id.split("/")[-1].lower() if hf_id else path.parent.name or "model")
     try:
         text = profile_toml(short, short, hf_id, src, config, trust_remote_code=trust_remote_code)
-    except IntrospectionError as exc:
-        raise UserError(str(exc)) from None
+    except QfitError:  # planner.introspect.IntrospectionError: already one line
+        raise
     except Exception as exc:  # transformers' own config validation: report it, do not crash
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"transformers cannot build {source}: {first.strip()}") from None
+        raise QfitError(f"transformers cannot build {source}: {first.strip()}") from None
     if out_path:
         Path(out_path).write_text(text)
         click.echo(f"profile written to {out_path}")

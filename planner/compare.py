@@ -24,6 +24,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from planner.errors import QfitError
 from planner.multigpu import FSDP_OPTIM, FsdpMemory, fsdp_per_gpu, multigpu_calibrated
 from planner.search import Request, SearchResult, search, smallest
 from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
@@ -54,27 +55,27 @@ class Workload:
 
     def __post_init__(self) -> None:
         if self.examples is not None and self.examples < 1:
-            raise ValueError(f"--examples must be a positive integer, got {self.examples}")
+            raise QfitError(f"--examples must be a positive integer, got {self.examples}")
         if self.tokens_per_epoch < 1:
-            raise ValueError(f"the workload must have at least one token, got {self.tokens_per_epoch} "
+            raise QfitError(f"the workload must have at least one token, got {self.tokens_per_epoch} "
                              "(--tokens, or --examples x --avg-tokens)")
         if not self.epochs > 0 or math.isinf(self.epochs):
-            raise ValueError(f"--epochs must be a positive number, got {self.epochs}")
+            raise QfitError(f"--epochs must be a positive number, got {self.epochs}")
 
     @classmethod
     def from_examples(cls, examples: int, avg_tokens: float, epochs: float = 1.0,
                       approximate: bool = False) -> Workload:
         if examples < 1:
-            raise ValueError(f"--examples must be a positive integer, got {examples}")
+            raise QfitError(f"--examples must be a positive integer, got {examples}")
         if not (avg_tokens > 0 and math.isfinite(avg_tokens)):
-            raise ValueError(f"--avg-tokens must be a positive number, got {avg_tokens}")
+            raise QfitError(f"--avg-tokens must be a positive number, got {avg_tokens}")
         return cls(tokens_per_epoch=round(examples * avg_tokens), epochs=epochs, examples=examples,
                    approximate=approximate)
 
     @classmethod
     def from_tokens(cls, tokens: int, epochs: float = 1.0) -> Workload:
         if tokens < 1:
-            raise ValueError(f"--tokens must be a positive integer, got {tokens}")
+            raise QfitError(f"--tokens must be a positive integer, got {tokens}")
         return cls(tokens_per_epoch=tokens, epochs=epochs)
 
     @property
@@ -110,9 +111,9 @@ def workload_from_records(records: Iterable, epochs: float = 1.0) -> Workload:
         examples += 1
         tokens += approx_tokens(record_chars(rec))
     if examples == 0:
-        raise ValueError("--dataset holds no examples")
+        raise QfitError("--dataset holds no examples")
     if tokens == 0:
-        raise ValueError("--dataset holds no text fields to count tokens in")
+        raise QfitError("--dataset holds no text fields to count tokens in")
     return Workload(tokens_per_epoch=tokens, epochs=epochs, examples=examples, approximate=True)
 
 
@@ -319,17 +320,17 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
     prices: GPU name -> USD per GPU-hour, overriding the profile's price.
     """
     if sort not in SORT_KEYS:
-        raise ValueError(f"--sort must be cost or time, got {sort!r}")
+        raise QfitError(f"--sort must be cost or time, got {sort!r}")
     for flag, limit in (("--max-hours", max_hours), ("--max-cost", max_cost)):
         if limit is not None and not limit > 0:
-            raise ValueError(f"{flag} must be a positive number, got {limit}")
+            raise QfitError(f"{flag} must be a positive number, got {limit}")
     prices = dict(prices or {})
     names = {g.name for g in gpus}
     for name, price in prices.items():
         if name not in names:
-            raise ValueError(f"--price names {name}, which is not among the compared GPUs (add it to --gpus)")
+            raise QfitError(f"--price names {name}, which is not among the compared GPUs (add it to --gpus)")
         if not price >= 0 or math.isinf(price):
-            raise ValueError(f"--price for {name} must be a non-negative number of USD per hour, got {price}")
+            raise QfitError(f"--price for {name} must be a non-negative number of USD per hour, got {price}")
     request = request or Request()
     err = speed_error_pct(coeffs)
     results = search_all(model, gpus, request, coeffs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from planner.errors import QfitError
 from planner.memory import (
     FP32,
     alloc,
@@ -85,7 +86,7 @@ def fsdp_margin_frac(coeffs: Coefficients) -> float:
 
 def _check_n(n: int) -> None:
     if n < 1:
-        raise ValueError(f"--gpus-count must be a positive integer, got {n}")
+        raise QfitError(f"--gpus-count must be a positive integer, got {n}")
 
 
 def _numels(model: ModelSpec, lora: LoraSettings) -> tuple[int, ...]:
@@ -243,11 +244,11 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
     """
     _check_n(n)
     if train.optim != FSDP_OPTIM:
-        raise ValueError(f"--optim {train.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
+        raise QfitError(f"--optim {train.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
     if loading not in LOADINGS:
-        raise ValueError(f"loading must be one of {', '.join(LOADINGS)}, got {loading!r}")
+        raise QfitError(f"loading must be one of {', '.join(LOADINGS)}, got {loading!r}")
     if loading == "rank0_cpu":
-        raise ValueError(RANK0_CPU_MEASURED)
+        raise QfitError(RANK0_CPU_MEASURED)
     numels = _numels(model, lora)
     q_full = quantized_weights_bytes(model)
     c_full = quant_constants_bytes(model, train.double_quant)
@@ -348,17 +349,17 @@ def per_gpu(strategy: str, model: ModelSpec, lora: LoraSettings, train: TrainSet
         return ddp_per_gpu(model, lora, train, coeffs, n)
     if strategy == "fsdp":
         return fsdp_per_gpu(model, lora, train, coeffs, n, **fsdp_kw)
-    raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    raise QfitError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
 
 
 def rank_request(req: Request, n: int, strategy: str) -> tuple[Request, list[str]]:
     """The request one rank searches: the effective batch split over n ranks; FSDP fixes the optimizer."""
     notes = []
     if req.uncheckpointed_layers:
-        raise ValueError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
+        raise QfitError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
     if strategy == "fsdp":
         if req.optim not in (None, FSDP_OPTIM):
-            raise ValueError(f"--optim {req.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
+            raise QfitError(f"--optim {req.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
         if req.optim is None:
             notes.append(f"optimizer {FSDP_OPTIM}: {FSDP_OPTIM_REASON}")
         req = replace(req, optim=FSDP_OPTIM)
@@ -383,7 +384,7 @@ def plan_multi(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficient
     """Every candidate (planner.search.candidates, per rank) on n x gpu, best first; [0] fits or none does."""
     _check_n(n)
     if strategy not in STRATEGIES:
-        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        raise QfitError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     rreq, notes = rank_request(req, n, strategy)
     cands, search_notes = candidates(model, gpu, rreq)
     cap = capacity_bytes(gpu, coeffs)

@@ -28,6 +28,7 @@ from planner.calibration_report import (
     write_plot,
 )
 from planner.coefficients import DEFAULTS_FILE, FITTED_FILE, user_cache_dir, user_coefficients_file
+from planner.errors import QfitError
 from planner.fit import (
     contaminated,
     cross_validate,
@@ -45,7 +46,7 @@ from planner.report import gib_str
 def expand_runs(pattern: str) -> list[str]:
     paths = sorted(glob.glob(pattern))
     if not paths:
-        raise ValueError(f"no run files match {pattern!r}")
+        raise QfitError(f"no run files match {pattern!r}")
     return paths
 
 
@@ -132,7 +133,7 @@ def calibrate_this_gpu(target_model: str | None, echo=print) -> Path:
 
     found = detect_gpu()
     if found is None:
-        raise ValueError("no NVIDIA GPU found: `qfit calibrate --gpu auto` runs on a CUDA machine "
+        raise QfitError("no NVIDIA GPU found: `qfit calibrate --gpu auto` runs on a CUDA machine "
                          "(on a CPU, `qfit calibrate --refit` refits the committed data)")
     name, total = found
     spec = match_gpu_name(name)
@@ -183,10 +184,10 @@ def refit_from_user_runs(echo=print) -> Path:
     """Refit for this GPU from `qfit run` measurements appended to the user's runs.csv."""
     path = user_cache_dir() / "runs.csv"
     if not path.is_file():
-        raise ValueError(f"no measured runs yet ({path} does not exist): train with `qfit run` first")
+        raise QfitError(f"no measured runs yet ({path} does not exist): train with `qfit run` first")
     df = read_runs([str(path)])
     if (df["status"] == "ok").sum() < 3:
-        raise ValueError(f"{path} has fewer than 3 completed runs: too few to refit")
+        raise QfitError(f"{path} has fewer than 3 completed runs: too few to refit")
     gpu = str(df.iloc[-1]["gpu_name"])
     from planner.profiles import match_gpu_name
 
