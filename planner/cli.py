@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -17,17 +16,12 @@ from planner.cli_errors import QfitGroup
 from planner.coefficients import load_coefficients
 from planner.errors import QfitError
 from planner.multigpu import (
-    FSDP_OPTIM,
-    FSDP_OPTIM_REASON,
     LOADINGS,
-    RANK0_CPU_MEASURED,
-    MultiPlan,
-    best_multi,
+    choose_multi,
     multigpu_calibrated,
-    plan_multi,
 )
-from planner.profiles import all_gpus, gpu_names, load_gpu, load_model, match_gpu_name, model_names
-from planner.search import AUTO_SEQ_LENS, LORA_FALLBACKS, Request, search
+from planner.profiles import gpu_names, load_gpu, load_model, match_gpu_name, model_names
+from planner.search import Request
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
 
 
@@ -136,154 +130,6 @@ def plan_options(f):
     return f
 
 
-def larger_gpu_line(model, req: Request, coeffs, gpu) -> str:
-    """The smallest larger catalog GPU on which one card fits `req`, as one line."""
-    for other in all_gpus():
-        if other.memory_bytes <= gpu.memory_bytes:
-            continue
-        if search(model, other, req, coeffs).best is not None:
-            return f"would fit: one {other.display_name} ({other.name}) or any larger catalog GPU."
-    return "no single catalog GPU fits this model with these settings."
-
-
-def no_fit_advice(model, req: Request, coeffs, gpu, model_arg: str | None = None, fixed: bool = False) -> list[str]:
-    """What would fit: the smallest catalog GPU, a shorter sequence on this one, and the fewest of these GPUs."""
-    lines = ["  " + larger_gpu_line(model, req, coeffs, gpu)]
-    if req.seq_len != 0:
-        for seq in reversed(AUTO_SEQ_LENS):
-            if seq < (req.seq_len or 512) and search(model, gpu, replace(req, seq_len=seq), coeffs).best is not None:
-                lines.append(f"  on this card: --seq-len {seq} fits.")
-                break
-    found = fewest_gpus(model, gpu, req, coeffs)
-    if found is not None:
-        lines.append("  " + fewest_gpus_line(found, model_arg or model.name, gpu, fixed=fixed,
-                                             calibrated=multigpu_calibrated(coeffs)))
-    else:
-        lines.append("  " + no_count_fits_line(model, gpu, req, coeffs))
-    return lines
-
-
-# --------------------------------------------------------------------------- qfit plan --num-gpus N
-
-@dataclass(frozen=True, slots=True)
-class MultiChoice:
-    """What `qfit plan --num-gpus N` settled on, with the numbers behind the choice (bytes)."""
-
-    plans: tuple[MultiPlan, ...]  # every candidate of the chosen strategy, best first (planner.multigpu.plan_multi)
-    strategy: str  # "ddp" or "fsdp"
-    asked: str  # --strategy: "auto", "ddp" or "fsdp"
-    cpu_offload: bool
-    loading: str
-    ddp_min_needs_bytes: int | None = None  # the smallest DDP configuration, when auto turned DDP down
-    fsdp_min_needs_bytes: int | None = None  # the smallest FSDP configuration without offload, when offload was turned on
-
-    @property
-    def best(self) -> MultiPlan | None:
-        return self.plans[0] if self.plans and self.plans[0].fits else None
-
-
-def _min_needs(plans: tuple[MultiPlan, ...]) -> int:
-    return min(p.memory.needs_bytes for p in plans)
-
-
-def choose_multi(model, gpu, req: Request, coeffs, n: int, strategy: str | None = None,
-                 cpu_offload: bool | None = None, loading: str | None = None) -> MultiChoice:
-    """--strategy auto: DDP when a DDP plan fits (each rank keeps the whole model: no per-layer all-gather,
-    faster), else FSDP. --cpu-offload unset: off, on only when no FSDP plan fits without it (like
-    --gradient-checkpointing, a value the user does not fix is searched). --loading unset: full
-    (measured: a 4-bit checkpoint loads whole on every rank, see planner.multigpu.RANK0_CPU_MEASURED)."""
-    asked = strategy or "auto"
-    if asked == "ddp" and cpu_offload:
-        raise QfitError("--cpu-offload is FSDP's (DDP keeps the whole model on every GPU): use --strategy fsdp or auto")
-    if asked == "ddp" and loading is not None:
-        raise QfitError("--loading is FSDP's (under DDP every rank loads the whole model): use --strategy fsdp or auto")
-    if loading == "rank0_cpu":
-        raise QfitError(RANK0_CPU_MEASURED)
-    loading = loading or "full"
-    ddp_min = None
-    if asked in ("auto", "ddp") and not cpu_offload:
-        ddp = plan_multi(model, gpu, req, coeffs, n, "ddp")
-        if asked == "ddp" or ddp[0].fits:
-            return MultiChoice(ddp, "ddp", asked, False, loading)
-        ddp_min = _min_needs(ddp)
-        if req.optim not in (None, FSDP_OPTIM):
-            raise QfitError(f"DDP does not fit on {n} x {gpu.name} and FSDP cannot run --optim {req.optim}: "
-                            f"{FSDP_OPTIM_REASON}; drop --optim or pass --optim {FSDP_OPTIM}")
-    offloads = (False, True) if cpu_offload is None else (cpu_offload,)
-    first = None
-    for offload in offloads:
-        plans = plan_multi(model, gpu, req, coeffs, n, "fsdp", cpu_offload=offload, loading=loading)
-        if first is None:
-            first = plans
-        if plans[0].fits:
-            fsdp_min = _min_needs(first) if offload and cpu_offload is None else None
-            return MultiChoice(plans, "fsdp", asked, offload, loading, ddp_min, fsdp_min)
-    return MultiChoice(first, "fsdp", asked, offloads[0], loading, ddp_min)
-
-
-def _least_memory_request(req: Request) -> Request:
-    """The corner of `req` that needs the least memory: checkpointing on, the last LoRA fallback (r8, attn),
-    the shortest auto sequence, unless the user fixed them. The micro-batch stays searched (a micro-batch of
-    the whole per-rank batch has no accumulated gradients to keep). Memory never falls when the micro-batch,
-    sequence, rank or targets grow, and checkpointing never raises it (tests/test_memory.py properties),
-    so some plan of req fits iff some plan of this request fits (tests/test_plan_multi.py checks it against
-    the full search)."""
-    low = req
-    if low.gradient_checkpointing is None:
-        low = replace(low, gradient_checkpointing=True)
-    if not (low.rank or low.targets):
-        rank, targets = LORA_FALLBACKS[-1]
-        low = replace(low, rank=rank, targets=targets)
-    if low.seq_len == 0:
-        low = replace(low, seq_len=AUTO_SEQ_LENS[0])
-    return low
-
-
-def fewest_gpus(model, gpu, req: Request, coeffs, strategy: str | None = None, cpu_offload: bool | None = None,
-                loading: str | None = None, start: int = 2, max_n: int = 8) -> tuple[int, str, bool] | None:
-    """(n, strategy, cpu_offload): the fewest GPUs in start..max_n on which `qfit plan --num-gpus n` with
-    the same strategy, offload and loading choices finds a fitting plan, in choose_multi's order (DDP, FSDP,
-    FSDP with CPU offload). Searches only _least_memory_request(req): a few ms."""
-    low = _least_memory_request(req)
-    asked = strategy or "auto"
-    loading = loading or "full"
-    fsdp_ok = asked != "ddp" and req.optim in (None, FSDP_OPTIM)
-    offloads = (False, True) if cpu_offload is None else (cpu_offload,)
-    for n in range(start, max_n + 1):
-        if asked in ("auto", "ddp") and not cpu_offload and best_multi(model, gpu, low, coeffs, n, "ddp") is not None:
-            return n, "ddp", False
-        if fsdp_ok:
-            for offload in offloads:
-                if best_multi(model, gpu, low, coeffs, n, "fsdp", cpu_offload=offload, loading=loading) is not None:
-                    return n, "fsdp", offload
-    return None
-
-
-def fewest_gpus_line(found: tuple[int, str, bool], model_arg: str, gpu, fixed: bool, calibrated: bool) -> str:
-    """`fits on N x GPU with FSDP: qfit plan ...`; `(estimate)` when the coefficients are not multi-GPU calibrated."""
-    n, strategy, offload = found
-    how = "DDP" if strategy == "ddp" else "FSDP" + (" + CPU offload" if offload else "")
-    command = f"qfit plan {shlex.quote(model_arg)} --gpu {shlex.quote(gpu.name)} --num-gpus {n}"
-    return (f"fits on {n} x {gpu.display_name} with {how}{'' if calibrated else ' (estimate)'}: {command}"
-            + (" (with the options above)" if fixed else ""))
-
-
-def no_count_fits_line(model, gpu, req: Request, coeffs, strategy: str | None = None,
-                       cpu_offload: bool | None = None, max_n: int = 8) -> str:
-    """Why no count of up to max_n GPUs fits (fewest_gpus found none): FSDP's load phase, when that alone
-    exceeds the card even on max_n GPUs (every rank first loads the whole 4-bit model: measured)."""
-    from planner.report import gib_str
-
-    head = f"no count of up to {max_n} x {gpu.display_name} fits"
-    if (strategy or "auto") != "ddp" and req.optim in (None, FSDP_OPTIM):
-        plans = plan_multi(model, gpu, _least_memory_request(req), coeffs, max_n, "fsdp", cpu_offload=bool(cpu_offload))
-        load = min(p.memory.load_needs_bytes for p in plans)
-        if load > plans[0].capacity_bytes:
-            return (f"{head}: every rank first loads the whole 4-bit model and FSDP's wrap adds its shards "
-                    f"(measured), {gib_str(load)} GiB per GPU even on {max_n} ({gib_str(plans[0].capacity_bytes)} usable).")
-    return head + " with these settings."
-
-
 @cli.command("plan")
 @click.argument("model")
 @click.option("--gpu", default="auto", show_default=True, help="Catalog name (`qfit gpus`), a capacity like 24GiB, or auto (NVML).")
@@ -313,7 +159,9 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
       qfit plan meta-llama/Llama-3.1-8B --gpu 24GiB --seq-len 2048 --json
       qfit plan llama-3.1-70b --gpu rtx4090 --num-gpus 2
     """
-    from planner.report import plan_json, render_no_fit, render_plan
+    from planner.documents import plan_document
+    from planner.reasons import explain
+    from planner.report import render_advice, render_no_fit, render_plan
 
     if num_gpus < 1:
         raise QfitError(f"--num-gpus must be a positive integer, got {num_gpus}")
@@ -341,8 +189,8 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
     if num_gpus > 1:
         return _plan_multi(spec, gpu_spec, req, coeffs, num_gpus, strategy, cpu_offload, loading, as_json, save,
                            model_arg=model, fixed=req != Request() or coefficients is not None)
-    result = search(spec, gpu_spec, req, coeffs)
-    doc = plan_json(result, spec, coeffs)
+    result = explain(spec, gpu_spec, req, coeffs)
+    doc = plan_document(result, spec, coeffs)
     if save:
         Path(save).write_text(json.dumps(doc, indent=2) + "\n")
     if fit_map:
@@ -358,8 +206,8 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
         head = render_plan(result, spec, coeffs, gpu_spec.display_name).split("\n")[:2]
         click.echo("\n".join(head))
         click.echo(f"qfit plan {spec.name} --gpu {gpu_spec.name}: " + "\n".join(render_no_fit(result, spec)))
-        click.echo("\n".join(no_fit_advice(spec, req, coeffs, gpu_spec, model_arg=model,
-                                           fixed=req != Request() or coefficients is not None)))
+        click.echo("\n".join(render_advice(result.advice, model, gpu_spec, fixed=req != Request() or coefficients is not None,
+                                            calibrated=multigpu_calibrated(coeffs))))
     else:
         click.echo(render_plan(result, spec, coeffs, gpu_spec.display_name))
         if exact_text:
@@ -372,10 +220,13 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
 def _plan_multi(spec, gpu_spec, req: Request, coeffs, n: int, strategy, cpu_offload, loading, as_json: bool, save,
                 model_arg: str, fixed: bool) -> int:
     """`qfit plan --num-gpus N` (N >= 2): choose DDP or FSDP, render per-GPU memory; 1 when nothing fits."""
-    from planner.report import multi_plan_json, render_multi_header, render_multi_no_fit, render_multi_plan
+    from planner.documents import multi_plan_document
+    from planner.reasons import multi_no_fit_advice
+    from planner.report import render_multi_advice, render_multi_header, render_multi_no_fit, render_multi_plan
 
     choice = choose_multi(spec, gpu_spec, req, coeffs, n, strategy, cpu_offload, loading)
-    doc = multi_plan_json(choice, spec, coeffs)
+    advice = None if choice.best else multi_no_fit_advice(spec, gpu_spec, req, coeffs, n, strategy, cpu_offload, loading)
+    doc = multi_plan_document(choice, spec, coeffs, advice)
     if save:
         Path(save).write_text(json.dumps(doc, indent=2) + "\n")
     if as_json:
@@ -384,13 +235,8 @@ def _plan_multi(spec, gpu_spec, req: Request, coeffs, n: int, strategy, cpu_offl
         click.echo("\n".join(render_multi_header(choice, spec, coeffs, gpu_spec.display_name)))
         command = f"qfit plan {shlex.quote(model_arg)} --gpu {shlex.quote(gpu_spec.name)} --num-gpus {n}"
         click.echo(f"{command}: " + "\n".join(render_multi_no_fit(choice)))
-        found = fewest_gpus(spec, gpu_spec, req, coeffs, strategy, cpu_offload, loading, start=n + 1)
-        if found is not None:
-            click.echo("  " + fewest_gpus_line(found, model_arg, gpu_spec, fixed=fixed or bool(strategy or loading)
-                                               or cpu_offload is not None, calibrated=multigpu_calibrated(coeffs)))
-        else:
-            click.echo("  " + no_count_fits_line(spec, gpu_spec, req, coeffs, strategy, cpu_offload))
-            click.echo("  " + larger_gpu_line(spec, req, coeffs, gpu_spec))
+        click.echo("\n".join(render_multi_advice(advice, model_arg, gpu_spec, calibrated=multigpu_calibrated(coeffs),
+                                                  fixed=fixed or bool(strategy or loading) or cpu_offload is not None)))
     else:
         click.echo(render_multi_plan(choice, spec, coeffs, gpu_spec.display_name))
     if save and not as_json:
@@ -411,8 +257,8 @@ def _exact(spec, best, doc: dict, coeffs) -> str:
     # the whole depth: exact allocated bytes with no extrapolation, partial checkpointing as planned,
     # and the allocation log complete for the allocator simulation (peak reserved)
     traced = trace_step(spec, best.lora, best.train, layers=spec.num_hidden_layers, device=device, budget=True)
-    doc["exact"] = exact_json(spec, best.lora, best.train, best.memory, result=traced, device=device)
-    doc["exact"]["traced_uncheckpointed_layers"] = best.train.uncheckpointed_layers
+    doc["exact"] = exact_json(spec, best.lora, best.train, best.memory, result=traced, device=device,
+                              traced_uncheckpointed_layers=best.train.uncheckpointed_layers)
     return exact_section(spec, best.lora, best.train, best.memory, result=traced, device=device)
 
 
@@ -429,11 +275,9 @@ def models_cmd(as_json):
     """
     from tabulate import tabulate
 
-    rows = []
-    for name in model_names():
-        m = load_model(name)
-        rows.append({"name": m.name, "hf_id": m.hf_id, "params": m.total_param_count, "layers": m.num_hidden_layers,
-                     "hidden": m.hidden_size, "vocab": m.vocab_size, "tied": m.tie_word_embeddings})
+    from planner.documents import model_entry
+
+    rows = [model_entry(load_model(name)) for name in model_names()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return 0
@@ -459,12 +303,9 @@ def gpus_cmd(as_json):
 
     gpus = [load_gpu(n) for n in gpu_names()]
     if as_json:
-        click.echo(json.dumps([{"name": g.name, "display_name": g.display_name, "memory_bytes": g.memory_bytes,
-                                "compute_capability": g.compute_capability, "bf16": g.bf16,
-                                "flash_attention_2": g.flash_attention_2, "bf16_tflops": g.bf16_tflops,
-                                "fp16_tflops": g.fp16_tflops, "bandwidth_gb_s": g.bandwidth_gb_s,
-                                "price_usd_per_hour": g.price_usd_per_hour, "price_date": g.price_date}
-                               for g in gpus], indent=2))
+        from planner.documents import gpu_entry
+
+        click.echo(json.dumps([gpu_entry(g) for g in gpus], indent=2))
         return 0
     click.echo(tabulate([[g.name, g.display_name, gib_str(g.memory_bytes), g.compute_capability,
                           "yes" if g.bf16 else "no", "yes" if g.flash_attention_2 else "no",

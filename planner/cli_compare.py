@@ -32,7 +32,7 @@ class CompareCommand(QfitCommand):
 
     @staticmethod
     def usage_hint(command_path: str) -> str:
-        return f"`{command_path} --help` shows the options"
+        return "`qfit compare --help` shows the options"
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -187,7 +187,8 @@ def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, seq_len, g
     Example: qfit compare mistral-7b --examples 5000 --avg-tokens 350 --epochs 3
     """
     from planner.coefficients import load_coefficients
-    from planner.report_compare import cost_time_png, render_text, to_json_list
+    from planner.documents import compare_document
+    from planner.report_compare import cost_time_png, render_text
     from planner.search import Request
 
     if plot is not None:
@@ -211,7 +212,7 @@ def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, seq_len, g
         except OSError as exc:
             raise QfitError(f"--plot: cannot write {plot}: {exc.strerror or exc}") from None
     if as_json:
-        click.echo(json.dumps(to_json_list(result), indent=2))
+        click.echo(json.dumps(compare_document(result), indent=2))
     else:
         click.echo(render_text(result))
     if plot is not None:

@@ -26,7 +26,9 @@ def fail(message: str, as_json: bool = False, hint: str | None = None):
     """Print one error line (JSON with --json) and exit 2."""
     message = " ".join(str(message).split())
     if as_json:
-        click.echo(json.dumps({"error": message}))
+        from planner.documents import error_document
+
+        click.echo(json.dumps(error_document(message)))
     else:
         click.echo(f"error: {message}" + (f" ({hint})" if hint else ""), err=True)
     sys.exit(EXIT_USAGE)

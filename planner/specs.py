@@ -299,13 +299,7 @@ class Plan:
 
 
 def settings_dict(lora: LoraSettings, train: TrainSettings, targets: tuple[str, ...]) -> dict:
-    """The stable `settings` object of `qfit plan --json`."""
-    return {
-        "batch_size": train.batch_size, "grad_accum": train.grad_accum, "seq_len": train.seq_len,
-        "rank": lora.rank, "alpha": lora.alpha, "lora_dropout": lora.dropout, "targets": list(targets),
-        "gradient_checkpointing": train.gradient_checkpointing,
-        "uncheckpointed_layers": train.uncheckpointed_layers, "optim": train.optim,
-        "compute_dtype": train.compute_dtype, "double_quant": train.double_quant,
-        "expandable_segments": train.expandable_segments,
-    }
+    """Alias of planner.codec.settings_to_dict, kept for planner/train's call sites; use the codec."""
+    from planner.codec import settings_to_dict
 
+    return settings_to_dict(lora, train, targets)

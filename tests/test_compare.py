@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from planner.cli_compare import compare_cmd, parse_count
+from planner.codec import SETTINGS_KEYS as CODEC_SETTINGS_KEYS
 from planner.coefficients import load_coefficients
 from planner.compare import (
     SPEED_CALIBRATED,
@@ -37,11 +38,11 @@ from planner.memory import quant_constants_bytes, quantized_weights_bytes
 from planner.multigpu import RANK0_CPU_MEASURED, fsdp_per_gpu
 from planner.profiles import all_gpus, gpu_names, load_gpu, load_model
 from planner.search import Request, search
-from planner.specs import Coefficients, LoraSettings, TrainSettings, settings_dict
+from planner.specs import Coefficients, LoraSettings, TrainSettings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WORKLOAD = Workload.from_examples(5000, 350, 3)  # 5,250,000 tokens: the brief's example
-SETTINGS_KEYS = set(settings_dict(LoraSettings(), TrainSettings(), ("q_proj",)))  # `qfit plan --json`'s shape
+SETTINGS_KEYS = set(CODEC_SETTINGS_KEYS)  # `qfit plan --json`'s shape
 
 
 @pytest.fixture(scope="module")
