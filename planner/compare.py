@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from planner.errors import QfitError
-from planner.multigpu import FSDP_OPTIM, FsdpMemory, fsdp_per_gpu, multigpu_calibrated
+from planner.multigpu import FSDP_OPTIM, FsdpMemory, fewest_gpus, fsdp_per_gpu, multigpu_calibrated
 from planner.search import Request, SearchResult, search, smallest
 from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
 
@@ -213,14 +213,13 @@ def fsdp_per_gpu_bytes(plan: Plan, count: int, coeffs: Coefficients) -> MultiGpu
                             capacity_bytes=plan.capacity_bytes, memory=mem, calibrated=multigpu_calibrated(coeffs))
 
 
-def smallest_multi_gpu(plan: Plan, coeffs: Coefficients,
-                       counts: Iterable[int] = MULTI_GPU_COUNTS) -> MultiGpuEstimate | None:
-    """The fewest GPUs (2..8) of plan.gpu on which the FSDP plan fits; None if even 8 do not."""
-    for n in counts:
-        est = fsdp_per_gpu_bytes(plan, n, coeffs)
-        if est.per_gpu_needs_bytes <= est.capacity_bytes:
-            return est
-    return None
+def smallest_multi_gpu(plan: Plan, req: Request, coeffs: Coefficients) -> MultiGpuEstimate | None:
+    """The fewest GPUs (2..8) of plan.gpu on which FSDP without CPU offload fits (planner.multigpu.fewest_gpus,
+    the one count search `qfit plan` uses too), with the per-GPU memory of `plan` (the smallest single-GPU
+    configuration of `req`) on that many; None if even 8 do not fit."""
+    found = fewest_gpus(plan.model, plan.gpu, req, coeffs, strategy="fsdp", cpu_offload=False,
+                        loading=FSDP_LOADING, start=min(MULTI_GPU_COUNTS), max_n=max(MULTI_GPU_COUNTS))
+    return None if found is None else fsdp_per_gpu_bytes(plan, found[0], coeffs)
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -346,7 +345,7 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
             gpu=gpu, plan=best, smallest=small, price_usd_per_hour=price, price_given=gpu.name in prices,
             speed_basis=speed_basis(gpu, calibrated_on), speed_error_pct=err, hours=hours,
             cost_usd=cost_usd(hours, price) if best else None,
-            multi_gpu=None if best else smallest_multi_gpu(small, coeffs),
+            multi_gpu=None if best else smallest_multi_gpu(small, request, coeffs),
             multi_gpu_max=None if best else fsdp_per_gpu_bytes(small, max(MULTI_GPU_COUNTS), coeffs),
             notes=res.notes,
         ))
