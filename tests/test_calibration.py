@@ -3,7 +3,6 @@
 import csv
 import glob
 import json
-from pathlib import Path
 
 import pytest
 
@@ -82,4 +81,3 @@ def test_user_coefficients_take_precedence(tmp_path, monkeypatch):
     _read.cache_clear()
     assert load_coefficients("t4").name == "mine"
     assert load_coefficients("l4").name == committed["name"]
-    assert Path(tmp_path).is_dir()

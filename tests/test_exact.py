@@ -83,11 +83,9 @@ def test_static_terms_match_the_memory_model(name, double_quant):
     assert traced["quantized_weights"] == quantized_weights_bytes(spec)
     assert traced["unquantized_weights"] == unquantized_weights_bytes(spec)
     assert traced["lora_params"] == lora_params_bytes(numels)
-    linears = spec.num_hidden_layers * sum(lin.count for lin in spec.layer_linears)
     # with double quant this includes each weight's copy of the 256-entry map and the shared map
     # (functional.quantize_blockwise); H200 after-load bytes agree (llama-2-7b: 224 x 1024 + 1024 more
     # than the bare formula, plus 1024 of rotary buffers, traced under "buffers")
-    assert linears > 0
     assert traced["quant_constants"] == quant_constants_bytes(spec, double_quant)
 
 
