@@ -9,7 +9,9 @@ term is an unmeasured assumption and every number here is an estimate (the notes
   gradient buckets plus NCCL's buffers.
 - fsdp_per_gpu: the FSDP-QLoRA recipe (4-bit base sharded 1/N, bnb_4bit_quant_storage = compute
   dtype, no fp32 upcast), with a load phase and a training phase; see its docstring.
-- plan_multi / fewest_gpus: planner.search's candidates and ranking order, per rank.
+- plan_multi / best_multi: planner.search's candidates and ranking order, per rank.
+- choose_multi: `qfit plan --num-gpus N`'s choice of DDP or FSDP (and CPU offload), as a MultiChoice.
+- fewest_gpus: the one "how many of these GPUs" search (`qfit plan` advice and `qfit compare`).
 """
 
 from __future__ import annotations

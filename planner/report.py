@@ -298,7 +298,7 @@ def multi_settings_lines(plan) -> list[str]:
 
 
 def strategy_reason(choice) -> str:
-    """One line: why this strategy (choice is the CLI's MultiChoice)."""
+    """One line: why this strategy (choice: planner.multigpu.MultiChoice)."""
     best = choice.plans[0]
     if choice.strategy == "ddp":
         if choice.asked == "ddp":
@@ -402,3 +402,10 @@ def render_multi_no_fit(choice) -> list[str]:
     lines += ["", multi_breakdown_table(low), ""]
     lines += [f"note: {n}" for n in _multi_notes(low)[1]]
     return lines
+
+
+def plan_json(result: SearchResult, model: ModelSpec, coeffs: Coefficients) -> dict:
+    """Alias of planner.documents.plan_document, kept for planner/train/runner.py's import; use documents."""
+    from planner.documents import plan_document
+
+    return plan_document(result, model, coeffs)

@@ -1,4 +1,5 @@
-"""Rendering of `qfit compare`: text table, terminal bar chart, JSON objects and the cost-time PNG.
+"""Rendering of `qfit compare`: text table, terminal bar chart and the cost-time PNG (its --json document
+is built in planner.documents).
 
 Bytes become GiB text only through planner.report.gib_str. matplotlib is imported inside
 cost_time_png (an optional dependency).
