@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import pytest
 
-from planner.calibration import load_coefficients
+from planner.coefficients import load_coefficients
 from planner.compare import Workload, compare
+from planner.documents import compare_document
 from planner.profiles import all_gpus, load_model
-from planner.report_compare import render_text, to_json_list
+from planner.report_compare import render_text
 from planner.search import Request, search
 
 WORKLOAD = Workload.from_examples(5000, 350, 3)
@@ -41,7 +42,7 @@ def test_compare_and_render(benchmark, setup):
 
     def run():
         c = compare(model, WORKLOAD, gpus, coeffs)
-        return render_text(c), to_json_list(c)
+        return render_text(c), compare_document(c)
 
     text, doc = benchmark(run)
     assert len(doc) == len(gpus)

@@ -3,7 +3,7 @@
 For rows of calibration/runs/h200-{a,b}-expandable.csv (status ok, no allocator cap) it traces the
 same configuration (planner.exact.trace_step: 2- and 3-layer traces extrapolated to full depth) and
 prints the traced peak allocated next to the measured one, corrected as
-planner.calibration.prepare_rows does (minus after_load_allocated - predicted static weights, the
+planner.fit.prepare_rows does (minus after_load_allocated - predicted static weights, the
 memory earlier configurations of the same process left behind).
 
 The cuBLAS workspaces (2 x 32 MiB) are created by the first configuration of each process, after
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from planner.calibration import load_coefficients  # noqa: E402
+from planner.coefficients import load_coefficients  # noqa: E402
 from planner.exact import trace_step  # noqa: E402
 from planner.memory import estimate, quant_constants_bytes, quantized_weights_bytes, unquantized_weights_bytes  # noqa: E402
 from planner.profiles import load_model  # noqa: E402
@@ -80,7 +80,7 @@ def measured_rows(select_all: bool) -> list[dict]:
             lora, train = _settings(row)
             static = (quantized_weights_bytes(model) + quant_constants_bytes(model, train.double_quant)
                       + unquantized_weights_bytes(model))
-            offset = int(row["after_load_allocated_bytes"]) - static  # planner.calibration.prepare_rows
+            offset = int(row["after_load_allocated_bytes"]) - static  # planner.fit.prepare_rows
             out.append({"row": row, "file": f, "lora": lora, "train": train,
                         "measured": int(row["peak_allocated_bytes"]) - offset, "offset": offset,
                         "workspace_in_peak": group == first_group, "input_grad_hook": hook_left})

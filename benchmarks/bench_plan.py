@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from planner.calibration import load_coefficients
+from planner.coefficients import load_coefficients
 from planner.memory import (
     lora_tensor_numels,
     optimizer_state_bytes,

@@ -26,7 +26,7 @@ import sys
 
 from tabulate import tabulate
 
-from planner.calibration import load_coefficients
+from planner.coefficients import load_coefficients
 from planner.fit import _row_settings, row_int
 from planner.memory import estimate
 from planner.profiles import load_gpu, load_model

@@ -7,87 +7,22 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
 from planner import __version__
-from planner.calibration import load_coefficients
+from planner.cli_errors import QfitGroup
+from planner.coefficients import load_coefficients
+from planner.errors import QfitError
 from planner.multigpu import (
-    FSDP_OPTIM,
-    FSDP_OPTIM_REASON,
     LOADINGS,
-    RANK0_CPU_MEASURED,
-    MultiPlan,
-    best_multi,
+    choose_multi,
     multigpu_calibrated,
-    plan_multi,
 )
-from planner.profiles import ProfileError, all_gpus, gpu_names, load_gpu, load_model, match_gpu_name, model_names
-from planner.search import AUTO_SEQ_LENS, LORA_FALLBACKS, Request, search
+from planner.profiles import gpu_names, load_gpu, load_model, match_gpu_name, model_names
+from planner.search import Request
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
-
-# modules of the `train` extra: a command that needs them says how to install them instead of a traceback
-TRAIN_EXTRA_MODULES = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "pandas", "numpy",
-                       "pynvml", "tokenizers", "safetensors", "pyarrow"}
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit code 2."""
-
-
-class QfitGroup(click.Group):
-    """Every user mistake becomes one line on stderr (or {"error": ...} with --json) and exit code 2.
-
-    Commands in their own modules load only when invoked (click's "Further Deferring Imports"):
-    `qfit plan` does not compile `qfit run`'s or `qfit compare`'s code.
-    """
-
-    LAZY = {"run": ("planner.cli_run", "run_cmd"), "compare": ("planner.cli_compare", "compare_cmd")}
-
-    def list_commands(self, ctx):
-        return sorted([*super().list_commands(ctx), *self.LAZY])
-
-    def get_command(self, ctx, name):
-        if name in self.LAZY:
-            import importlib
-
-            module, attr = self.LAZY[name]
-            return getattr(importlib.import_module(module), attr)
-        return super().get_command(ctx, name)
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        args = list(sys.argv[1:] if args is None else args)
-        as_json = "--json" in args
-        try:
-            rv = super().main(args=args, prog_name=prog_name or "qfit", complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            click.echo("aborted.", err=True)
-            sys.exit(1)
-        except click.UsageError as exc:
-            _fail(exc.format_message(), as_json, hint=exc.ctx.command_path if exc.ctx else "qfit")
-        except (UserError, ProfileError, ValueError) as exc:
-            _fail(str(exc), as_json)
-        except ModuleNotFoundError as exc:
-            if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
-                raise
-            _fail(f"this command needs the train extra (missing module '{exc.name}'): pip install -e '.[train]'", as_json)
-        except click.ClickException as exc:
-            _fail(exc.format_message(), as_json)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-def _fail(message: str, as_json: bool, hint: str | None = None) -> None:
-    message = " ".join(message.split())
-    if as_json:
-        click.echo(json.dumps({"error": message}))
-    else:
-        suffix = f" (see `{hint} --help`)" if hint else ""
-        click.echo(f"error: {message}{suffix}", err=True)
-    sys.exit(2)
 
 
 @click.group(cls=QfitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,15 +46,15 @@ def _seq_len(value: str | None) -> int | None:
     try:
         n = int(value)
     except ValueError:
-        raise UserError(f"--seq-len must be a positive integer or 'auto', got {value!r}") from None
+        raise QfitError(f"--seq-len must be a positive integer or 'auto', got {value!r}") from None
     if n < 1:
-        raise UserError(f"--seq-len must be a positive integer, got {n}")
+        raise QfitError(f"--seq-len must be a positive integer, got {n}")
     return n
 
 
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
-        raise UserError(f"{name} must be a positive integer, got {value}")
+        raise QfitError(f"{name} must be a positive integer, got {value}")
 
 
 def _targets(value: str | None) -> tuple[str, ...] | None:
@@ -127,7 +62,7 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
         return None
     names = tuple(t.strip() for t in value.split(",") if t.strip())
     if not names:
-        raise UserError("--targets must be attn, all-linear, or a comma list of module names")
+        raise QfitError("--targets must be attn, all-linear, or a comma list of module names")
     return names
 
 
@@ -137,7 +72,7 @@ def detect_gpu_name() -> str:
 
     found = detect_gpu()
     if found is None:
-        raise UserError("no NVIDIA GPU found (NVML): pass --gpu NAME or --gpu 24GiB")
+        raise QfitError("no NVIDIA GPU found (NVML): pass --gpu NAME or --gpu 24GiB")
     name, total = found
     spec = match_gpu_name(name)
     return spec.name if spec else f"{total}B"
@@ -150,17 +85,17 @@ def build_request(seq_len, batch_size, grad_accum, effective_batch, rank, alpha,
                     ("--effective-batch", effective_batch), ("--rank", rank), ("--alpha", alpha)):
         _positive(flag, v)
     if not 0.0 <= lora_dropout < 1.0:
-        raise UserError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
+        raise QfitError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
     if batch_size and grad_accum and effective_batch and batch_size * grad_accum != effective_batch:
-        raise UserError(f"--batch-size {batch_size} x --grad-accum {grad_accum} != --effective-batch {effective_batch}")
+        raise QfitError(f"--batch-size {batch_size} x --grad-accum {grad_accum} != --effective-batch {effective_batch}")
     if uncheckpointed_layers is not None and uncheckpointed_layers < 0:
-        raise UserError(f"--uncheckpointed-layers must be 0 or more, got {uncheckpointed_layers}")
+        raise QfitError(f"--uncheckpointed-layers must be 0 or more, got {uncheckpointed_layers}")
     if uncheckpointed_layers and gradient_checkpointing is False:
-        raise UserError("--uncheckpointed-layers needs checkpointing: drop --no-gradient-checkpointing")
+        raise QfitError("--uncheckpointed-layers needs checkpointing: drop --no-gradient-checkpointing")
     if uncheckpointed_layers and gradient_checkpointing is None:
         gradient_checkpointing = True  # leaving some layers uncheckpointed means checkpointing the others
     if effective_batch and batch_size and effective_batch % batch_size:
-        raise UserError(f"--effective-batch {effective_batch} is not a multiple of --batch-size {batch_size}")
+        raise QfitError(f"--effective-batch {effective_batch} is not a multiple of --batch-size {batch_size}")
     return Request(batch_size=batch_size, grad_accum=grad_accum, effective_batch=effective_batch,
                    seq_len=_seq_len(seq_len), rank=rank, alpha=alpha, lora_dropout=lora_dropout,
                    targets=_targets(targets), gradient_checkpointing=gradient_checkpointing, optim=optim,
@@ -195,154 +130,6 @@ def plan_options(f):
     return f
 
 
-def larger_gpu_line(model, req: Request, coeffs, gpu) -> str:
-    """The smallest larger catalog GPU on which one card fits `req`, as one line."""
-    for other in all_gpus():
-        if other.memory_bytes <= gpu.memory_bytes:
-            continue
-        if search(model, other, req, coeffs).best is not None:
-            return f"would fit: one {other.display_name} ({other.name}) or any larger catalog GPU."
-    return "no single catalog GPU fits this model with these settings."
-
-
-def no_fit_advice(model, req: Request, coeffs, gpu, model_arg: str | None = None, fixed: bool = False) -> list[str]:
-    """What would fit: the smallest catalog GPU, a shorter sequence on this one, and the fewest of these GPUs."""
-    lines = ["  " + larger_gpu_line(model, req, coeffs, gpu)]
-    if req.seq_len != 0:
-        for seq in reversed(AUTO_SEQ_LENS):
-            if seq < (req.seq_len or 512) and search(model, gpu, replace(req, seq_len=seq), coeffs).best is not None:
-                lines.append(f"  on this card: --seq-len {seq} fits.")
-                break
-    found = fewest_gpus(model, gpu, req, coeffs)
-    if found is not None:
-        lines.append("  " + fewest_gpus_line(found, model_arg or model.name, gpu, fixed=fixed,
-                                             calibrated=multigpu_calibrated(coeffs)))
-    else:
-        lines.append("  " + no_count_fits_line(model, gpu, req, coeffs))
-    return lines
-
-
-# --------------------------------------------------------------------------- qfit plan --num-gpus N
-
-@dataclass(frozen=True, slots=True)
-class MultiChoice:
-    """What `qfit plan --num-gpus N` settled on, with the numbers behind the choice (bytes)."""
-
-    plans: tuple[MultiPlan, ...]  # every candidate of the chosen strategy, best first (planner.multigpu.plan_multi)
-    strategy: str  # "ddp" or "fsdp"
-    asked: str  # --strategy: "auto", "ddp" or "fsdp"
-    cpu_offload: bool
-    loading: str
-    ddp_min_needs_bytes: int | None = None  # the smallest DDP configuration, when auto turned DDP down
-    fsdp_min_needs_bytes: int | None = None  # the smallest FSDP configuration without offload, when offload was turned on
-
-    @property
-    def best(self) -> MultiPlan | None:
-        return self.plans[0] if self.plans and self.plans[0].fits else None
-
-
-def _min_needs(plans: tuple[MultiPlan, ...]) -> int:
-    return min(p.memory.needs_bytes for p in plans)
-
-
-def choose_multi(model, gpu, req: Request, coeffs, n: int, strategy: str | None = None,
-                 cpu_offload: bool | None = None, loading: str | None = None) -> MultiChoice:
-    """--strategy auto: DDP when a DDP plan fits (each rank keeps the whole model: no per-layer all-gather,
-    faster), else FSDP. --cpu-offload unset: off, on only when no FSDP plan fits without it (like
-    --gradient-checkpointing, a value the user does not fix is searched). --loading unset: full
-    (measured: a 4-bit checkpoint loads whole on every rank, see planner.multigpu.RANK0_CPU_MEASURED)."""
-    asked = strategy or "auto"
-    if asked == "ddp" and cpu_offload:
-        raise UserError("--cpu-offload is FSDP's (DDP keeps the whole model on every GPU): use --strategy fsdp or auto")
-    if asked == "ddp" and loading is not None:
-        raise UserError("--loading is FSDP's (under DDP every rank loads the whole model): use --strategy fsdp or auto")
-    if loading == "rank0_cpu":
-        raise UserError(RANK0_CPU_MEASURED)
-    loading = loading or "full"
-    ddp_min = None
-    if asked in ("auto", "ddp") and not cpu_offload:
-        ddp = plan_multi(model, gpu, req, coeffs, n, "ddp")
-        if asked == "ddp" or ddp[0].fits:
-            return MultiChoice(ddp, "ddp", asked, False, loading)
-        ddp_min = _min_needs(ddp)
-        if req.optim not in (None, FSDP_OPTIM):
-            raise UserError(f"DDP does not fit on {n} x {gpu.name} and FSDP cannot run --optim {req.optim}: "
-                            f"{FSDP_OPTIM_REASON}; drop --optim or pass --optim {FSDP_OPTIM}")
-    offloads = (False, True) if cpu_offload is None else (cpu_offload,)
-    first = None
-    for offload in offloads:
-        plans = plan_multi(model, gpu, req, coeffs, n, "fsdp", cpu_offload=offload, loading=loading)
-        if first is None:
-            first = plans
-        if plans[0].fits:
-            fsdp_min = _min_needs(first) if offload and cpu_offload is None else None
-            return MultiChoice(plans, "fsdp", asked, offload, loading, ddp_min, fsdp_min)
-    return MultiChoice(first, "fsdp", asked, offloads[0], loading, ddp_min)
-
-
-def _least_memory_request(req: Request) -> Request:
-    """The corner of `req` that needs the least memory: checkpointing on, the last LoRA fallback (r8, attn),
-    the shortest auto sequence, unless the user fixed them. The micro-batch stays searched (a micro-batch of
-    the whole per-rank batch has no accumulated gradients to keep). Memory never falls when the micro-batch,
-    sequence, rank or targets grow, and checkpointing never raises it (tests/test_memory.py properties),
-    so some plan of req fits iff some plan of this request fits (tests/test_plan_multi.py checks it against
-    the full search)."""
-    low = req
-    if low.gradient_checkpointing is None:
-        low = replace(low, gradient_checkpointing=True)
-    if not (low.rank or low.targets):
-        rank, targets = LORA_FALLBACKS[-1]
-        low = replace(low, rank=rank, targets=targets)
-    if low.seq_len == 0:
-        low = replace(low, seq_len=AUTO_SEQ_LENS[0])
-    return low
-
-
-def fewest_gpus(model, gpu, req: Request, coeffs, strategy: str | None = None, cpu_offload: bool | None = None,
-                loading: str | None = None, start: int = 2, max_n: int = 8) -> tuple[int, str, bool] | None:
-    """(n, strategy, cpu_offload): the fewest GPUs in start..max_n on which `qfit plan --num-gpus n` with
-    the same strategy, offload and loading choices finds a fitting plan, in choose_multi's order (DDP, FSDP,
-    FSDP with CPU offload). Searches only _least_memory_request(req): a few ms."""
-    low = _least_memory_request(req)
-    asked = strategy or "auto"
-    loading = loading or "full"
-    fsdp_ok = asked != "ddp" and req.optim in (None, FSDP_OPTIM)
-    offloads = (False, True) if cpu_offload is None else (cpu_offload,)
-    for n in range(start, max_n + 1):
-        if asked in ("auto", "ddp") and not cpu_offload and best_multi(model, gpu, low, coeffs, n, "ddp") is not None:
-            return n, "ddp", False
-        if fsdp_ok:
-            for offload in offloads:
-                if best_multi(model, gpu, low, coeffs, n, "fsdp", cpu_offload=offload, loading=loading) is not None:
-                    return n, "fsdp", offload
-    return None
-
-
-def fewest_gpus_line(found: tuple[int, str, bool], model_arg: str, gpu, fixed: bool, calibrated: bool) -> str:
-    """`fits on N x GPU with FSDP: qfit plan ...`; `(estimate)` when the coefficients are not multi-GPU calibrated."""
-    n, strategy, offload = found
-    how = "DDP" if strategy == "ddp" else "FSDP" + (" + CPU offload" if offload else "")
-    command = f"qfit plan {shlex.quote(model_arg)} --gpu {shlex.quote(gpu.name)} --num-gpus {n}"
-    return (f"fits on {n} x {gpu.display_name} with {how}{'' if calibrated else ' (estimate)'}: {command}"
-            + (" (with the options above)" if fixed else ""))
-
-
-def no_count_fits_line(model, gpu, req: Request, coeffs, strategy: str | None = None,
-                       cpu_offload: bool | None = None, max_n: int = 8) -> str:
-    """Why no count of up to max_n GPUs fits (fewest_gpus found none): FSDP's load phase, when that alone
-    exceeds the card even on max_n GPUs (every rank first loads the whole 4-bit model: measured)."""
-    from planner.report import gib_str
-
-    head = f"no count of up to {max_n} x {gpu.display_name} fits"
-    if (strategy or "auto") != "ddp" and req.optim in (None, FSDP_OPTIM):
-        plans = plan_multi(model, gpu, _least_memory_request(req), coeffs, max_n, "fsdp", cpu_offload=bool(cpu_offload))
-        load = min(p.memory.load_needs_bytes for p in plans)
-        if load > plans[0].capacity_bytes:
-            return (f"{head}: every rank first loads the whole 4-bit model and FSDP's wrap adds its shards "
-                    f"(measured), {gib_str(load)} GiB per GPU even on {max_n} ({gib_str(plans[0].capacity_bytes)} usable).")
-    return head + " with these settings."
-
-
 @cli.command("plan")
 @click.argument("model")
 @click.option("--gpu", default="auto", show_default=True, help="Catalog name (`qfit gpus`), a capacity like 24GiB, or auto (NVML).")
@@ -372,36 +159,38 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
       qfit plan meta-llama/Llama-3.1-8B --gpu 24GiB --seq-len 2048 --json
       qfit plan llama-3.1-70b --gpu rtx4090 --num-gpus 2
     """
-    from planner.report import plan_json, render_no_fit, render_plan
+    from planner.documents import plan_document
+    from planner.reasons import explain
+    from planner.report import render_advice, render_no_fit, render_plan
 
     if num_gpus < 1:
-        raise UserError(f"--num-gpus must be a positive integer, got {num_gpus}")
+        raise QfitError(f"--num-gpus must be a positive integer, got {num_gpus}")
     if num_gpus == 1:
         offload_flag = "--cpu-offload" if cpu_offload else "--no-cpu-offload"
         for flag, value in (("--strategy", strategy), (offload_flag, cpu_offload),
                             ("--loading", loading)):
             if value is not None:
-                raise UserError(f"{flag} needs --num-gpus 2 or more (one GPU has no DDP or FSDP)")
+                raise QfitError(f"{flag} needs --num-gpus 2 or more (one GPU has no DDP or FSDP)")
     elif fit_map or exact:
-        raise UserError("--fit-map and --exact plan one GPU: drop them, or drop --num-gpus")
+        raise QfitError("--fit-map and --exact plan one GPU: drop them, or drop --num-gpus")
     spec = load_model(model)
     gpu_name = detect_gpu_name() if gpu == "auto" else gpu
     gpu_spec = load_gpu(gpu_name)
     req = build_request(**knobs)
     if req.seq_len and req.seq_len > spec.max_position_embeddings:
-        raise UserError(f"--seq-len {req.seq_len} exceeds {spec.display_name}'s max_position_embeddings "
+        raise QfitError(f"--seq-len {req.seq_len} exceeds {spec.display_name}'s max_position_embeddings "
                         f"({spec.max_position_embeddings})")
     if req.uncheckpointed_layers and req.uncheckpointed_layers >= spec.num_hidden_layers:
-        raise UserError(f"--uncheckpointed-layers {req.uncheckpointed_layers}: {spec.display_name} has "
+        raise QfitError(f"--uncheckpointed-layers {req.uncheckpointed_layers}: {spec.display_name} has "
                         f"{spec.num_hidden_layers} decoder layers; for none checkpointed use --no-gradient-checkpointing")
     if req.uncheckpointed_layers and num_gpus > 1:
-        raise UserError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
+        raise QfitError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
     coeffs = load_coefficients(gpu_spec.name, coefficients)
     if num_gpus > 1:
         return _plan_multi(spec, gpu_spec, req, coeffs, num_gpus, strategy, cpu_offload, loading, as_json, save,
                            model_arg=model, fixed=req != Request() or coefficients is not None)
-    result = search(spec, gpu_spec, req, coeffs)
-    doc = plan_json(result, spec, coeffs)
+    result = explain(spec, gpu_spec, req, coeffs)
+    doc = plan_document(result, spec, coeffs)
     if save:
         Path(save).write_text(json.dumps(doc, indent=2) + "\n")
     if fit_map:
@@ -417,8 +206,8 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
         head = render_plan(result, spec, coeffs, gpu_spec.display_name).split("\n")[:2]
         click.echo("\n".join(head))
         click.echo(f"qfit plan {spec.name} --gpu {gpu_spec.name}: " + "\n".join(render_no_fit(result, spec)))
-        click.echo("\n".join(no_fit_advice(spec, req, coeffs, gpu_spec, model_arg=model,
-                                           fixed=req != Request() or coefficients is not None)))
+        click.echo("\n".join(render_advice(result.advice, model, gpu_spec, fixed=req != Request() or coefficients is not None,
+                                            calibrated=multigpu_calibrated(coeffs))))
     else:
         click.echo(render_plan(result, spec, coeffs, gpu_spec.display_name))
         if exact_text:
@@ -431,10 +220,13 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
 def _plan_multi(spec, gpu_spec, req: Request, coeffs, n: int, strategy, cpu_offload, loading, as_json: bool, save,
                 model_arg: str, fixed: bool) -> int:
     """`qfit plan --num-gpus N` (N >= 2): choose DDP or FSDP, render per-GPU memory; 1 when nothing fits."""
-    from planner.report import multi_plan_json, render_multi_header, render_multi_no_fit, render_multi_plan
+    from planner.documents import multi_plan_document
+    from planner.reasons import multi_no_fit_advice
+    from planner.report import render_multi_advice, render_multi_header, render_multi_no_fit, render_multi_plan
 
     choice = choose_multi(spec, gpu_spec, req, coeffs, n, strategy, cpu_offload, loading)
-    doc = multi_plan_json(choice, spec, coeffs)
+    advice = None if choice.best else multi_no_fit_advice(spec, gpu_spec, req, coeffs, n, strategy, cpu_offload, loading)
+    doc = multi_plan_document(choice, spec, coeffs, advice)
     if save:
         Path(save).write_text(json.dumps(doc, indent=2) + "\n")
     if as_json:
@@ -443,13 +235,8 @@ def _plan_multi(spec, gpu_spec, req: Request, coeffs, n: int, strategy, cpu_offl
         click.echo("\n".join(render_multi_header(choice, spec, coeffs, gpu_spec.display_name)))
         command = f"qfit plan {shlex.quote(model_arg)} --gpu {shlex.quote(gpu_spec.name)} --num-gpus {n}"
         click.echo(f"{command}: " + "\n".join(render_multi_no_fit(choice)))
-        found = fewest_gpus(spec, gpu_spec, req, coeffs, strategy, cpu_offload, loading, start=n + 1)
-        if found is not None:
-            click.echo("  " + fewest_gpus_line(found, model_arg, gpu_spec, fixed=fixed or bool(strategy or loading)
-                                               or cpu_offload is not None, calibrated=multigpu_calibrated(coeffs)))
-        else:
-            click.echo("  " + no_count_fits_line(spec, gpu_spec, req, coeffs, strategy, cpu_offload))
-            click.echo("  " + larger_gpu_line(spec, req, coeffs, gpu_spec))
+        click.echo("\n".join(render_multi_advice(advice, model_arg, gpu_spec, calibrated=multigpu_calibrated(coeffs),
+                                                  fixed=fixed or bool(strategy or loading) or cpu_offload is not None)))
     else:
         click.echo(render_multi_plan(choice, spec, coeffs, gpu_spec.display_name))
     if save and not as_json:
@@ -462,16 +249,16 @@ def _exact(spec, best, doc: dict, coeffs) -> str:
     try:
         import torch  # noqa: F401  (the train extra)
     except ImportError:
-        raise UserError("--exact traces the real stack: install the train extra (pip install -e '.[train]')") from None
-    from planner.cli_exact import exact_json, exact_section
+        raise QfitError("--exact traces the real stack: install the train extra (pip install -e '.[train]')") from None
     from planner.exact import device_for, trace_step
+    from planner.report_exact import exact_json, exact_section
 
     device = device_for(best.gpu)
     # the whole depth: exact allocated bytes with no extrapolation, partial checkpointing as planned,
     # and the allocation log complete for the allocator simulation (peak reserved)
     traced = trace_step(spec, best.lora, best.train, layers=spec.num_hidden_layers, device=device, budget=True)
-    doc["exact"] = exact_json(spec, best.lora, best.train, best.memory, result=traced, device=device)
-    doc["exact"]["traced_uncheckpointed_layers"] = best.train.uncheckpointed_layers
+    doc["exact"] = exact_json(spec, best.lora, best.train, best.memory, result=traced, device=device,
+                              traced_uncheckpointed_layers=best.train.uncheckpointed_layers)
     return exact_section(spec, best.lora, best.train, best.memory, result=traced, device=device)
 
 
@@ -488,11 +275,9 @@ def models_cmd(as_json):
     """
     from tabulate import tabulate
 
-    rows = []
-    for name in model_names():
-        m = load_model(name)
-        rows.append({"name": m.name, "hf_id": m.hf_id, "params": m.total_param_count, "layers": m.num_hidden_layers,
-                     "hidden": m.hidden_size, "vocab": m.vocab_size, "tied": m.tie_word_embeddings})
+    from planner.documents import model_entry
+
+    rows = [model_entry(load_model(name)) for name in model_names()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return 0
@@ -518,12 +303,9 @@ def gpus_cmd(as_json):
 
     gpus = [load_gpu(n) for n in gpu_names()]
     if as_json:
-        click.echo(json.dumps([{"name": g.name, "display_name": g.display_name, "memory_bytes": g.memory_bytes,
-                                "compute_capability": g.compute_capability, "bf16": g.bf16,
-                                "flash_attention_2": g.flash_attention_2, "bf16_tflops": g.bf16_tflops,
-                                "fp16_tflops": g.fp16_tflops, "bandwidth_gb_s": g.bandwidth_gb_s,
-                                "price_usd_per_hour": g.price_usd_per_hour, "price_date": g.price_date}
-                               for g in gpus], indent=2))
+        from planner.documents import gpu_entry
+
+        click.echo(json.dumps([gpu_entry(g) for g in gpus], indent=2))
         return 0
     click.echo(tabulate([[g.name, g.display_name, gib_str(g.memory_bytes), g.compute_capability,
                           "yes" if g.bf16 else "no", "yes" if g.flash_attention_2 else "no",
@@ -552,20 +334,20 @@ def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, fr
       qfit calibrate --refit --report calibration/REPORT.md     # CPU: refit the committed data
       qfit calibrate --gpu auto                                 # on a CUDA machine: sweep, fit, use
     """
-    from planner import calibrate
+    from planner.refit import calibrate_this_gpu, expand_runs, refit_and_report, refit_from_user_runs
 
     if gpu == "auto":
-        path = calibrate.calibrate_this_gpu(target_model, echo=click.echo)
+        path = calibrate_this_gpu(target_model, echo=click.echo)
         click.echo(f"coefficients for this GPU written to {path}; `qfit plan ... --gpu auto` uses them.")
         return 0
     if from_runs:
-        path = calibrate.refit_from_user_runs(echo=click.echo)
+        path = refit_from_user_runs(echo=click.echo)
         click.echo(f"coefficients written to {path}")
         return 0
     if not refit:
-        raise UserError("say what to do: --refit (CPU, committed data), --gpu auto (sweep this GPU) or --from-runs")
-    paths = calibrate.expand_runs(runs_glob)
-    summary = calibrate.refit_and_report(paths, out_path, report_path)
+        raise QfitError("say what to do: --refit (CPU, committed data), --gpu auto (sweep this GPU) or --from-runs")
+    paths = expand_runs(runs_glob)
+    summary = refit_and_report(paths, out_path, report_path)
     click.echo(summary)
     return 0
 
@@ -586,7 +368,7 @@ def profile_cmd(source, name, out_path, trust_remote_code):
     Example:
       qfit profile ./my-model/config.json --name my-model --out profiles/models/my-model.toml
     """
-    from planner.introspect import IntrospectionError, read_config_json
+    from planner.introspect import read_config_json
     from planner.profile_writer import profile_toml
 
     path = Path(source)
@@ -594,7 +376,7 @@ def profile_cmd(source, name, out_path, trust_remote_code):
         path = path / "config.json"
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
-            raise UserError(f"no such file: {path}")
+            raise QfitError(f"no such file: {path}")
         config = read_config_json(path)
         hf_id, src = "", str(path)
     else:
@@ -603,21 +385,21 @@ def profile_cmd(source, name, out_path, trust_remote_code):
 
             config = read_config_json(hf_hub_download(source, "config.json"))
         except Exception as exc:  # offline, gated, unknown id
-            raise UserError(f"cannot fetch config.json for '{source}' ({type(exc).__name__}); "
+            raise QfitError(f"cannot fetch config.json for '{source}' ({type(exc).__name__}); "
                             "download it and pass the file path") from None
         hf_id, src = source, f"https://huggingface.co/{source}/blob/main/config.json"
     if config.get("auto_map") and not trust_remote_code:
-        raise UserError("this model needs trust_remote_code (its code lives in the model repo); "
+        raise QfitError("this model needs trust_remote_code (its code lives in the model repo); "
                         "pass --trust-remote-code if you trust it")
     config.pop("auto_map", None)
     short = name or (hf_id.split("/")[-1].lower() if hf_id else path.parent.name or "model")
     try:
         text = profile_toml(short, short, hf_id, src, config, trust_remote_code=trust_remote_code)
-    except IntrospectionError as exc:
-        raise UserError(str(exc)) from None
+    except QfitError:  # planner.introspect.IntrospectionError: already one line
+        raise
     except Exception as exc:  # transformers' own config validation: report it, do not crash
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"transformers cannot build {source}: {first.strip()}") from None
+        raise QfitError(f"transformers cannot build {source}: {first.strip()}") from None
     if out_path:
         Path(out_path).write_text(text)
         click.echo(f"profile written to {out_path}")

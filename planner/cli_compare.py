@@ -1,8 +1,8 @@
-"""`qfit compare`: parse -> planner.compare.compare -> planner.report_compare. The lead wires it with
-`cli.add_command(compare_cmd)`; `python -m planner.cli_compare ...` runs it alone.
+"""`qfit compare`: parse -> planner.compare.compare -> planner.report_compare. The `qfit` group loads it
+when the command is invoked (planner.cli_errors.QfitGroup.LAZY); `python -m planner.cli_compare ...` runs it alone.
 
-Errors are one line on stderr (`error: ...`, exit code 2) or, with --json, `{"error": "..."}` on
-stdout (exit code 2); never a traceback. Module level imports only the standard library, click and
+Errors are QfitErrors, turned into one line by planner.cli_errors (stderr `error: ...`, or with --json
+`{"error": "..."}` on stdout; exit code 2); never a traceback. Module level imports only the standard library, click and
 planner modules (tabulate through planner.report_compare); matplotlib is imported by --plot only.
 """
 
@@ -15,35 +15,24 @@ from pathlib import Path
 
 import click
 
+from planner.cli_errors import QfitCommand
 from planner.compare import SORT_KEYS, Workload, compare, workload_from_records
+from planner.errors import QfitError
 from planner.fitmap import require_matplotlib
-from planner.profiles import ProfileError, all_gpus, load_gpu, load_model
+from planner.profiles import all_gpus, load_gpu, load_model
 
 _COUNT_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|[0-9]*\.[0-9]+)(?:e([0-9]+))?\s*([kKmMbB]?)\s*$")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 
 
-class UserError(ValueError):
-    """A problem with what the user typed: the message says what to do."""
+class CompareCommand(QfitCommand):
+    """`qfit compare`'s usage errors point to its --help in its own words."""
 
+    default_prog_name = "qfit compare"
 
-def _fail(message: str, as_json: bool):
-    if as_json:
-        click.echo(json.dumps({"error": message}))
-    else:
-        click.echo(f"error: {message}", err=True)
-    raise click.exceptions.Exit(2)
-
-
-class _OneLineErrors(click.Command):
-    """click's usage errors (bad number, unknown option) as one line, JSON under --json."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        as_json = "--json" in args
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            _fail(f"{exc.format_message()} (`qfit compare --help` shows the options)", as_json)
+    @staticmethod
+    def usage_hint(command_path: str) -> str:
+        return "`qfit compare --help` shows the options"
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -52,12 +41,12 @@ def parse_count(text: str, flag: str) -> int:
     """'5250000', '5,250,000', '5.25M', '2e6', '800k' -> int."""
     m = _COUNT_RE.match(text)
     if not m:
-        raise UserError(f"{flag} must be a positive whole number such as 2000000, 2M or 800k, got {text!r}")
+        raise QfitError(f"{flag} must be a positive whole number such as 2000000, 2M or 800k, got {text!r}")
     try:
         value = float(m.group(1).replace(",", "").replace("_", "")) * 10 ** int(m.group(2) or 0)
         return round(value * _SUFFIX[m.group(3).lower()])
     except OverflowError:
-        raise UserError(f"{flag} {text} is too large to be a token count") from None
+        raise QfitError(f"{flag} {text} is too large to be a token count") from None
 
 
 def parse_gpus(text: str) -> list:
@@ -65,7 +54,7 @@ def parse_gpus(text: str) -> list:
         return all_gpus()
     names = [t for t in (s.strip() for s in text.split(",")) if t]
     if not names:
-        raise UserError("--gpus must name at least one GPU (comma-separated) or be 'all'")
+        raise QfitError("--gpus must name at least one GPU (comma-separated) or be 'all'")
     gpus, seen = [], set()
     for n in names:
         gpu = load_gpu(n)  # ProfileError with did-you-mean
@@ -81,14 +70,14 @@ def parse_prices(items: tuple[str, ...]) -> dict[str, float]:
     for item in items:
         gpu_text, sep, price_text = item.rpartition("=")
         if not sep or not gpu_text.strip():
-            raise UserError(f"--price takes GPU=USD_PER_HOUR, e.g. --price h200=3.10; got {item!r}")
+            raise QfitError(f"--price takes GPU=USD_PER_HOUR, e.g. --price h200=3.10; got {item!r}")
         try:
             price = float(price_text.strip().lstrip("$"))
         except ValueError:
-            raise UserError(f"--price {item}: the price must be a number of USD per GPU-hour, "
+            raise QfitError(f"--price {item}: the price must be a number of USD per GPU-hour, "
                             f"e.g. --price {gpu_text.strip()}=3.10") from None
         if not 0 <= price < float("inf"):
-            raise UserError(f"--price {item}: the price must be zero or positive (USD per GPU-hour)")
+            raise QfitError(f"--price {item}: the price must be zero or positive (USD per GPU-hour)")
         out[load_gpu(gpu_text.strip()).name] = price
     return out
 
@@ -105,7 +94,7 @@ def read_records(path: str):
     """Records of a .jsonl, .json or .csv dataset, read with the standard library (no tokenizer)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"--dataset: no such file: {path}")
+        raise QfitError(f"--dataset: no such file: {path}")
     suffix = p.suffix.lower()
     try:
         if suffix == ".jsonl":
@@ -116,13 +105,13 @@ def read_records(path: str):
                         try:
                             records.append(json.loads(line))
                         except json.JSONDecodeError as exc:
-                            raise UserError(f"--dataset {path}: line {lineno} is not valid JSON ({exc.msg})") from None
+                            raise QfitError(f"--dataset {path}: line {lineno} is not valid JSON ({exc.msg})") from None
             return records
         if suffix == ".json":
             try:
                 doc = json.loads(p.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
-                raise UserError(f"--dataset {path} is not valid JSON ({exc.msg}, line {exc.lineno}); "
+                raise QfitError(f"--dataset {path} is not valid JSON ({exc.msg}, line {exc.lineno}); "
                                 "one JSON object per line needs the .jsonl extension") from None
             if isinstance(doc, list):
                 return doc
@@ -130,45 +119,45 @@ def read_records(path: str):
                 lists = [v for v in doc.values() if isinstance(v, list)]
                 if len(lists) == 1:
                     return lists[0]
-            raise UserError(f"--dataset {path}: expected a JSON list of examples (or an object holding one list)")
+            raise QfitError(f"--dataset {path}: expected a JSON list of examples (or an object holding one list)")
         if suffix == ".csv":
             with p.open(encoding="utf-8", newline="") as fh:
                 # numeric cells (ids, scores) are not text
                 return [{k: v for k, v in row.items() if isinstance(v, str) and not _is_number(v)}
                         for row in csv.DictReader(fh)]
     except UnicodeDecodeError:
-        raise UserError(f"--dataset {path} is not UTF-8 text") from None
-    raise UserError(f"--dataset must be a .jsonl, .json or .csv file, got {p.name}")
+        raise QfitError(f"--dataset {path} is not UTF-8 text") from None
+    raise QfitError(f"--dataset must be a .jsonl, .json or .csv file, got {p.name}")
 
 
 def build_workload(dataset, examples, avg_tokens, tokens, epochs) -> Workload:
     given = [name for name, v in (("--dataset", dataset), ("--examples", examples), ("--tokens", tokens)) if v is not None]
     if not given and avg_tokens is None:
-        raise UserError("give the workload: --examples N --avg-tokens T, --tokens N, or --dataset FILE")
+        raise QfitError("give the workload: --examples N --avg-tokens T, --tokens N, or --dataset FILE")
     if len(given) > 1:
-        raise UserError(f"give one workload, not {' and '.join(given)}: "
+        raise QfitError(f"give one workload, not {' and '.join(given)}: "
                         "--examples N --avg-tokens T, --tokens N, or --dataset FILE")
     if epochs is not None and not epochs > 0:
-        raise UserError(f"--epochs must be a positive number, got {epochs:g}")
+        raise QfitError(f"--epochs must be a positive number, got {epochs:g}")
     epochs = 1.0 if epochs is None else epochs
     if dataset is not None:
         if avg_tokens is not None:
-            raise UserError("--avg-tokens goes with --examples; --dataset counts its own tokens")
+            raise QfitError("--avg-tokens goes with --examples; --dataset counts its own tokens")
         return workload_from_records(read_records(dataset), epochs)
     if tokens is not None:
         if avg_tokens is not None:
-            raise UserError("--avg-tokens goes with --examples, not with --tokens")
+            raise QfitError("--avg-tokens goes with --examples, not with --tokens")
         return Workload.from_tokens(parse_count(tokens, "--tokens"), epochs)
     if examples is None:
-        raise UserError("--avg-tokens needs --examples N (how many examples)")
+        raise QfitError("--avg-tokens needs --examples N (how many examples)")
     if avg_tokens is None:
-        raise UserError("--examples needs --avg-tokens T (average tokens per example)")
+        raise QfitError("--examples needs --avg-tokens T (average tokens per example)")
     return Workload.from_examples(examples, avg_tokens, epochs)
 
 
 # --------------------------------------------------------------------------- the command
 
-@click.command("compare", cls=_OneLineErrors)
+@click.command("compare", cls=CompareCommand)
 @click.argument("model")
 @click.option("--dataset", metavar="FILE", help="A .jsonl/.json/.csv dataset: tokens approximated as "
               "1 per 4 characters of its text fields (no tokenizer).")
@@ -197,36 +186,33 @@ def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, seq_len, g
 
     Example: qfit compare mistral-7b --examples 5000 --avg-tokens 350 --epochs 3
     """
-    from planner.calibration import load_coefficients
-    from planner.report_compare import cost_time_png, render_text, to_json_list
+    from planner.coefficients import load_coefficients
+    from planner.documents import compare_document
+    from planner.report_compare import cost_time_png, render_text
     from planner.search import Request
 
-    try:
-        if plot is not None:
-            if not plot.lower().endswith(".png"):
-                raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {plot!r}")
-            require_matplotlib("--plot")  # before the work: a missing dependency is one line, exit 2
-        if seq_len is not None and seq_len < 1:
-            raise UserError(f"--seq-len must be a positive integer, got {seq_len}")
-        workload = build_workload(dataset, examples, avg_tokens, tokens, epochs)
-        spec = load_model(model)
-        if seq_len and seq_len > spec.max_position_embeddings:
-            raise UserError(f"--seq-len {seq_len} exceeds {spec.display_name}'s max_position_embeddings "
-                            f"({spec.max_position_embeddings})")
-        gpu_list = parse_gpus(gpus)
-        price_map = parse_prices(prices)
-        result = compare(spec, workload, gpu_list, load_coefficients(), request=Request(seq_len=seq_len),
-                         prices=price_map, max_hours=max_hours, max_cost=max_cost, sort=sort_by)
-    except (ProfileError, UserError, ValueError) as exc:
-        _fail(str(exc), as_json)
-
+    if plot is not None:
+        if not plot.lower().endswith(".png"):
+            raise QfitError(f"--plot writes a PNG: give a file name ending in .png, got {plot!r}")
+        require_matplotlib("--plot")  # before the work: a missing dependency is one line, exit 2
+    if seq_len is not None and seq_len < 1:
+        raise QfitError(f"--seq-len must be a positive integer, got {seq_len}")
+    workload = build_workload(dataset, examples, avg_tokens, tokens, epochs)
+    spec = load_model(model)
+    if seq_len and seq_len > spec.max_position_embeddings:
+        raise QfitError(f"--seq-len {seq_len} exceeds {spec.display_name}'s max_position_embeddings "
+                        f"({spec.max_position_embeddings})")
+    gpu_list = parse_gpus(gpus)
+    price_map = parse_prices(prices)
+    result = compare(spec, workload, gpu_list, load_coefficients(), request=Request(seq_len=seq_len),
+                     prices=price_map, max_hours=max_hours, max_cost=max_cost, sort=sort_by)
     if plot is not None:  # before any output, so that a failure leaves one error and nothing else
         try:
             cost_time_png(result, plot)
         except OSError as exc:
-            _fail(f"--plot: cannot write {plot}: {exc.strerror or exc}", as_json)
+            raise QfitError(f"--plot: cannot write {plot}: {exc.strerror or exc}") from None
     if as_json:
-        click.echo(json.dumps(to_json_list(result), indent=2))
+        click.echo(json.dumps(compare_document(result), indent=2))
     else:
         click.echo(render_text(result))
     if plot is not None:

@@ -1,7 +1,8 @@
 """`qfit run`: the command-line shell around planner.train.runner (parse -> call -> print -> exit).
 
-Module level imports the standard library, click and light planner modules only, so that
-`qfit plan` (which loads this module to register the command) never imports torch.
+The `qfit` group loads this module only when `qfit run` is invoked (planner.cli_errors.QfitGroup.LAZY);
+user errors are QfitErrors, turned into one line and exit code 2 by planner.cli_errors. Module level imports
+the standard library, click and light planner modules only: torch is imported when training starts.
 """
 
 from __future__ import annotations
@@ -10,34 +11,18 @@ import sys
 
 import click
 
+from planner.cli_errors import QfitCommand
 from planner.data import FORMATS
+from planner.errors import QfitError
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
 
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, also for Ctrl-C before training starts
 
 
-class RunCommand(click.Command):
-    """Usage errors (bad option values) as one `error:` line and exit code 2, also when the command
-    runs on its own rather than inside the `qfit` group."""
+class RunCommand(QfitCommand):
+    """`qfit run` on its own (outside the `qfit` group) answers usage errors as the group does."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            return super().main(args=args, prog_name=prog_name or "qfit run", complete_var=complete_var,
-                                standalone_mode=False, **extra)
-        except click.UsageError as exc:
-            _fail(exc.format_message(), hint="qfit run --help")
-        except click.exceptions.Abort:
-            click.echo("aborted.", err=True)
-            sys.exit(1)
-        except click.exceptions.Exit as exc:
-            sys.exit(exc.exit_code)
-
-
-def _fail(message: str, hint: str | None = None) -> None:
-    message = " ".join(str(message).split())
-    click.echo(f"error: {message}" + (f" (see `{hint}`)" if hint else ""), err=True)
-    sys.exit(EXIT_USAGE)
+    default_prog_name = "qfit run"
 
 
 def _targets(value: str | None) -> tuple[str, ...] | None:
@@ -141,14 +126,12 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
       qfit run mistral-7b --dataset train.jsonl --output runs/m7 --epochs 2
       qfit run --resume runs/m7
     """
-    from planner.data import DataError
-    from planner.profiles import ProfileError
     from planner.train import runner  # light at import time; torch is imported when training starts
 
     if resume and output and output != resume:
-        _fail(f"--resume {resume} continues the run in that directory: drop --output {output}")
+        raise QfitError(f"--resume {resume} continues the run in that directory: drop --output {output}")
     if not resume and not output:
-        _fail("--output DIR is required (where the adapter and checkpoints go), or --resume DIR")
+        raise QfitError("--output DIR is required (where the adapter and checkpoints go), or --resume DIR")
     try:
         opts = runner.RunOptions(
             output=resume or output, model=model, dataset=dataset, demo=demo, overwrite=overwrite,
@@ -160,10 +143,10 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
             num_gpus=num_gpus, strategy=strategy, num_machines=num_machines, machine_rank=machine_rank,
             main_process_ip=main_process_ip, main_process_port=main_process_port, dry_run=dry_run)
         result = runner.run(opts, echo=click.echo)
-    except (runner.RunError, DataError, ProfileError) as exc:
-        _fail(str(exc))
-    except click.BadParameter as exc:
-        _fail(exc.format_message())
+    except runner.RunError as exc:  # a QfitError once planner.train.runner subclasses it; one line either way
+        raise QfitError(str(exc)) from None
+    except click.BadParameter as exc:  # raised by the runner, after parsing: one line without the --help pointer
+        raise QfitError(exc.format_message()) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted before training started: nothing was saved", err=True)
         sys.exit(EXIT_INTERRUPTED)

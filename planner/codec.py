@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from planner.errors import QfitError
 from planner.specs import LoraSettings, TrainSettings
 
 # The keys of the stable `settings` object (README, "--json schema"), in the order they are written.
@@ -34,25 +35,26 @@ def settings_to_dict(lora: LoraSettings, train: TrainSettings, targets: tuple[st
 
 def _int(v) -> int:
     if isinstance(v, bool):
-        raise ValueError(f"expected an integer, got {v!r}")
+        raise QfitError(f"expected an integer, got {v!r}")
     if isinstance(v, str):
         v = v.strip()
     f = float(v)
     if f != int(f):
-        raise ValueError(f"expected an integer, got {v!r}")
+        raise QfitError(f"expected an integer, got {v!r}")
     return int(f)
 
 
 def _bool(v) -> bool:
     if isinstance(v, bool):
         return v
-    if isinstance(v, str) and v.strip().lower() in ("true", "1", "yes", "on"):
+    text = str(v).strip().lower()  # str() also covers numpy.bool_ cells of a pandas row
+    if text in ("true", "1", "yes", "on"):
         return True
-    if isinstance(v, str) and v.strip().lower() in ("false", "0", "no", "off", ""):
+    if text in ("false", "0", "no", "off", ""):
         return False
     if isinstance(v, int | float):
         return bool(v)
-    raise ValueError(f"expected true or false, got {v!r}")
+    raise QfitError(f"expected true or false, got {v!r}")
 
 
 def _targets(v) -> tuple[str, ...]:
@@ -72,12 +74,12 @@ def settings_from_dict(d: Mapping, **overrides) -> tuple[LoraSettings, TrainSett
     def get(key: str, conv, default=None):
         if key not in d or d[key] is None or d[key] == "":
             if default is None:
-                raise ValueError(f"settings: missing {key!r}")
+                raise QfitError(f"settings: missing {key!r}")
             return default
         try:
             return conv(d[key])
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"settings: {key!r} is malformed ({exc})") from None
+            raise QfitError(f"settings: {key!r} is malformed ({exc})") from None
 
     expandable = train_defaults.expandable_segments
     if "expandable_segments" in d and d["expandable_segments"] not in (None, ""):

@@ -24,7 +24,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from planner.multigpu import FSDP_OPTIM, FsdpMemory, fsdp_per_gpu, multigpu_calibrated
+from planner.errors import QfitError
+from planner.multigpu import FSDP_OPTIM, FsdpMemory, fewest_gpus, fsdp_per_gpu, multigpu_calibrated
 from planner.search import Request, SearchResult, search, smallest
 from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
 
@@ -54,27 +55,27 @@ class Workload:
 
     def __post_init__(self) -> None:
         if self.examples is not None and self.examples < 1:
-            raise ValueError(f"--examples must be a positive integer, got {self.examples}")
+            raise QfitError(f"--examples must be a positive integer, got {self.examples}")
         if self.tokens_per_epoch < 1:
-            raise ValueError(f"the workload must have at least one token, got {self.tokens_per_epoch} "
+            raise QfitError(f"the workload must have at least one token, got {self.tokens_per_epoch} "
                              "(--tokens, or --examples x --avg-tokens)")
         if not self.epochs > 0 or math.isinf(self.epochs):
-            raise ValueError(f"--epochs must be a positive number, got {self.epochs}")
+            raise QfitError(f"--epochs must be a positive number, got {self.epochs}")
 
     @classmethod
     def from_examples(cls, examples: int, avg_tokens: float, epochs: float = 1.0,
                       approximate: bool = False) -> Workload:
         if examples < 1:
-            raise ValueError(f"--examples must be a positive integer, got {examples}")
+            raise QfitError(f"--examples must be a positive integer, got {examples}")
         if not (avg_tokens > 0 and math.isfinite(avg_tokens)):
-            raise ValueError(f"--avg-tokens must be a positive number, got {avg_tokens}")
+            raise QfitError(f"--avg-tokens must be a positive number, got {avg_tokens}")
         return cls(tokens_per_epoch=round(examples * avg_tokens), epochs=epochs, examples=examples,
                    approximate=approximate)
 
     @classmethod
     def from_tokens(cls, tokens: int, epochs: float = 1.0) -> Workload:
         if tokens < 1:
-            raise ValueError(f"--tokens must be a positive integer, got {tokens}")
+            raise QfitError(f"--tokens must be a positive integer, got {tokens}")
         return cls(tokens_per_epoch=tokens, epochs=epochs)
 
     @property
@@ -110,9 +111,9 @@ def workload_from_records(records: Iterable, epochs: float = 1.0) -> Workload:
         examples += 1
         tokens += approx_tokens(record_chars(rec))
     if examples == 0:
-        raise ValueError("--dataset holds no examples")
+        raise QfitError("--dataset holds no examples")
     if tokens == 0:
-        raise ValueError("--dataset holds no text fields to count tokens in")
+        raise QfitError("--dataset holds no text fields to count tokens in")
     return Workload(tokens_per_epoch=tokens, epochs=epochs, examples=examples, approximate=True)
 
 
@@ -212,14 +213,13 @@ def fsdp_per_gpu_bytes(plan: Plan, count: int, coeffs: Coefficients) -> MultiGpu
                             capacity_bytes=plan.capacity_bytes, memory=mem, calibrated=multigpu_calibrated(coeffs))
 
 
-def smallest_multi_gpu(plan: Plan, coeffs: Coefficients,
-                       counts: Iterable[int] = MULTI_GPU_COUNTS) -> MultiGpuEstimate | None:
-    """The fewest GPUs (2..8) of plan.gpu on which the FSDP plan fits; None if even 8 do not."""
-    for n in counts:
-        est = fsdp_per_gpu_bytes(plan, n, coeffs)
-        if est.per_gpu_needs_bytes <= est.capacity_bytes:
-            return est
-    return None
+def smallest_multi_gpu(plan: Plan, req: Request, coeffs: Coefficients) -> MultiGpuEstimate | None:
+    """The fewest GPUs (2..8) of plan.gpu on which FSDP without CPU offload fits (planner.multigpu.fewest_gpus,
+    the one count search `qfit plan` uses too), with the per-GPU memory of `plan` (the smallest single-GPU
+    configuration of `req`) on that many; None if even 8 do not fit."""
+    found = fewest_gpus(plan.model, plan.gpu, req, coeffs, strategy="fsdp", cpu_offload=False,
+                        loading=FSDP_LOADING, start=min(MULTI_GPU_COUNTS), max_n=max(MULTI_GPU_COUNTS))
+    return None if found is None else fsdp_per_gpu_bytes(plan, found[0], coeffs)
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -319,17 +319,17 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
     prices: GPU name -> USD per GPU-hour, overriding the profile's price.
     """
     if sort not in SORT_KEYS:
-        raise ValueError(f"--sort must be cost or time, got {sort!r}")
+        raise QfitError(f"--sort must be cost or time, got {sort!r}")
     for flag, limit in (("--max-hours", max_hours), ("--max-cost", max_cost)):
         if limit is not None and not limit > 0:
-            raise ValueError(f"{flag} must be a positive number, got {limit}")
+            raise QfitError(f"{flag} must be a positive number, got {limit}")
     prices = dict(prices or {})
     names = {g.name for g in gpus}
     for name, price in prices.items():
         if name not in names:
-            raise ValueError(f"--price names {name}, which is not among the compared GPUs (add it to --gpus)")
+            raise QfitError(f"--price names {name}, which is not among the compared GPUs (add it to --gpus)")
         if not price >= 0 or math.isinf(price):
-            raise ValueError(f"--price for {name} must be a non-negative number of USD per hour, got {price}")
+            raise QfitError(f"--price for {name} must be a non-negative number of USD per hour, got {price}")
     request = request or Request()
     err = speed_error_pct(coeffs)
     results = search_all(model, gpus, request, coeffs)
@@ -345,7 +345,7 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
             gpu=gpu, plan=best, smallest=small, price_usd_per_hour=price, price_given=gpu.name in prices,
             speed_basis=speed_basis(gpu, calibrated_on), speed_error_pct=err, hours=hours,
             cost_usd=cost_usd(hours, price) if best else None,
-            multi_gpu=None if best else smallest_multi_gpu(small, coeffs),
+            multi_gpu=None if best else smallest_multi_gpu(small, request, coeffs),
             multi_gpu_max=None if best else fsdp_per_gpu_bytes(small, max(MULTI_GPU_COUNTS), coeffs),
             notes=res.notes,
         ))

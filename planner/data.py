@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from planner.errors import QfitError
+
 FORMATS = ("alpaca", "chat", "text")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -40,7 +42,7 @@ FALLBACK_CHAT_TURN = "### {role}:\n{content}\n\n"
 FALLBACK_CHAT_PROMPT = "### Assistant:\n"
 
 
-class DataError(ValueError):
+class DataError(QfitError):
     """A problem with the training data: the message is one line and says what to do."""
 
 

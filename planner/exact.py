@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from planner.errors import QfitError
 from planner.specs import LoraSettings, ModelSpec, TrainSettings
 from planner.units import KiB, MiB
 
@@ -168,13 +169,13 @@ def resolve(model) -> tuple[ModelSpec, dict]:
         path = path / "config.json"
     if name.endswith(".json") or path.name == "config.json":
         if not path.is_file():
-            raise ValueError(f"no such file: {path}")
+            raise QfitError(f"no such file: {path}")
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+            raise QfitError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path} must hold a JSON object")
+            raise QfitError(f"{path} must hold a JSON object")
         if "text_config" in raw and "hidden_size" not in raw:
             raw = {**raw["text_config"], "model_type": raw["text_config"].get("model_type", raw.get("model_type"))}
         _check_config(raw, str(path))
@@ -187,15 +188,15 @@ def resolve(model) -> tuple[ModelSpec, dict]:
 
 def _check_config(cfg: dict, origin: str) -> None:
     if not cfg.get("model_type"):
-        raise ValueError(f"{origin}: missing field 'model_type'; add it (e.g. \"llama\")")
+        raise QfitError(f"{origin}: missing field 'model_type'; add it (e.g. \"llama\")")
     if cfg.get("auto_map"):
-        raise ValueError(f"{origin}: model_type {cfg['model_type']!r} needs trust_remote_code (its modeling code "
+        raise QfitError(f"{origin}: model_type {cfg['model_type']!r} needs trust_remote_code (its modeling code "
                          "lives in the model repo); exact mode traces only architectures built into transformers")
     for key in REQUIRED_CONFIG_FIELDS:
         if key not in cfg:
-            raise ValueError(f"{origin}: missing field '{key}'; exact mode builds the model from the config, add it")
+            raise QfitError(f"{origin}: missing field '{key}'; exact mode builds the model from the config, add it")
         if not isinstance(cfg[key], int) or cfg[key] <= 0:
-            raise ValueError(f"{origin}: field '{key}' must be a positive integer, got {cfg[key]!r}")
+            raise QfitError(f"{origin}: field '{key}' must be a positive integer, got {cfg[key]!r}")
     _check_transformers_knows(cfg["model_type"], origin)
 
 
@@ -203,7 +204,7 @@ def _check_transformers_knows(model_type: str, origin: str) -> None:
     from transformers import CONFIG_MAPPING, __version__
 
     if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"{origin}: transformers {__version__} does not know model_type {model_type!r}; "
+        raise QfitError(f"{origin}: transformers {__version__} does not know model_type {model_type!r}; "
                          "upgrade transformers, or use the analytic plan (without --exact)")
 
 
@@ -221,9 +222,9 @@ def _spec_from_config(cfg: dict, origin: str) -> ModelSpec:
         try:
             inv = inventory(build_meta_model(kept))
         except IntrospectionError as exc:
-            raise ValueError(f"{origin}: {exc}") from None
+            raise QfitError(f"{origin}: {exc}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{origin}: transformers cannot build this config as a causal LM "
+            raise QfitError(f"{origin}: transformers cannot build this config as a causal LM "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
     return model_from_dict({"name": name, "display_name": name, "source": origin, "config": kept, "inventory": inv}, origin)
 
@@ -280,7 +281,7 @@ def trace_step(model, lora: LoraSettings, train: TrainSettings, layers: int | No
         raws = [heavy.trace(cfg, dataclasses.replace(spec, num_hidden_layers=n), lora, train, n, device,
                             input_requires_grad) for n in TRACE_DEPTHS]
     except heavy.TraceError as exc:
-        raise ValueError(str(exc)) from None
+        raise QfitError(str(exc)) from None
     return _result(spec, raws, depth, time.perf_counter() - t0, train)
 
 
@@ -297,7 +298,7 @@ def static_bytes(model, lora: LoraSettings, train: TrainSettings, layers: int | 
     try:
         raw = heavy.trace(cfg, dataclasses.replace(spec, num_hidden_layers=n), lora, train, n, static_only=True)
     except heavy.TraceError as exc:
-        raise ValueError(str(exc)) from None
+        raise QfitError(str(exc)) from None
     return {k: v for k, v in raw.static.items() if k in STATIC_CATEGORIES}
 
 

@@ -1,11 +1,11 @@
 """Fitting the coefficients to measured runs, and cross-validating them (numpy/pandas inside functions).
 
-Used by `qfit calibrate`; kept apart from calibration.py so that `qfit plan` does not compile it.
+Used by `qfit calibrate`; kept apart from coefficients.py so that `qfit plan` does not compile it.
 """
 
 from __future__ import annotations
 
-from planner.calibration import DEFAULTS_FILE, _read
+from planner.coefficients import DEFAULTS_FILE, _read
 from planner.memory import RESERVE_TERMS as RESERVE_FEATURES
 from planner.specs import Coefficients
 
@@ -36,17 +36,11 @@ def row_int(row, key: str, default: int = 0) -> int:
 
 
 def _row_settings(row):
-    from planner.specs import LoraSettings, TrainSettings
+    """A measured row's settings, through the one settings codec (planner.codec). Cells an older CSV lacks
+    (NaN after a concat) take the dataclass defaults."""
+    from planner.codec import settings_from_dict
 
-    lora = LoraSettings(rank=int(row["rank"]), alpha=int(row["alpha"]), dropout=float(row["lora_dropout"]),
-                        targets=tuple(str(row["targets"]).split(",")))
-    train = TrainSettings(batch_size=int(row["batch_size"]), grad_accum=int(row["grad_accum"]),
-                          seq_len=int(row["seq_len"]), gradient_checkpointing=str(row["gradient_checkpointing"]) == "True",
-                          optim=row["optim"], compute_dtype=row["compute_dtype"],
-                          double_quant=str(row["double_quant"]) == "True",
-                          expandable_segments="expandable_segments:True" in str(row["alloc_conf"]),
-                          uncheckpointed_layers=row_int(row, "uncheckpointed_layers"))
-    return lora, train
+    return settings_from_dict({k: v for k, v in row.items() if v == v})
 
 
 def row_offset(row, model=None, double_quant: bool | None = None) -> int:
@@ -379,13 +373,6 @@ def _gpu_of(row):
 
 # --------------------------------------------------------------------------- several GPUs (calibration/multigpu)
 
-def _multi_row_settings(row):
-    from dataclasses import replace
-
-    lora, train = _row_settings(row)
-    return lora, replace(train, expandable_segments="expandable_segments:True" in str(row["alloc_conf"]))
-
-
 def predict_multigpu(df, coeffs: Coefficients) -> list[dict]:
     """Per rank, measured vs predicted: peak allocated (the training phase), the load peak, and what NVML saw
     outside torch's allocator (CUDA context + NCCL). FSDP predictions include the margin in `needs` only;
@@ -399,7 +386,7 @@ def predict_multigpu(df, coeffs: Coefficients) -> list[dict]:
         if row["status"] != "ok" or not str(row["peak_allocated_bytes"]) or str(row["budget_bytes"]) not in ("", "0"):
             continue  # capped runs are the fit promise's check, not a peak measurement
         model = load_model(row["model"])
-        lora, train = _multi_row_settings(row)
+        lora, train = _row_settings(row)
         n = int(row["world_size"])
         # the measured peak covers the whole of trainer.train(), FSDP's wrap included
         if row["strategy"] == "ddp":
@@ -439,7 +426,7 @@ def contaminated_grid(df, alloc_conf: str, bisect: bool = False) -> list[dict]:
     """The contaminated rows measured under one allocator setting ("" for the default), as a harness
     JSON grid (planner/train/harness.py grid_from_json) to measure again in fresh processes;
     bisect: also bisect the allocator cap where the original did."""
-    from planner.calibration import DEFAULTS_FILE as _defaults
+    from planner.coefficients import DEFAULTS_FILE as _defaults
 
     base = _read(str(_defaults))
     bisected = {r.rsplit("|cap", 1)[0] for r in df[df["budget_bytes"].astype(int) != 0]["run_id"]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from planner.errors import QfitError
 from planner.search import Request, search, smallest
 from planner.specs import Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan
 
@@ -20,7 +21,7 @@ FIT_MAP_BATCHES = (1, 2, 4, 8, 16, 32)  # micro-batch per step (rows)
 FIT_MAP_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)  # tokens per sequence (columns)
 
 
-class MatplotlibMissing(ImportError, ValueError):
+class MatplotlibMissing(QfitError, ImportError):
     """--fit-map / --plot without matplotlib. A ValueError too, so the CLI prints it as one line (exit 2)."""
 
 

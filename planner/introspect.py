@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from planner.errors import QfitError
+
 # HF config.json fields a profile keeps verbatim (those that exist for the model type).
 CONFIG_FIELDS = (
     "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -20,7 +22,7 @@ CONFIG_FIELDS = (
 )
 
 
-class IntrospectionError(ValueError):
+class IntrospectionError(QfitError):
     """A config transformers cannot build; the message says what to fix."""
 
 

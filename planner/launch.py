@@ -30,6 +30,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from planner.errors import QfitError
+
 DECODER_LAYER_CLS = {
     "llama": "LlamaDecoderLayer",
     "mistral": "MistralDecoderLayer",
@@ -52,7 +54,7 @@ def decoder_layer_cls(model_type: str) -> str:
     try:
         return DECODER_LAYER_CLS[model_type]
     except KeyError:
-        raise ValueError(f"no FSDP wrap class for model_type {model_type!r}; supported: "
+        raise QfitError(f"no FSDP wrap class for model_type {model_type!r}; supported: "
                          f"{', '.join(sorted(DECODER_LAYER_CLS))}") from None
 
 
@@ -79,25 +81,25 @@ def accelerate_config(strategy: str, num_processes: int, *, compute_dtype: str, 
     bnb_4bit_quant_storage) and the LoRA matmuls run in it.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        raise QfitError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if compute_dtype not in MIXED_PRECISIONS:
-        raise ValueError(f"compute_dtype must be one of {', '.join(MIXED_PRECISIONS)}, got {compute_dtype!r}")
+        raise QfitError(f"compute_dtype must be one of {', '.join(MIXED_PRECISIONS)}, got {compute_dtype!r}")
     if num_processes < 1:
-        raise ValueError(f"num_processes must be a positive integer, got {num_processes}")
+        raise QfitError(f"num_processes must be a positive integer, got {num_processes}")
     if num_machines < 1:
-        raise ValueError(f"num_machines must be a positive integer, got {num_machines}")
+        raise QfitError(f"num_machines must be a positive integer, got {num_machines}")
     if num_processes % num_machines:
-        raise ValueError(f"num_processes ({num_processes}) is the total over all machines: it must be a multiple "
+        raise QfitError(f"num_processes ({num_processes}) is the total over all machines: it must be a multiple "
                          f"of num_machines ({num_machines})")
     if not 0 <= machine_rank < num_machines:
-        raise ValueError(f"machine_rank must be in 0..{num_machines - 1}, got {machine_rank}")
+        raise QfitError(f"machine_rank must be in 0..{num_machines - 1}, got {machine_rank}")
     if num_machines > 1 and not main_process_ip:
-        raise ValueError("num_machines > 1 needs main_process_ip (the address of the machine with machine_rank 0)")
+        raise QfitError("num_machines > 1 needs main_process_ip (the address of the machine with machine_rank 0)")
     if cpu and strategy == "fsdp":
-        raise ValueError("FSDP needs CUDA GPUs: accelerate runs a use_cpu config as DDP over gloo (MULTI_CPU), "
+        raise QfitError("FSDP needs CUDA GPUs: accelerate runs a use_cpu config as DDP over gloo (MULTI_CPU), "
                          "not FSDP; use strategy 'ddp' with cpu=True")
     if not 0 <= main_process_port <= 65535:
-        raise ValueError(f"main_process_port must be in 0..65535, got {main_process_port}")
+        raise QfitError(f"main_process_port must be in 0..65535, got {main_process_port}")
 
     cfg = {
         "compute_environment": "LOCAL_MACHINE",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from planner.errors import QfitError
 from planner.specs import Coefficients, LinearSpec, LoraSettings, MemoryBreakdown, ModelSpec, TrainSettings
 from planner.units import DTYPE_BYTES
 
@@ -59,7 +60,7 @@ def resolve_targets(model: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ..
         elif t in model.all_linear_names:
             names.append(t)
         else:
-            raise ValueError(
+            raise QfitError(
                 f"--targets: {model.display_name} has no linear named {t!r} "
                 f"(it has {', '.join(model.all_linear_names)}; or use attn, all-linear)")
     return tuple(dict.fromkeys(names))

@@ -9,13 +9,16 @@ term is an unmeasured assumption and every number here is an estimate (the notes
   gradient buckets plus NCCL's buffers.
 - fsdp_per_gpu: the FSDP-QLoRA recipe (4-bit base sharded 1/N, bnb_4bit_quant_storage = compute
   dtype, no fp32 upcast), with a load phase and a training phase; see its docstring.
-- plan_multi / smallest_gpu_count: planner.search's candidates and ranking order, per rank.
+- plan_multi / best_multi: planner.search's candidates and ranking order, per rank.
+- choose_multi: `qfit plan --num-gpus N`'s choice of DDP or FSDP (and CPU offload), as a MultiChoice.
+- fewest_gpus: the one "how many of these GPUs" search (`qfit plan` advice and `qfit compare`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from planner.errors import QfitError
 from planner.memory import (
     FP32,
     alloc,
@@ -32,7 +35,15 @@ from planner.memory import (
     required_budget_bytes,
     resolve_targets,
 )
-from planner.search import DEFAULT_EFFECTIVE_BATCH, OPTIM_ORDER, Request, candidates, capacity_bytes
+from planner.search import (
+    AUTO_SEQ_LENS,
+    DEFAULT_EFFECTIVE_BATCH,
+    LORA_FALLBACKS,
+    OPTIM_ORDER,
+    Request,
+    candidates,
+    capacity_bytes,
+)
 from planner.specs import Coefficients, GpuSpec, LoraSettings, MemoryBreakdown, ModelSpec, TrainSettings
 from planner.speed import tokens_per_second
 from planner.units import DTYPE_BYTES, MiB
@@ -85,7 +96,7 @@ def fsdp_margin_frac(coeffs: Coefficients) -> float:
 
 def _check_n(n: int) -> None:
     if n < 1:
-        raise ValueError(f"--gpus-count must be a positive integer, got {n}")
+        raise QfitError(f"--gpus-count must be a positive integer, got {n}")
 
 
 def _numels(model: ModelSpec, lora: LoraSettings) -> tuple[int, ...]:
@@ -243,11 +254,11 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
     """
     _check_n(n)
     if train.optim != FSDP_OPTIM:
-        raise ValueError(f"--optim {train.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
+        raise QfitError(f"--optim {train.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
     if loading not in LOADINGS:
-        raise ValueError(f"loading must be one of {', '.join(LOADINGS)}, got {loading!r}")
+        raise QfitError(f"loading must be one of {', '.join(LOADINGS)}, got {loading!r}")
     if loading == "rank0_cpu":
-        raise ValueError(RANK0_CPU_MEASURED)
+        raise QfitError(RANK0_CPU_MEASURED)
     numels = _numels(model, lora)
     q_full = quantized_weights_bytes(model)
     c_full = quant_constants_bytes(model, train.double_quant)
@@ -348,17 +359,17 @@ def per_gpu(strategy: str, model: ModelSpec, lora: LoraSettings, train: TrainSet
         return ddp_per_gpu(model, lora, train, coeffs, n)
     if strategy == "fsdp":
         return fsdp_per_gpu(model, lora, train, coeffs, n, **fsdp_kw)
-    raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    raise QfitError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
 
 
 def rank_request(req: Request, n: int, strategy: str) -> tuple[Request, list[str]]:
     """The request one rank searches: the effective batch split over n ranks; FSDP fixes the optimizer."""
     notes = []
     if req.uncheckpointed_layers:
-        raise ValueError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
+        raise QfitError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
     if strategy == "fsdp":
         if req.optim not in (None, FSDP_OPTIM):
-            raise ValueError(f"--optim {req.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
+            raise QfitError(f"--optim {req.optim} cannot run under FSDP: {FSDP_OPTIM_REASON}")
         if req.optim is None:
             notes.append(f"optimizer {FSDP_OPTIM}: {FSDP_OPTIM_REASON}")
         req = replace(req, optim=FSDP_OPTIM)
@@ -383,7 +394,7 @@ def plan_multi(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficient
     """Every candidate (planner.search.candidates, per rank) on n x gpu, best first; [0] fits or none does."""
     _check_n(n)
     if strategy not in STRATEGIES:
-        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        raise QfitError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     rreq, notes = rank_request(req, n, strategy)
     cands, search_notes = candidates(model, gpu, rreq)
     cap = capacity_bytes(gpu, coeffs)
@@ -404,19 +415,95 @@ def best_multi(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficient
     return plans[0] if plans and plans[0].fits else None
 
 
-def smallest_gpu_count(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients,
-                       strategies: tuple[str, ...] = STRATEGIES, max_n: int = 8, **fsdp_kw) -> MultiPlan | None:
-    """The fewest GPUs (2..max_n) and the first strategy (in the order given) with a fitting plan.
-    One GPU is planner.search's job. DDP's per-GPU need does not depend on n, so it is tried once."""
-    ddp_fits = None
-    for n in range(2, max_n + 1):
-        for strategy in strategies:
-            if strategy == "ddp":
-                if ddp_fits is None:
-                    ddp_fits = best_multi(model, gpu, req, coeffs, 2, "ddp") is not None
-                if not ddp_fits:
-                    continue
-            best = best_multi(model, gpu, req, coeffs, n, strategy, **({} if strategy == "ddp" else fsdp_kw))
-            if best is not None:
-                return best
+@dataclass(frozen=True, slots=True)
+class MultiChoice:
+    """What `qfit plan --num-gpus N` settled on, with the numbers behind the choice (bytes)."""
+
+    plans: tuple[MultiPlan, ...]  # every candidate of the chosen strategy, best first (planner.multigpu.plan_multi)
+    strategy: str  # "ddp" or "fsdp"
+    asked: str  # --strategy: "auto", "ddp" or "fsdp"
+    cpu_offload: bool
+    loading: str
+    ddp_min_needs_bytes: int | None = None  # the smallest DDP configuration, when auto turned DDP down
+    fsdp_min_needs_bytes: int | None = None  # the smallest FSDP configuration without offload, when offload was turned on
+
+    @property
+    def best(self) -> MultiPlan | None:
+        return self.plans[0] if self.plans and self.plans[0].fits else None
+
+
+def _min_needs(plans: tuple[MultiPlan, ...]) -> int:
+    return min(p.memory.needs_bytes for p in plans)
+
+
+def choose_multi(model, gpu, req: Request, coeffs, n: int, strategy: str | None = None,
+                 cpu_offload: bool | None = None, loading: str | None = None) -> MultiChoice:
+    """--strategy auto: DDP when a DDP plan fits (each rank keeps the whole model: no per-layer all-gather,
+    faster), else FSDP. --cpu-offload unset: off, on only when no FSDP plan fits without it (like
+    --gradient-checkpointing, a value the user does not fix is searched). --loading unset: full
+    (measured: a 4-bit checkpoint loads whole on every rank, see planner.multigpu.RANK0_CPU_MEASURED)."""
+    asked = strategy or "auto"
+    if asked == "ddp" and cpu_offload:
+        raise QfitError("--cpu-offload is FSDP's (DDP keeps the whole model on every GPU): use --strategy fsdp or auto")
+    if asked == "ddp" and loading is not None:
+        raise QfitError("--loading is FSDP's (under DDP every rank loads the whole model): use --strategy fsdp or auto")
+    if loading == "rank0_cpu":
+        raise QfitError(RANK0_CPU_MEASURED)
+    loading = loading or "full"
+    ddp_min = None
+    if asked in ("auto", "ddp") and not cpu_offload:
+        ddp = plan_multi(model, gpu, req, coeffs, n, "ddp")
+        if asked == "ddp" or ddp[0].fits:
+            return MultiChoice(ddp, "ddp", asked, False, loading)
+        ddp_min = _min_needs(ddp)
+        if req.optim not in (None, FSDP_OPTIM):
+            raise QfitError(f"DDP does not fit on {n} x {gpu.name} and FSDP cannot run --optim {req.optim}: "
+                            f"{FSDP_OPTIM_REASON}; drop --optim or pass --optim {FSDP_OPTIM}")
+    offloads = (False, True) if cpu_offload is None else (cpu_offload,)
+    first = None
+    for offload in offloads:
+        plans = plan_multi(model, gpu, req, coeffs, n, "fsdp", cpu_offload=offload, loading=loading)
+        if first is None:
+            first = plans
+        if plans[0].fits:
+            fsdp_min = _min_needs(first) if offload and cpu_offload is None else None
+            return MultiChoice(plans, "fsdp", asked, offload, loading, ddp_min, fsdp_min)
+    return MultiChoice(first, "fsdp", asked, offloads[0], loading, ddp_min)
+
+
+def least_memory_request(req: Request) -> Request:
+    """The corner of `req` that needs the least memory: checkpointing on, the last LoRA fallback (r8, attn),
+    the shortest auto sequence, unless the user fixed them. The micro-batch stays searched (a micro-batch of
+    the whole per-rank batch has no accumulated gradients to keep). Memory never falls when the micro-batch,
+    sequence, rank or targets grow, and checkpointing never raises it (tests/test_memory.py properties),
+    so some plan of req fits iff some plan of this request fits (tests/test_plan_multi.py checks it against
+    the full search)."""
+    low = req
+    if low.gradient_checkpointing is None:
+        low = replace(low, gradient_checkpointing=True)
+    if not (low.rank or low.targets):
+        rank, targets = LORA_FALLBACKS[-1]
+        low = replace(low, rank=rank, targets=targets)
+    if low.seq_len == 0:
+        low = replace(low, seq_len=AUTO_SEQ_LENS[0])
+    return low
+
+
+def fewest_gpus(model, gpu, req: Request, coeffs, strategy: str | None = None, cpu_offload: bool | None = None,
+                loading: str | None = None, start: int = 2, max_n: int = 8) -> tuple[int, str, bool] | None:
+    """(n, strategy, cpu_offload): the fewest GPUs in start..max_n on which `qfit plan --num-gpus n` with
+    the same strategy, offload and loading choices finds a fitting plan, in choose_multi's order (DDP, FSDP,
+    FSDP with CPU offload). Searches only least_memory_request(req): a few ms."""
+    low = least_memory_request(req)
+    asked = strategy or "auto"
+    loading = loading or "full"
+    fsdp_ok = asked != "ddp" and req.optim in (None, FSDP_OPTIM)
+    offloads = (False, True) if cpu_offload is None else (cpu_offload,)
+    for n in range(start, max_n + 1):
+        if asked in ("auto", "ddp") and not cpu_offload and best_multi(model, gpu, low, coeffs, n, "ddp") is not None:
+            return n, "ddp", False
+        if fsdp_ok:
+            for offload in offloads:
+                if best_multi(model, gpu, low, coeffs, n, "fsdp", cpu_offload=offload, loading=loading) is not None:
+                    return n, "fsdp", offload
     return None

@@ -10,6 +10,7 @@ import tomllib
 from functools import lru_cache
 from pathlib import Path
 
+from planner.errors import QfitError
 from planner.specs import GpuSpec, LinearSpec, ModelSpec
 from planner.units import looks_like_size, parse_size
 
@@ -27,7 +28,7 @@ PROFILES_DIR = Path(os.environ.get("QFIT_PROFILES") or _data_dir("profiles"))
 SLIDING_WINDOW_TYPES = ("mistral", "mixtral", "phi3")
 
 
-class ProfileError(ValueError):
+class ProfileError(QfitError):
     """A user-facing problem with a model or GPU name or file: the message says what to do."""
 
 

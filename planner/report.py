@@ -1,15 +1,14 @@
-"""Rendering: the only place bytes become "x.xx GiB". Plain text via tabulate, and JSON documents."""
+"""Rendering of `qfit plan`: the only place bytes become "x.xx GiB". Plain text via tabulate; the JSON documents
+are built in planner.documents, the reasons they share with the text in planner.reasons."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from tabulate import tabulate
 
-from planner.memory import quant_constants_bytes, quantized_weights_bytes, resolve_targets, trainable_params
-from planner.multigpu import multigpu_calibrated
-from planner.search import SearchResult, next_larger_batch, smallest
-from planner.specs import Coefficients, MemoryBreakdown, ModelSpec, Plan, settings_dict
+from planner.memory import quant_constants_bytes, quantized_weights_bytes, trainable_params
+from planner.reasons import multi_why
+from planner.search import SearchResult, smallest
+from planner.specs import Coefficients, MemoryBreakdown, ModelSpec, Plan
 from planner.units import GiB
 
 SEP = "-" * 66
@@ -111,35 +110,6 @@ def alternatives(result: SearchResult, best: Plan, n: int = 4) -> list[Plan]:
     return out
 
 
-def _why(result: SearchResult, best: Plan, coeffs: Coefficients) -> list[str]:
-    lines = []
-    bigger = next_larger_batch(best, coeffs)
-    t = best.train
-    if bigger is not None and not bigger.fits:
-        lines.append(f"micro-batch {bigger.train.batch_size} would need {gib_str(bigger.memory.needs_bytes)} GiB "
-                     f"(capacity after the {coeffs.get('safety_margin_frac') * 100:.0f}% safety margin: "
-                     f"{gib_str(best.capacity_bytes)} GiB).")
-    elif t.batch_size == t.effective_batch:
-        lines.append(f"the micro-batch is the whole effective batch ({t.effective_batch}); raise --effective-batch to go bigger.")
-    k, layers = t.checkpointed_layers(best.model.num_hidden_layers), best.model.num_hidden_layers
-    if t.gradient_checkpointing and 0 < k < layers:
-        full = [p for p in result.plans if p.train == replace(t, uncheckpointed_layers=0) and p.lora == best.lora]
-        gain = f" (est. {best.tokens_per_s / full[0].tokens_per_s - 1:+.0%} tokens/s)" if full and full[0].tokens_per_s else ""
-        lines.append(f"the last {layers - k} of {layers} layers are not checkpointed: they keep their activations "
-                     f"in memory that would otherwise stay unused and skip their recompute{gain}.")
-    if t.gradient_checkpointing:
-        twin = [p for p in result.plans if p.train.batch_size == t.batch_size and not p.train.gradient_checkpointing
-                and p.lora == best.lora and p.train.optim == t.optim and p.train.seq_len == t.seq_len]
-        if twin and not twin[0].fits:
-            lines.append(f"checkpointing is on: without it this micro-batch needs {gib_str(twin[0].memory.needs_bytes)} GiB.")
-        elif twin:
-            lines.append("checkpointing is on: with it a larger micro-batch fits, which is faster overall here.")
-    comps = best.memory.components()
-    largest = max(MemoryBreakdown.ALLOCATED_FIELDS, key=lambda k: comps[k])
-    lines.append(f"largest term: {component_labels(best)[largest]}, {gib_str(comps[largest])} GiB.")
-    return lines
-
-
 def render_plan(result: SearchResult, model: ModelSpec, coeffs: Coefficients, gpu_title: str) -> str:
     """Human output of `qfit plan`."""
     best = result.best
@@ -160,7 +130,7 @@ def render_plan(result: SearchResult, model: ModelSpec, coeffs: Coefficients, gp
     out.append("")
     out.append(breakdown_table(best))
     out.append("")
-    out += ["Why:  " + line if i == 0 else "      " + line for i, line in enumerate(_why(result, best, coeffs))]
+    out += ["Why:  " + line if i == 0 else "      " + line for i, line in enumerate(result.reasons)]
     alts = alternatives(result, best)
     if alts:
         out.append("")
@@ -190,39 +160,52 @@ def render_no_fit(result: SearchResult, model: ModelSpec) -> list[str]:
     return lines
 
 
-def plan_json(result: SearchResult, model: ModelSpec, coeffs: Coefficients) -> dict:
-    """The stable `qfit plan --json` document (see README)."""
-    best = result.best or smallest(result.plans)
+def larger_gpu_line(advice) -> str:
+    """The smallest larger catalog GPU on which one card fits, as one line."""
+    other = advice.larger_gpu
+    if other is not None:
+        return f"would fit: one {other.display_name} ({other.name}) or any larger catalog GPU."
+    return "no single catalog GPU fits this model with these settings."
 
-    def plan_doc(p: Plan) -> dict:
-        return {"settings": settings_dict(p.lora, p.train, resolve_targets(p.model, p.lora.targets)),
-                "needs_bytes": p.memory.needs_bytes, "peak_reserved_bytes": p.memory.peak_reserved_bytes,
-                "tokens_per_s": round(p.tokens_per_s, 1), "fits": p.fits}
 
-    mem = best.memory
-    return {
-        "model": model.name,
-        "gpu": best.gpu.name,
-        "settings": settings_dict(best.lora, best.train, resolve_targets(model, best.lora.targets)),
-        "params": {"total": model.total_param_count, "trainable": trainable_params(model, best.lora),
-                   "quantized": model.quantized_param_count},
-        "memory": {
-            "components": mem.components(),
-            "peak_phase": mem.peak_phase,
-            "peak_allocated_bytes": mem.peak_allocated_bytes,
-            "peak_reserved_bytes": mem.peak_reserved_bytes,
-            "device_used_bytes": mem.device_used_bytes,
-            "required_bytes": mem.required_bytes,
-            "needs_bytes": mem.needs_bytes,
-            "gpu_capacity_bytes": best.gpu.memory_bytes,
-            "usable_bytes": best.capacity_bytes,
-        },
-        "fits": result.best is not None,
-        "tokens_per_s": round(best.tokens_per_s, 1),
-        "calibration": coeffs.name,
-        "notes": list(result.notes),
-        "alternatives": [plan_doc(p) for p in (alternatives(result, best) if result.best else [])],
-    }
+def fewest_gpus_line(found: tuple[int, str, bool], model_arg: str, gpu, fixed: bool, calibrated: bool) -> str:
+    """`fits on N x GPU with FSDP: qfit plan ...`; `(estimate)` when the coefficients are not multi-GPU calibrated."""
+    import shlex
+
+    n, strategy, offload = found
+    how = "DDP" if strategy == "ddp" else "FSDP" + (" + CPU offload" if offload else "")
+    command = f"qfit plan {shlex.quote(model_arg)} --gpu {shlex.quote(gpu.name)} --num-gpus {n}"
+    return (f"fits on {n} x {gpu.display_name} with {how}{'' if calibrated else ' (estimate)'}: {command}"
+            + (" (with the options above)" if fixed else ""))
+
+
+def no_count_fits_line(advice, gpu) -> str:
+    """Why no count of up to advice.max_gpus GPUs fits: FSDP's load phase, when that alone exceeds the card."""
+    head = f"no count of up to {advice.max_gpus} x {gpu.display_name} fits"
+    if advice.load_needs_bytes is not None:
+        return (f"{head}: every rank first loads the whole 4-bit model and FSDP's wrap adds its shards "
+                f"(measured), {gib_str(advice.load_needs_bytes)} GiB per GPU even on {advice.max_gpus} "
+                f"({gib_str(advice.usable_bytes)} usable).")
+    return head + " with these settings."
+
+
+def render_advice(advice, model_arg: str, gpu, fixed: bool, calibrated: bool) -> list[str]:
+    """The lines under `does not fit.` (planner.reasons.NoFitAdvice): one GPU, then the fewest GPUs."""
+    lines = ["  " + larger_gpu_line(advice)]
+    if advice.seq_len is not None:
+        lines.append(f"  on this card: --seq-len {advice.seq_len} fits.")
+    if advice.fewest_gpus is not None:
+        lines.append("  " + fewest_gpus_line(advice.fewest_gpus, model_arg, gpu, fixed=fixed, calibrated=calibrated))
+    else:
+        lines.append("  " + no_count_fits_line(advice, gpu))
+    return lines
+
+
+def render_multi_advice(advice, model_arg: str, gpu, fixed: bool, calibrated: bool) -> list[str]:
+    """The lines under a multi-GPU `does not fit.`: the fewest larger count, or why none and one larger GPU."""
+    if advice.fewest_gpus is not None:
+        return ["  " + fewest_gpus_line(advice.fewest_gpus, model_arg, gpu, fixed=fixed, calibrated=calibrated)]
+    return ["  " + no_count_fits_line(advice, gpu), "  " + larger_gpu_line(advice)]
 
 
 # --------------------------------------------------------------------------- multi-GPU (qfit plan --num-gpus N)
@@ -315,7 +298,7 @@ def multi_settings_lines(plan) -> list[str]:
 
 
 def strategy_reason(choice) -> str:
-    """One line: why this strategy (choice is the CLI's MultiChoice)."""
+    """One line: why this strategy (choice: planner.multigpu.MultiChoice)."""
     best = choice.plans[0]
     if choice.strategy == "ddp":
         if choice.asked == "ddp":
@@ -366,14 +349,7 @@ def render_multi_plan(choice, model: ModelSpec, coeffs: Coefficients, gpu_title:
                  if best.tokens_per_s_per_gpu else "no speed estimate (no GPU speed facts)")
     out += ["Recommended  " + lines[0]] + ["             " + line for line in lines[1:]]
     out += ["", multi_breakdown_table(best), ""]
-    comps, labels, largest = multi_components(best), multi_component_labels(best), _largest(best)
-    why = [f"largest term: {labels[largest]}, {gib_str(comps[largest])} GiB."]
-    if choice.strategy == "fsdp" and best.memory.peak_phase == "load":
-        why.append(f"the load phase sets the peak ({gib_str(best.memory.load_needs_bytes)} GiB per GPU, training "
-                   f"{gib_str(best.memory.training_needs_bytes)} GiB)"
-                   + ": every rank first loads the whole 4-bit model (measured; transformers loads a quantized "
-                   "checkpoint whole on each rank) and FSDP's wrap holds it beside the new shards.")
-    out += ["Why:  " + line if i == 0 else "      " + line for i, line in enumerate(why)]
+    out += ["Why:  " + line if i == 0 else "      " + line for i, line in enumerate(multi_why(choice))]
     alts = multi_alternatives(choice.plans, best)
     if alts:
         rows = [[_short(p), gib_str(p.memory.needs_bytes), f"{p.tokens_per_s_per_gpu:,.0f}" if p.tokens_per_s_per_gpu else "-"]
@@ -428,44 +404,8 @@ def render_multi_no_fit(choice) -> list[str]:
     return lines
 
 
-def multi_plan_json(choice, model: ModelSpec, coeffs: Coefficients) -> dict:
-    """`qfit plan --num-gpus N --json`: settings per rank, memory per GPU (`per_gpu`, int bytes)."""
-    best = choice.best or smallest_multi(choice.plans)
-    mem = best.memory
-    per_gpu = {f"{k}_bytes": v for k, v in multi_components(best).items()}
-    per_gpu["peak_allocated_bytes"] = sum(multi_components(best)[k] for k in _allocated_fields(best))
-    if choice.strategy == "fsdp":
-        per_gpu.update(load_needs_bytes=mem.load_needs_bytes, training_needs_bytes=mem.training_needs_bytes)
-        peak_phase = mem.peak_phase
-    else:
-        per_gpu.update(single_gpu_needs_bytes=mem.single.needs_bytes)
-        peak_phase = mem.single.peak_phase
-    per_gpu.update(needs_bytes=mem.needs_bytes, gpu_capacity_bytes=best.gpu.memory_bytes, usable_bytes=best.capacity_bytes)
-    request_notes, memory_notes = _multi_notes(best)
+def plan_json(result: SearchResult, model: ModelSpec, coeffs: Coefficients) -> dict:
+    """Alias of planner.documents.plan_document, kept for planner/train/runner.py's import; use documents."""
+    from planner.documents import plan_document
 
-    def plan_doc(p) -> dict:
-        return {"settings": settings_dict(p.lora, p.train, resolve_targets(p.model, p.lora.targets)),
-                "global_batch": p.global_batch, "needs_bytes": p.memory.needs_bytes,
-                "tokens_per_s_per_gpu": round(p.tokens_per_s_per_gpu, 1), "fits": p.fits}
-
-    return {
-        "model": model.name,
-        "gpu": best.gpu.name,
-        "num_gpus": best.n,
-        "strategy": choice.strategy,
-        "strategy_reason": strategy_reason(choice),
-        "cpu_offload": choice.cpu_offload,
-        "loading": choice.loading if choice.strategy == "fsdp" else None,
-        "settings": settings_dict(best.lora, best.train, resolve_targets(model, best.lora.targets)),
-        "global_batch": best.global_batch,
-        "params": {"total": model.total_param_count, "trainable": trainable_params(model, best.lora),
-                   "quantized": model.quantized_param_count},
-        "per_gpu": per_gpu,
-        "peak_phase": peak_phase,
-        "fits": choice.best is not None,
-        "tokens_per_s_per_gpu": round(best.tokens_per_s_per_gpu, 1),
-        "calibration": coeffs.name,
-        "calibrated": multigpu_calibrated(coeffs),
-        "notes": request_notes + memory_notes,
-        "alternatives": [plan_doc(p) for p in (multi_alternatives(choice.plans, best) if choice.best else [])],
-    }
+    return plan_document(result, model, coeffs)

@@ -1,4 +1,5 @@
-"""Rendering of `qfit compare`: text table, terminal bar chart, JSON objects and the cost-time PNG.
+"""Rendering of `qfit compare`: text table, terminal bar chart and the cost-time PNG (its --json document
+is built in planner.documents).
 
 Bytes become GiB text only through planner.report.gib_str. matplotlib is imported inside
 cost_time_png (an optional dependency).
@@ -17,10 +18,9 @@ from planner.compare import (
     GpuOption,
 )
 from planner.fitmap import require_matplotlib
-from planner.memory import resolve_targets
 from planner.report import component_labels, gib_str
 from planner.search import DEFAULT_SEQ_LEN
-from planner.specs import Plan, settings_dict
+from planner.specs import Plan
 
 DEFAULT_OPTIM = "paged_adamw_32bit"
 BAR_WIDTH = 32  # characters of the longest bar in the terminal chart
@@ -264,61 +264,6 @@ def render_text(c: Comparison) -> str:
 
 
 # --------------------------------------------------------------------------- JSON
-
-def _settings(plan: Plan) -> dict:
-    """The `settings` object of `qfit plan --json` (targets resolved to module names)."""
-    return settings_dict(plan.lora, plan.train, resolve_targets(plan.model, plan.lora.targets))
-
-
-def option_dict(o: GpuOption, c: Comparison) -> dict:
-    plan = o.plan
-    small = o.smallest
-    term, term_bytes = o.largest_term
-    d = {
-        "gpu": o.gpu.name,
-        "display_name": o.gpu.display_name,
-        "fits": o.fits,
-        "settings": _settings(plan) if plan else None,
-        "peak_reserved_bytes": plan.memory.peak_reserved_bytes if plan else None,
-        "needs_bytes": plan.memory.needs_bytes if plan else small.memory.needs_bytes,
-        "capacity_bytes": small.capacity_bytes,
-        "memory_bytes": o.gpu.memory_bytes,
-        "tokens_per_s": round(o.tokens_per_s, 1) if plan else None,
-        "speed_basis": o.speed_basis,
-        "speed_error_pct": o.speed_error_pct,
-        "total_tokens": c.workload.total_tokens,
-        "tokens_approximate": c.workload.approximate,
-        "hours": o.hours,
-        "hours_range": list(o.hours_range) if o.hours_range else None,
-        "price_usd_per_hour": o.price_usd_per_hour,
-        "price_basis": "--price" if o.price_given else (f"profile {o.gpu.price_date}".strip() if o.price_usd_per_hour is not None else None),
-        "cost_usd": o.cost_usd,
-        "pareto": o.pareto,
-        "memory_basis": "predicted",
-        "reason": None if o.fits else reason_str(o),
-        "smallest": None if o.fits else {
-            "settings": _settings(small),
-            "needs_bytes": small.memory.needs_bytes, "largest_term": term, "largest_term_bytes": term_bytes,
-        },
-        "multi_gpu": None,
-        "notes": list(o.notes),
-    }
-    if not o.fits and o.multi_gpu is not None:
-        m = o.multi_gpu
-        d["multi_gpu"] = {
-            "count": m.count, "per_gpu_needs_bytes": m.per_gpu_needs_bytes, "sharded_bytes": m.sharded_bytes,
-            "shard_bytes": m.shard_bytes, "replicated_bytes": m.replicated_bytes, "gathered_layer_bytes": m.gathered_layer_bytes,
-            "capacity_bytes": m.capacity_bytes, "peak_phase": m.peak_phase,
-            "basis": ("FSDP-sharded 4-bit base, calibrated on 2 x H200" if m.calibrated
-                      else "estimate: FSDP-sharded 4-bit base, not calibrated on multi-GPU runs"),
-        }
-    return d
-
-
-def to_json_list(c: Comparison) -> list[dict]:
-    """Every GPU within the limits (fitting, in sort order), then those that do not fit."""
-    return [option_dict(o, c) for o in c.options]
-
 
 # --------------------------------------------------------------------------- PNG
 

@@ -8,10 +8,14 @@ first tier with a fitting plan wins; inside it plans are ranked by estimated tok
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from planner.memory import estimate
 from planner.specs import Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
 from planner.speed import tokens_per_second
+
+if TYPE_CHECKING:
+    from planner.reasons import NoFitAdvice
 
 DEFAULT_EFFECTIVE_BATCH = 16
 DEFAULT_SEQ_LEN = 512
@@ -48,6 +52,10 @@ class SearchResult:
     plans: tuple[Plan, ...]  # every candidate, fitting first, best first
     best: Plan | None
     notes: tuple[str, ...]  # settings qfit changed and why (bf16 -> fp16, ...)
+    # filled by planner.reasons.explain (they cost more estimates and searches): why `best`, one sentence
+    # each; and, when nothing fits, what would (planner.reasons.NoFitAdvice)
+    reasons: tuple[str, ...] = ()
+    advice: NoFitAdvice | None = None
 
     @property
     def fitting(self) -> tuple[Plan, ...]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from planner.errors import QfitError
+
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -160,13 +162,13 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"--rank must be a positive integer, got {self.rank}")
+            raise QfitError(f"--rank must be a positive integer, got {self.rank}")
         if self.alpha <= 0:
-            raise ValueError(f"--alpha must be positive, got {self.alpha}")
+            raise QfitError(f"--alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+            raise QfitError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
-            raise ValueError("--targets must name at least one module (or attn, all-linear)")
+            raise QfitError("--targets must name at least one module (or attn, all-linear)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,15 +196,15 @@ class TrainSettings:
         for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
                             ("--seq-len", self.seq_len)):
             if value < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {value}")
+                raise QfitError(f"{flag} must be a positive integer, got {value}")
         if self.uncheckpointed_layers < 0:
-            raise ValueError(f"--uncheckpointed-layers must be 0 or more, got {self.uncheckpointed_layers}")
+            raise QfitError(f"--uncheckpointed-layers must be 0 or more, got {self.uncheckpointed_layers}")
         if not self.gradient_checkpointing and self.uncheckpointed_layers:
             object.__setattr__(self, "uncheckpointed_layers", 0)  # one spelling of 'no checkpointing'
         if self.optim not in OPTIMIZERS:
-            raise ValueError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+            raise QfitError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"--compute-dtype must be bf16 or fp16, got {self.compute_dtype!r}")
+            raise QfitError(f"--compute-dtype must be bf16 or fp16, got {self.compute_dtype!r}")
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -221,7 +223,7 @@ class TrainSettings:
 
 @dataclass(frozen=True, slots=True)
 class Coefficients:
-    """What must come from measurement. Loaded from calibration/*.json; see calibration.py."""
+    """What must come from measurement. Loaded from calibration/*.json; see planner/coefficients.py."""
 
     name: str
     description: str
@@ -301,13 +303,7 @@ class Plan:
 
 
 def settings_dict(lora: LoraSettings, train: TrainSettings, targets: tuple[str, ...]) -> dict:
-    """The stable `settings` object of `qfit plan --json`."""
-    return {
-        "batch_size": train.batch_size, "grad_accum": train.grad_accum, "seq_len": train.seq_len,
-        "rank": lora.rank, "alpha": lora.alpha, "lora_dropout": lora.dropout, "targets": list(targets),
-        "gradient_checkpointing": train.gradient_checkpointing,
-        "uncheckpointed_layers": train.uncheckpointed_layers, "optim": train.optim,
-        "compute_dtype": train.compute_dtype, "double_quant": train.double_quant,
-        "expandable_segments": train.expandable_segments,
-    }
+    """Alias of planner.codec.settings_to_dict, kept for planner/train's call sites; use the codec."""
+    from planner.codec import settings_to_dict
 
+    return settings_to_dict(lora, train, targets)

@@ -1,8 +1,11 @@
-"""Byte constants and size parsing. Bytes are ints everywhere inside qfit; only report.py divides."""
+"""Byte constants and size parsing. Bytes are ints everywhere inside qfit; only the renderers (report*.py and the
+calibration report) divide them into GiB for display."""
 
 from __future__ import annotations
 
 import re
+
+from planner.errors import QfitError
 
 KiB = 1024
 MiB = 1024**2
@@ -26,7 +29,7 @@ def parse_size(text: str) -> int:
     """'24GiB' -> 25769803776; '16GB' -> 16 * 10**9 (GB means 10**9, GiB means 2**30)."""
     m = _SIZE_RE.match(text)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"cannot read {text!r} as a size: write e.g. 24GiB, 16GB or 40000000000")
+        raise QfitError(f"cannot read {text!r} as a size: write e.g. 24GiB, 16GB or 40000000000")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 

@@ -3,13 +3,12 @@
 import csv
 import glob
 import json
-from pathlib import Path
 
 import pytest
 
-from planner.calibrate import refit_and_report
-from planner.calibration import CALIBRATION_DIR, FITTED_FILE, load_coefficients
+from planner.coefficients import CALIBRATION_DIR, FITTED_FILE, load_coefficients
 from planner.fit import read_runs
+from planner.refit import refit_and_report
 
 RUNS = sorted(glob.glob(str(CALIBRATION_DIR / "runs" / "*.csv")))
 
@@ -77,9 +76,8 @@ def test_user_coefficients_take_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("QFIT_CACHE", str(tmp_path))
     committed = json.loads(FITTED_FILE.read_text())
     (tmp_path / "coefficients-t4.json").write_text(json.dumps({"name": "mine", "values": committed["values"]}))
-    from planner.calibration import _read
+    from planner.coefficients import _read
 
     _read.cache_clear()
     assert load_coefficients("t4").name == "mine"
     assert load_coefficients("l4").name == committed["name"]
-    assert Path(tmp_path).is_dir()

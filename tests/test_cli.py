@@ -1,17 +1,16 @@
 """The CLI through click's CliRunner: help for every command, exit codes, JSON schema, golden text."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from update_goldens import PLAN_ARGS, PLAN_GOLDEN
 
 from planner.cli import cli
 
-GOLDEN = Path(__file__).parent / "golden" / "plan_mistral-7b_t4.txt"
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "pandas", "numpy", "pynvml", "matplotlib", "accelerate")
 
 
@@ -27,12 +26,10 @@ def test_every_command_has_help_with_an_example(command):
 
 
 def test_plan_golden_text():
-    """Regenerate after a deliberate change: QFIT_UPDATE_GOLDEN=1 pytest tests/test_cli.py"""
-    r = run("plan", "mistral-7b", "--gpu", "t4")
+    """Compares only; after a deliberate change: python -m tests.update_goldens"""
+    r = run(*PLAN_ARGS)
     assert r.exit_code == 0
-    if os.environ.get("QFIT_UPDATE_GOLDEN"):
-        GOLDEN.write_text(r.output)
-    assert r.output == GOLDEN.read_text()
+    assert r.output == PLAN_GOLDEN.read_text()
 
 
 def test_plan_text_rows_add_up():
@@ -241,3 +238,47 @@ def test_partial_checkpointing_in_the_plan_text_and_json():
                                                 "--uncheckpointed-layers", "0"]).output)
     assert fixed["settings"]["uncheckpointed_layers"] == 0
     assert fixed["memory"]["peak_allocated_bytes"] < doc["memory"]["peak_allocated_bytes"]
+
+
+def _user_errors():
+    from planner.data import DataError
+    from planner.errors import QfitError
+    from planner.fitmap import MatplotlibMissing
+    from planner.introspect import IntrospectionError
+    from planner.profiles import ProfileError
+
+    return [QfitError, ProfileError, DataError, IntrospectionError, MatplotlibMissing]
+
+
+@pytest.mark.parametrize("error", _user_errors(), ids=lambda e: e.__name__)
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_every_user_error_is_one_line_exit_2(error, as_json):
+    """One handler (planner.cli_errors) for every user error class, in a command run on its own."""
+    import click
+
+    from planner.cli_errors import QfitCommand
+
+    @click.command(cls=QfitCommand)
+    @click.option("--json", "as_json", is_flag=True)
+    def cmd(as_json):
+        raise error("bad value\n  for --x: use 3")
+
+    r = CliRunner().invoke(cmd, ["--json"] if as_json else [])
+    assert r.exit_code == 2
+    if as_json:
+        assert json.loads(r.stdout) == {"error": "bad value for --x: use 3"}
+    else:
+        assert r.stderr == "error: bad value for --x: use 3\n" and r.stdout == ""
+
+
+def test_one_cli_error_handler():
+    """Only planner/cli_errors.py wraps click's main (no per-command error wrappers)."""
+    import ast
+
+    owners = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "planner").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(isinstance(f, ast.FunctionDef) and f.name in ("main", "parse_args")
+                                                      for f in node.body):
+                owners.append(path.name)
+    assert owners == ["cli_errors.py"]

@@ -18,15 +18,15 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from planner.calibration import load_coefficients
 from planner.cli_compare import compare_cmd, parse_count
+from planner.codec import SETTINGS_KEYS as CODEC_SETTINGS_KEYS
+from planner.coefficients import load_coefficients
 from planner.compare import (
     SPEED_CALIBRATED,
     SPEED_DATASHEET,
     Workload,
     approx_tokens,
     compare,
-    fsdp_per_gpu_bytes,
     pareto_flags,
     record_chars,
     search_all,
@@ -37,11 +37,11 @@ from planner.memory import quant_constants_bytes, quantized_weights_bytes
 from planner.multigpu import RANK0_CPU_MEASURED, fsdp_per_gpu
 from planner.profiles import all_gpus, gpu_names, load_gpu, load_model
 from planner.search import Request, search
-from planner.specs import Coefficients, LoraSettings, TrainSettings, settings_dict
+from planner.specs import Coefficients, LoraSettings, TrainSettings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WORKLOAD = Workload.from_examples(5000, 350, 3)  # 5,250,000 tokens: the brief's example
-SETTINGS_KEYS = set(settings_dict(LoraSettings(), TrainSettings(), ("q_proj",)))  # `qfit plan --json`'s shape
+SETTINGS_KEYS = set(CODEC_SETTINGS_KEYS)  # `qfit plan --json`'s shape
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,11 @@ def test_speed_basis_and_error_band(mistral_cmp, coeffs, gpus):
     basis = {o.gpu.name: o.speed_basis for o in mistral_cmp.options}
     assert basis["h200"] == SPEED_CALIBRATED
     assert all(b == SPEED_DATASHEET for name, b in basis.items() if name != "h200")
-    err = coeffs.values.get("speed_cv_error_pct")
-    assert mistral_cmp.speed_error_pct == (float(err) if err is not None else None)
+    # the cross-validated speed error widens every fitting GPU's hours into a band around the estimate
+    assert mistral_cmp.speed_error_pct > 0
+    for o in mistral_cmp.fitting:
+        lo, hi = o.hours_range
+        assert lo < o.hours < hi
     without = Coefficients(name="x", description="x",
                            values={k: v for k, v in coeffs.values.items() if k != "speed_cv_error_pct"})
     cmp = compare(load_model("mistral-7b"), WORKLOAD, [load_gpu("h200")], without)
@@ -242,7 +245,7 @@ def test_multi_gpu_llama70b_on_rtx4090_never_fits(llama70_cmp, coeffs):
         o = next(o for o in llama70_cmp.options if o.gpu.name == name)
         assert not o.fits and o.multi_gpu is None, name
         top, small = o.multi_gpu_max, o.smallest
-        assert top == fsdp_per_gpu_bytes(small, 8, coeffs) and top.count == 8
+        assert top.count == 8
         ref = fsdp_per_gpu(model, small.lora, replace(small.train, optim="adamw_torch"), coeffs, 8)
         assert top.memory == ref and top.per_gpu_needs_bytes == ref.needs_bytes == ref.load_needs_bytes
         assert top.peak_phase == "load" and top.calibrated is True
@@ -267,16 +270,16 @@ def test_multi_gpu_count_qwen14b_seq4096_on_rtx4090(coeffs):
     assert m is not None and m.count == 2 and m.calibrated
     ref = fsdp_per_gpu(model, small.lora, replace(small.train, optim="adamw_torch"), coeffs, 2)
     assert m.memory == ref and m.per_gpu_needs_bytes == ref.needs_bytes <= m.capacity_bytes == small.capacity_bytes
-    assert m.per_gpu_needs_bytes == max(ref.load_needs_bytes, ref.training_needs_bytes)
     assert ref.training_needs_bytes == m.shard_bytes + m.replicated_bytes + m.gathered_layer_bytes
     assert small.memory.needs_bytes > small.capacity_bytes  # one card does not
 
 
 def test_compare_never_plans_rank0_cpu_loading(coeffs):
     """The measured load (whole model on every rank) is what compare counts; rank-0 CPU loading is refused."""
-    import planner.compare as cmp_mod
-
-    assert cmp_mod.FSDP_LOADING == "full"
+    model = load_model("qwen2.5-14b")
+    o = compare(model, WORKLOAD, [load_gpu("rtx4090")], coeffs, request=Request(seq_len=4096)).options[0]
+    whole = quantized_weights_bytes(model) + quant_constants_bytes(model, True)
+    assert o.multi_gpu.memory.load_needs_bytes > whole  # every rank first holds the whole 4-bit model
     with pytest.raises(ValueError) as exc:
         fsdp_per_gpu(load_model("mistral-7b"), LoraSettings(), TrainSettings(optim="adamw_torch"), coeffs, 2,
                      loading="rank0_cpu")

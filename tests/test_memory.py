@@ -7,7 +7,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from planner import memory
-from planner.calibration import load_coefficients
+from planner.coefficients import load_coefficients
 from planner.memory import (
     estimate,
     lora_tensor_numels,
@@ -108,12 +108,21 @@ def test_static_terms_match_real_bitsandbytes_on_cpu(no_rounding, tmp_path):
         assert unq == unquantized_weights_bytes(spec)
 
 
-def test_breakdown_sums_to_its_totals():
-    b = estimate(MISTRAL, LoraSettings(), TrainSettings(batch_size=4, seq_len=1024), COEFFS)
-    assert b.peak_allocated_bytes == sum(getattr(b, f) for f in MemoryBreakdown.ALLOCATED_FIELDS)
-    assert b.device_used_bytes == sum(b.components().values())
-    assert b.peak_allocated_bytes <= b.required_bytes
-    assert all(isinstance(v, int) and v >= 0 for v in b.components().values())
+def test_plan_json_rows_add_up_to_its_totals():
+    """What `qfit plan --json` promises a reader: the memory rows are int bytes that add up to the device
+    total, the allocated rows to the peak allocated, and the peak fits inside what the plan needs."""
+    from planner.documents import plan_document
+    from planner.profiles import load_gpu
+    from planner.reasons import explain
+    from planner.search import Request
+
+    doc = plan_document(explain(MISTRAL, load_gpu("t4"), Request(), COEFFS), MISTRAL, COEFFS)["memory"]
+    rows = doc["components"]
+    assert all(isinstance(v, int) and v >= 0 for v in rows.values())
+    assert sum(rows.values()) == doc["device_used_bytes"]
+    assert sum(rows[f] for f in MemoryBreakdown.ALLOCATED_FIELDS) == doc["peak_allocated_bytes"]
+    assert doc["peak_allocated_bytes"] <= doc["peak_reserved_bytes"] <= doc["device_used_bytes"]
+    assert doc["peak_allocated_bytes"] <= doc["required_bytes"] <= doc["needs_bytes"] <= doc["usable_bytes"]
 
 
 def test_peak_is_the_max_over_phases():

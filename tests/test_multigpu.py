@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.calibration import DEFAULTS_FILE, load_coefficients
+from planner.coefficients import DEFAULTS_FILE, load_coefficients
 from planner.memory import (
     alloc,
     cuda_context_bytes,
@@ -40,13 +40,13 @@ from planner.multigpu import (
     best_multi,
     ddp_bucket_bytes,
     ddp_per_gpu,
+    fewest_gpus,
     fsdp_margin_frac,
     fsdp_per_gpu,
     fsdp_unquantized_bytes,
     multigpu_calibrated,
     nccl_buffer_bytes,
     plan_multi,
-    smallest_gpu_count,
 )
 from planner.profiles import load_gpu, load_model
 from planner.search import Request, capacity_bytes
@@ -291,8 +291,8 @@ def test_llama70b_on_rtx4090(llama70, coeffs):
         assert best_multi(llama70, gpu, Request(), coeffs, n, "ddp") is None
         for offload in (False, True):
             assert best_multi(llama70, gpu, Request(), coeffs, n, "fsdp", cpu_offload=offload) is None, (n, offload)
-    assert smallest_gpu_count(llama70, gpu, Request(), coeffs) is None
-    assert smallest_gpu_count(llama70, gpu, Request(), coeffs, cpu_offload=True) is None
+    assert fewest_gpus(llama70, gpu, Request(), coeffs) is None
+    assert fewest_gpus(llama70, gpu, Request(), coeffs, cpu_offload=True) is None
     assert fsdp_per_gpu(llama70, LORA, TRAIN, coeffs, 8).load_needs_bytes > cap
     # the training phase alone would fit on 8: the load is what rules it out
     assert fsdp_per_gpu(llama70, LORA, TRAIN, coeffs, 8).training_needs_bytes < cap
@@ -302,15 +302,17 @@ def test_qwen14b_seq4096_needs_two_rtx4090_with_fsdp(coeffs):
     """The plan that ran on 2 x H200 capped to an RTX 4090 each (calibration/multigpu, no OOM): Qwen2.5-14B at
     seq 4096 fits two 24 GiB cards with FSDP, while one card and DDP (the whole model per rank) do not."""
     model, gpu, req = load_model("qwen2.5-14b"), load_gpu("rtx4090"), Request(seq_len=4096)
-    best = smallest_gpu_count(model, gpu, req, coeffs)
-    assert best is not None and (best.n, best.strategy) == (2, "fsdp") and best.train.optim == FSDP_OPTIM
+    assert fewest_gpus(model, gpu, req, coeffs) == (2, "fsdp", False)  # (n, strategy, cpu_offload)
+    best = best_multi(model, gpu, req, coeffs, 2, "fsdp")
+    assert best is not None and best.train.optim == FSDP_OPTIM
     assert best.memory.needs_bytes <= capacity_bytes(gpu, coeffs) and best.memory.cpu_offload is False
     assert best_multi(model, gpu, req, coeffs, 2, "ddp") is None
 
 
 def test_small_model_fits_ddp_on_two_gpus(coeffs):
-    best = smallest_gpu_count(load_model("mistral-7b"), load_gpu("rtx4090"), Request(), coeffs)
-    assert best is not None and best.n == 2 and best.strategy == "ddp"
+    model, gpu = load_model("mistral-7b"), load_gpu("rtx4090")
+    assert fewest_gpus(model, gpu, Request(), coeffs) == (2, "ddp", False)
+    best = best_multi(model, gpu, Request(), coeffs, 2, "ddp")
     assert best.global_batch == 2 * best.train.effective_batch == 16  # the default 16 split over 2 ranks
 
 

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from planner.calibration import load_coefficients
+from planner.coefficients import load_coefficients
 from planner.memory import estimate, phases
 from planner.profiles import load_gpu, load_model
 from planner.search import Request, make_plan, next_larger_batch, search

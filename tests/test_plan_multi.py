@@ -13,10 +13,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from planner.calibration import load_coefficients
-from planner.cli import choose_multi, cli, fewest_gpus
+from planner.cli import cli
+from planner.coefficients import load_coefficients
 from planner.memory import quant_constants_bytes, quantized_weights_bytes
-from planner.multigpu import CALIBRATED_NOTE, ESTIMATE_NOTE, RANK0_CPU_MEASURED, ddp_per_gpu, fsdp_per_gpu
+from planner.multigpu import (
+    CALIBRATED_NOTE,
+    ESTIMATE_NOTE,
+    RANK0_CPU_MEASURED,
+    choose_multi,
+    ddp_per_gpu,
+    fewest_gpus,
+    fsdp_per_gpu,
+)
 from planner.profiles import load_gpu, load_model
 from planner.report import gib_str, multi_component_labels, multi_components
 from planner.search import Request

@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
-from planner.calibration import CALIBRATION_DIR  # noqa: E402
+from planner.coefficients import CALIBRATION_DIR  # noqa: E402
 from planner.train import replay  # noqa: E402
 from planner.train.stack import library_versions  # noqa: E402
 

@@ -445,7 +445,7 @@ def test_calibration_row_uses_the_harness_layout(cache, fake_gpus, older):
     """older: a runs.csv written before a column was added keeps its rows under today's header."""
     import csv
 
-    from planner.calibration import user_cache_dir
+    from planner.coefficients import user_cache_dir
 
     if older:
         old_fields = [f for f in FIELDS if f != "uncheckpointed_layers"]
@@ -552,7 +552,7 @@ def test_emulation_caps_the_allocator_to_the_card_less_context_and_paged_state(f
 
     import torch
 
-    from planner.calibration import load_coefficients
+    from planner.coefficients import load_coefficients
     from planner.memory import cuda_context_bytes
     from planner.profiles import load_gpu
 

@@ -18,7 +18,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from planner.calibration import user_cache_dir
+from planner.coefficients import user_cache_dir
 from planner.data import alpaca_segments, load_rows
 from planner.profiles import PROFILES_DIR
 

@@ -190,7 +190,7 @@ def _launch(argv: list[str], env: dict, echo) -> int:
 def _plan_multi(spec, device, req, n: int, strategy: str | None, cpu: bool):
     """The best per-GPU plan on n of this device; strategy None = DDP when it fits (no per-layer
     all-gather: faster), else FSDP. On the CPU only DDP exists (accelerate has no FSDP on the CPU)."""
-    from planner.calibration import load_coefficients
+    from planner.coefficients import load_coefficients
     from planner.multigpu import plan_multi
     from planner.train.runner import RunError
 
@@ -354,7 +354,7 @@ def _emulation_budget(device, strategy: str, settings: dict, spec, echo) -> int:
     CUDA context, the NCCL buffers and (DDP) the paged optimizer state, all outside torch's allocator."""
     if not getattr(device, "emulated_on", ""):
         return 0
-    from planner.calibration import load_coefficients
+    from planner.coefficients import load_coefficients
     from planner.memory import cuda_context_bytes, paged_state_bytes
     from planner.multigpu import nccl_buffer_bytes
     from planner.specs import LoraSettings, TrainSettings

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from planner.calibration import load_coefficients
+from planner.coefficients import load_coefficients
 from planner.launch import accelerate_config, launch_argv, write_config
 from planner.memory import cuda_context_bytes
 from planner.multigpu import nccl_buffer_bytes, plan_multi

@@ -63,134 +63,27 @@ def _cfg(model, batch, seq, ckpt, rank, targets, optim, dtype="bf16", dq=True, a
 
 
 def grid(name: str) -> list[dict]:
-    """Named sweeps. Each is sized to finish inside one 10-minute GPU command."""
-    A, L = "attn", "all-linear"
-    if name == "tiny":  # CPU smoke test of the whole path
-        return [_cfg("tiny-llama", 2, 32, c, r, t, o) for c in (False, True) for r, t in ((8, A), (4, L))
-                for o in ("adamw_torch", "paged_adamw_8bit")]
-    if name == "h200-a":
-        rows = []
-        for m in ("qwen2.5-1.5b", "mistral-7b"):
-            rows += [_cfg(m, 1, 256, False, 8, A, "adamw_torch"),
-                     _cfg(m, 4, 512, False, 16, A, "paged_adamw_32bit"),
-                     _cfg(m, 8, 512, False, 16, L, "paged_adamw_32bit", bisect=True),
-                     _cfg(m, 2, 1024, False, 64, L, "paged_adamw_8bit"),
-                     _cfg(m, 1, 4096, False, 8, A, "adamw_torch"),
-                     _cfg(m, 16, 256, False, 16, L, "adamw_torch"),
-                     _cfg(m, 1, 512, True, 8, A, "paged_adamw_32bit"),
-                     _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", bisect=True),
-                     _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit"),
-                     _cfg(m, 2, 4096, True, 16, A, "adamw_torch"),
-                     _cfg(m, 8, 2048, True, 8, L, "adamw_torch"),
-                     _cfg(m, 16, 1024, True, 16, A, "paged_adamw_32bit", bisect=True),
-                     _cfg(m, 4, 4096, True, 64, L, "paged_adamw_32bit")]
-            rows += [_cfg(m, 4, 512, True, 16, L, "paged_adamw_32bit", dtype="fp16"),
-                     _cfg(m, 2, 2048, False, 16, A, "paged_adamw_32bit", dtype="fp16"),
-                     _cfg(m, 8, 1024, True, 16, L, "adamw_torch", dq=False),
-                     _cfg(m, 2, 1024, False, 64, A, "paged_adamw_32bit", dq=False)]
-        return rows
-    if name == "h200-alloc":  # the same shapes under the other allocator mode (run with a different PYTORCH_CUDA_ALLOC_CONF)
-        m = "mistral-7b"
-        return [_cfg(m, 4, 512, False, 16, A, "paged_adamw_32bit"),
-                _cfg(m, 8, 512, False, 16, L, "paged_adamw_32bit", bisect=True),
-                _cfg(m, 16, 256, False, 16, L, "adamw_torch"),
-                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", bisect=True),
-                _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit"),
-                _cfg(m, 8, 2048, True, 8, L, "adamw_torch"),
-                _cfg(m, 16, 1024, True, 16, A, "paged_adamw_32bit", bisect=True)]
-    if name in ("h200-alloc-b", "h200-alloc-q"):  # the default allocator on two more models (the 128k vocabulary, tied embeddings)
-        m = "llama-3.1-8b" if name == "h200-alloc-b" else "qwen2.5-1.5b"
-        return [_cfg(m, 2, 512, False, 16, A, "paged_adamw_32bit"),
-                _cfg(m, 4, 512, False, 16, L, "paged_adamw_32bit", bisect=True),
-                _cfg(m, 8, 256, False, 64, L, "adamw_torch"),
-                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", bisect=True),
-                _cfg(m, 16, 512, True, 8, L, "paged_adamw_8bit"),
-                _cfg(m, 4, 4096, True, 16, A, "adamw_torch"),
-                _cfg(m, 8, 2048, True, 64, L, "paged_adamw_32bit"),
-                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", dtype="fp16")]
-    if name == "h200-alloc-c":  # the default allocator on a second 32k-vocabulary model (checkpointed peaks in a layer)
-        m = "llama-2-7b"
-        return [_cfg(m, 4, 512, False, 16, A, "paged_adamw_32bit"),
-                _cfg(m, 2, 1024, False, 64, L, "adamw_torch"),
-                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", bisect=True),
-                _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit"),
-                _cfg(m, 8, 2048, True, 8, L, "adamw_torch"),
-                _cfg(m, 16, 1024, True, 16, A, "paged_adamw_32bit", bisect=True),
-                _cfg(m, 2, 4096, True, 8, L, "paged_adamw_32bit"),
-                _cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=8),
-                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", dtype="fp16")]
-    if name == "h200-p":  # partial checkpointing: the last N decoder layers keep their activations
-        rows = []
-        for m, n in (("mistral-7b", 32), ("llama-3.1-8b", 32), ("qwen2.5-1.5b", 28)):
-            rows += [_cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=n // 4, bisect=True),
-                     _cfg(m, 4, 2048, True, 16, A, "adamw_torch", unckpt=n // 2),
-                     _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit", unckpt=n - 4)]
-        return rows + [_cfg("llama-2-7b", 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=8),
-                       _cfg("llama-2-7b", 4, 512, True, 16, A, "adamw_torch", unckpt=16)]
-    if name == "h200-t":  # a fifth model: tied embeddings with Llama-3's 128k vocabulary, full and partial checkpointing
-        m = "llama-3.2-1b"
-        return [_cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit"),
-                _cfg(m, 16, 1024, True, 16, A, "adamw_torch"),
-                _cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=4),
-                _cfg(m, 4, 2048, True, 16, A, "adamw_torch", unckpt=8),
-                _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit", unckpt=12),
-                _cfg(m, 4, 512, False, 16, L, "paged_adamw_32bit")]
-    if name == "h200-heldout":  # models the fit never sees (calibration/heldout/): two new architectures, two larger models
-        return [_cfg("phi-3-mini", 4, 1024, True, 16, L, "paged_adamw_32bit"),
-                _cfg("phi-3-mini", 8, 512, False, 8, A, "adamw_torch"),
-                _cfg("phi-3-mini", 2, 2048, True, 64, L, "paged_adamw_8bit"),
-                _cfg("phi-3-mini", 16, 512, True, 16, A, "adamw_torch", unckpt=8),
-                _cfg("gemma-2-2b", 4, 1024, True, 16, L, "paged_adamw_32bit"),
-                _cfg("gemma-2-2b", 2, 512, False, 16, A, "adamw_torch"),
-                _cfg("gemma-2-2b", 8, 512, True, 8, L, "paged_adamw_8bit"),
-                _cfg("gemma-2-2b", 1, 2048, True, 64, A, "adamw_torch"),
-                _cfg("qwen2.5-7b", 4, 1024, True, 16, L, "paged_adamw_32bit"),
-                _cfg("qwen2.5-7b", 8, 2048, True, 16, A, "adamw_torch"),
-                _cfg("qwen2.5-7b", 2, 512, False, 64, L, "paged_adamw_8bit"),
-                _cfg("qwen2.5-7b", 16, 512, True, 16, L, "paged_adamw_32bit", unckpt=8),
-                _cfg("llama-2-13b", 4, 1024, True, 16, L, "paged_adamw_32bit"),
-                _cfg("llama-2-13b", 8, 512, True, 64, L, "paged_adamw_8bit"),
-                _cfg("llama-2-13b", 1, 2048, False, 16, A, "adamw_torch"),
-                _cfg("llama-2-13b", 16, 1024, True, 8, A, "paged_adamw_32bit")]
-    if name == "h200-repeat":  # the worst expandable-segments row measured again, and its Mistral twin
-        return [_cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit") for m in ("llama-2-7b", "mistral-7b")]
-    if name.startswith("speed-partial:"):  # benchmarks/partial_ckpt_speed.py: one model, each setting twice
-        m = name.split(":", 1)[1]
+    """A named sweep: calibration/grids/<name>.json (grid_from_json's format), each sized to finish inside one
+    10-minute GPU command. `speed-partial:<model>` is generated: benchmarks/partial_ckpt_speed.py's settings
+    for one model, each measured twice."""
+    if name.startswith("speed-partial:"):
+        m, L = name.split(":", 1)[1], "all-linear"
         once = [_cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit", unckpt=u) for u in (0, 4, 8, 16, 31)]
         return (once + [_cfg(m, 8, 1024, False, 16, L, "paged_adamw_32bit")]) * 2
-    if name == "h200-c":  # a fourth architecture whose checkpointed backward, not the logits, sets the peak
-        m = "llama-2-7b"
-        return [_cfg(m, 4, 512, True, 16, L, "paged_adamw_32bit", bisect=True),
-                _cfg(m, 8, 1024, True, 16, A, "adamw_torch"),
-                _cfg(m, 16, 512, True, 64, L, "paged_adamw_8bit"),
-                _cfg(m, 2, 4096, True, 8, L, "paged_adamw_32bit"),
-                _cfg(m, 8, 2048, True, 16, L, "adamw_torch"),
-                _cfg(m, 1, 1024, True, 8, A, "paged_adamw_32bit"),
-                _cfg(m, 4, 512, False, 16, A, "paged_adamw_32bit"),
-                _cfg(m, 2, 1024, False, 64, L, "adamw_torch"),
-                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", dtype="fp16")]
-    if name == "h200-b":
-        m = "llama-3.1-8b"
-        return [_cfg(m, 1, 512, False, 16, A, "paged_adamw_32bit"),
-                _cfg(m, 4, 512, False, 8, L, "adamw_torch", bisect=True),
-                _cfg(m, 2, 2048, False, 16, L, "paged_adamw_8bit"),
-                _cfg(m, 1, 4096, False, 64, A, "paged_adamw_32bit"),
-                _cfg(m, 8, 256, False, 64, L, "adamw_torch"),
-                _cfg(m, 2, 512, True, 16, A, "paged_adamw_32bit"),
-                _cfg(m, 8, 1024, True, 16, L, "paged_adamw_32bit", bisect=True),
-                _cfg(m, 16, 512, True, 8, L, "paged_adamw_8bit"),
-                _cfg(m, 4, 4096, True, 16, A, "adamw_torch"),
-                _cfg(m, 16, 2048, True, 64, L, "paged_adamw_32bit"),
-                _cfg(m, 4, 1024, True, 16, L, "paged_adamw_32bit", dtype="fp16"),
-                _cfg(m, 2, 1024, False, 16, A, "adamw_torch", dtype="fp16"),
-                _cfg(m, 4, 2048, True, 64, L, "paged_adamw_8bit", dq=False),
-                _cfg(m, 2, 512, False, 8, L, "paged_adamw_32bit", dq=False)]
-    raise SystemExit(f"unknown grid {name!r}")
+    from planner.coefficients import CALIBRATION_DIR
+
+    path = CALIBRATION_DIR / "grids" / f"{name}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.json")))
+        raise SystemExit(f"unknown grid {name!r} (calibration/grids/ has {known}; or speed-partial:<model>)")
+    return grid_from_json(str(path))
 
 
 def grid_from_json(path: str) -> list[dict]:
-    """A JSON list of {model, batch, seq, ckpt, rank, targets, optim[, dtype, dq, accum, budget, bisect, unckpt]}."""
-    return [_cfg(**row) for row in json.loads(Path(path).read_text())]
+    """A JSON list of {model, batch, seq, ckpt, rank, targets, optim[, dtype, dq, accum, budget, bisect, unckpt]},
+    or an object {"description": ..., "configs": [that list]} (calibration/grids/*.json)."""
+    doc = json.loads(Path(path).read_text())
+    return [_cfg(**row) for row in (doc["configs"] if isinstance(doc, dict) else doc)]
 
 
 def _model_path(spec_name: str, config_fields: dict, dtype: str, workdir: Path, layers: int | None) -> str:

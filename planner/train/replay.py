@@ -96,7 +96,7 @@ def grid_rows(name: str, alloc_conf: str) -> list[dict]:
 
 def analytic(row: dict) -> dict:
     """The analytic plan's prediction with the published coefficients (calibration/coefficients.json)."""
-    from planner.calibration import load_coefficients
+    from planner.coefficients import load_coefficients
     from planner.fit import _row_settings
     from planner.memory import estimate
     from planner.profiles import load_model

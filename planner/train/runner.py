@@ -38,7 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from planner import data as qdata
-from planner.calibration import load_coefficients, user_cache_dir
+from planner.coefficients import load_coefficients, user_cache_dir
 from planner.memory import cuda_context_bytes, resolve_targets
 from planner.profiles import ProfileError, load_gpu, load_model, match_gpu_name
 from planner.report import gib_str

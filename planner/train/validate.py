@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from planner.calibration import load_coefficients
+from planner.coefficients import load_coefficients
 from planner.profiles import load_gpu, load_model
 from planner.search import Request, next_larger_batch, search
 

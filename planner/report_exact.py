@@ -1,6 +1,6 @@
-"""`qfit plan --exact`: the traced breakdown beside the analytic one (numbers in planner/exact.py).
+"""Rendering of `qfit plan --exact`: the traced breakdown beside the analytic one (numbers in planner/exact.py).
 
-Example (once cli.py wires it):  qfit plan mistral-7b --gpu h200 --exact
+Example:  qfit plan mistral-7b --gpu h200 --exact
 
 `exact_json` gathers the numbers, `exact_section` renders them; both trace the step unless given an
 ExactResult. Bytes stay int until gib_str turns them into GiB at display. Standard library and
@@ -38,49 +38,13 @@ def _result(model_spec, lora: LoraSettings, train: TrainSettings, result: ExactR
 
 
 def exact_json(model_spec, lora: LoraSettings, train: TrainSettings, breakdown: MemoryBreakdown,
-               result: ExactResult | None = None, device=None) -> dict:
-    """The `exact` object of `qfit plan --exact --json`: traced bytes per analytic field and per category.
-    device: the plan's GpuSpec (or a planner.exact.CudaDevice); default H200. Raises ValueError (one line)."""
-    res = _result(model_spec, lora, train, result, device)
-    traced = res.as_fields()
-    fields = {}
-    for name in (*MemoryBreakdown.ALLOCATED_FIELDS, "other"):
-        analytic = getattr(breakdown, name, 0) if name != "other" else 0
-        fields[name] = {"analytic_bytes": analytic, "traced_bytes": traced.get(name, 0)}
-    # reserved: the allocator simulated over a whole-depth trace; else traced allocated + the fitted slack
-    simulated = res.simulated_reserved_bytes > 0
-    reserved = res.simulated_reserved_bytes if simulated else res.peak_allocated_bytes + breakdown.allocator_reserve
-    return {
-        "model": res.model,
-        "peak_allocated_bytes": res.peak_allocated_bytes,
-        "peak_reserved_bytes": reserved,
-        "reserved_source": "allocator simulation" if simulated else "traced allocated + fitted allocator slack",
-        "allocator": "expandable_segments:True" if res.expandable_segments else "default",
-        "device_used_bytes": reserved + breakdown.cuda_context + res.paged_optimizer_bytes,
-        "required_bytes": res.simulated_required_bytes or None,
-        "analytic_required_bytes": breakdown.required_bytes,
-        "analytic_peak_reserved_bytes": breakdown.peak_reserved_bytes,
-        "analytic_device_used_bytes": breakdown.device_used_bytes,
-        "peak_allocated_without_cublas_workspace_bytes": res.tensor_peak_bytes,
-        "analytic_peak_allocated_bytes": breakdown.peak_allocated_bytes,
-        "peak_phase": res.peak_phase,
-        "analytic_peak_phase": breakdown.peak_phase,
-        "peak_op": res.peak_op,
-        "fields": fields,
-        "categories": dict(res.categories),
-        "static": dict(res.static),
-        "phase_peaks": dict(res.phase_peaks),
-        "paged_optimizer_bytes": res.paged_optimizer_bytes,
-        "analytic_paged_optimizer_bytes": breakdown.paged_optimizer_state,
-        "layers_traced": list(res.layers_traced),
-        "num_hidden_layers": res.num_hidden_layers,
-        "extrapolated": res.extrapolated,
-        "attn_implementation": res.attn_implementation,
-        "optimizer": res.optimizer,
-        "device": res.device,
-        "trace_seconds": res.trace_seconds,
-        "notes": list(res.notes),
-    }
+               result: ExactResult | None = None, device=None, traced_uncheckpointed_layers: int | None = None) -> dict:
+    """The `exact` object of `qfit plan --exact --json` (planner.documents.exact_document), tracing the step
+    unless given its ExactResult. device: the plan's GpuSpec (or a planner.exact.CudaDevice); default H200.
+    Raises QfitError (one line)."""
+    from planner.documents import exact_document
+
+    return exact_document(_result(model_spec, lora, train, result, device), breakdown, traced_uncheckpointed_layers)
 
 
 def exact_section(model_spec, lora: LoraSettings, train: TrainSettings, breakdown: MemoryBreakdown,

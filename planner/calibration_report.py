@@ -1,43 +1,21 @@
-"""`qfit calibrate`: refit coefficients from measured runs and write the report; sweep a user's GPU.
-
-The fit and the cross-validation live in calibration.py; this module does the file work.
+"""calibration/REPORT.md: one job, the report `qfit calibrate --refit` writes beside the coefficients. Each
+section is a function over the measured rows (calibration/runs, multigpu, heldout, validation) and the fitted
+coefficients, returning markdown lines; render_report joins them. Also the predicted-vs-measured plot.
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from planner.calibration import CALIBRATION_DIR, DEFAULTS_FILE, FITTED_FILE, user_cache_dir, user_coefficients_file
-from planner.fit import (
-    CONTAMINATION_BYTES,
-    contaminated,
-    cross_validate,
-    error_summary,
-    fit,
-    fit_multigpu,
-    per_measurement,
-    predict_rows,
-    prepare_rows,
-    read_runs,
-)
+from planner.coefficients import CALIBRATION_DIR
+from planner.fit import CONTAMINATION_BYTES, error_summary, prepare_rows, read_runs
 from planner.report import gib_str
 
 REPORT_FILE = CALIBRATION_DIR / "REPORT.md"
 PLOT_FILE = CALIBRATION_DIR / "predicted_vs_measured.png"
 VALIDATION_GLOB = str(CALIBRATION_DIR / "validation" / "*.csv")
-
-
-def expand_runs(pattern: str) -> list[str]:
-    paths = sorted(glob.glob(pattern))
-    if not paths:
-        raise ValueError(f"no run files match {pattern!r}")
-    return paths
 
 
 def _environment(df) -> dict:
@@ -47,81 +25,6 @@ def _environment(df) -> dict:
         values = sorted({str(v) for v in df[k] if str(v)})
         out[k] = (f"{values[0]} to {values[-1]}" if k == "date" else ", ".join(values)) if len(values) > 1 else values[0]
     return out
-
-
-def coefficients_document(coeffs, df, cv_model, cv_family, name: str) -> dict:
-    env = _environment(df)
-    ok = df[(df["status"] == "ok") & (df["budget_bytes"].astype(int) == 0)]
-    return {
-        "name": name,
-        "description": "fitted by `qfit calibrate --refit` from calibration/runs/*.csv",
-        "measured_on": {"gpu": env["gpu_name"], "runs": error_summary(cv_model)["runs"], "models": sorted(set(ok["model"])),
-                        "stack": f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
-                                 f"bitsandbytes {env['bitsandbytes']}, CUDA {env['cuda']}, driver {env['driver']}",
-                        "date": env["date"]},
-        "cross_validation": {"leave_one_model_out": error_summary(cv_model),
-                             "leave_one_family_out": error_summary(cv_family),
-                             "leave_one_model_out_every_measurement": error_summary(per_measurement(cv_model)),
-                             "leave_one_family_out_every_measurement": error_summary(per_measurement(cv_family))},
-        "values": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in coeffs.values.items()},
-    }
-
-
-def _speed_cv(df, base) -> dict:
-    """Leave-one-model-out error of the throughput model on measured tokens/s."""
-    import numpy as np
-
-    from planner.fit import _gpu_of, _row_settings
-    from planner.profiles import load_model
-    from planner.speed import tokens_per_second
-
-    errs = []
-    for m in sorted(set(df["model"])):
-        held = df["model"] == m
-        c = fit(df[~held], base)
-        for _, row in df[held].iterrows():
-            if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["tokens_per_s"]) or contaminated(row):
-                continue
-            lora, train = _row_settings(row)
-            pred = tokens_per_second(load_model(row["model"]), lora, train, _gpu_of(row), c)
-            errs.append((pred - float(row["tokens_per_s"])) / float(row["tokens_per_s"]))
-    e = np.abs(np.array(errs))
-    return {"runs": len(errs), "median_abs_pct": round(float(np.median(e) * 100), 1),
-            "max_abs_pct": round(float(e.max() * 100), 1)}
-
-
-def refit_and_report(paths: list[str], out_path: str | None = None, report_path: str | None = None) -> str:
-    """Fit on every run, cross-validate (never on fitted points), write coefficients and the report."""
-    from planner.calibration import _read
-
-    df = read_runs(paths)
-    base = _read(str(DEFAULTS_FILE))
-    coeffs = fit(df, base)
-    multi = _multigpu_runs()
-    if multi is not None:  # several GPUs: NCCL buffers and the FSDP margin (planner.fit.fit_multigpu)
-        coeffs = _with_values(coeffs, **fit_multigpu(multi, coeffs))
-    cv_model = cross_validate(df, "model", base)
-    cv_family = cross_validate(df, "family", base)
-    speed = _speed_cv(df, base)
-    doc = coefficients_document(coeffs, df, cv_model, cv_family, f"h200-{_environment(df)['date']}")
-    doc["cross_validation"]["speed_leave_one_model_out"] = speed
-    doc["values"]["speed_cv_error_pct"] = speed["median_abs_pct"]
-    out = Path(out_path) if out_path else FITTED_FILE
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    items = prepare_rows(df, base)
-    doc["contaminated"] = contamination_effect(df, base, items)
-    fitted_preds = predict_rows(items, coeffs)
-    exact = exact_mode_rows(items, paths)
-    heldout = heldout_rows(coeffs)
-    report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout, exact_budget_rows(df, coeffs))
-    rpath = Path(report_path) if report_path else REPORT_FILE
-    rpath.write_text(report)
-    plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)
-    s = doc["cross_validation"]["leave_one_model_out"]
-    return (f"fitted {s['runs']} runs of {', '.join(s['models'])}: leave-one-model-out peak reserved "
-            f"median {s['reserved']['median_abs_pct']}% / max {s['reserved']['max_abs_pct']}%; "
-            f"peak allocated median {s['allocated']['median_abs_pct']}% / max {s['allocated']['max_abs_pct']}%\n"
-            f"wrote {out} and {rpath}" + (f" and {plot}" if plot else " (no plot: pip install matplotlib)"))
 
 
 def _families(models: list[str]) -> dict[str, list[str]]:
@@ -497,14 +400,14 @@ def multigpu_section(coeffs) -> list[str]:
                   "| run | allocator budget per rank GiB | status | measured allocated / reserved GiB | NVML per GPU GiB | "
                   "qfit's needs per GPU now, of the card GiB |",
                   "|---|---|---|---|---|---|"]
-        from planner.fit import _multi_row_settings
+        from planner.fit import _row_settings
         from planner.memory import cuda_context_bytes
         from planner.multigpu import fsdp_per_gpu, nccl_buffer_bytes
         from planner.profiles import load_model
 
         for _, r in capped.iterrows():
             ok = r["status"] == "ok"
-            lora, train = _multi_row_settings(r)
+            lora, train = _row_settings(r)
             needs = fsdp_per_gpu(load_model(r["model"]), lora, train, coeffs, int(r["world_size"])).needs_bytes
             card = int(r["budget_bytes"]) + cuda_context_bytes(coeffs) + nccl_buffer_bytes(coeffs)
             lines.append(f"| {r['run_id']} | {gib_str(int(r['budget_bytes']))} | {r['status']} | "
@@ -522,17 +425,14 @@ def multigpu_section(coeffs) -> list[str]:
             lines.append("")
             lines.append(f"{strat.upper()}: {len(errs)} rank rows, per-rank peak allocated error median "
                          f"{errs[len(errs) // 2]:.1f}% / max {errs[-1]:.1f}% (absolute).")
+    from planner.codec import settings_from_dict
     from planner.multigpu import peak_allocated_per_gpu, per_gpu
-    from planner.specs import LoraSettings, TrainSettings
 
     for path in sorted(MULTIGPU_DIR.glob("*.report.json")):
         rep = json.loads(path.read_text())
         pred = rep["memory"]["predicted_per_gpu"]
         st = rep["planned"]
-        lora = LoraSettings(rank=st["rank"], alpha=st["alpha"], dropout=st["lora_dropout"], targets=tuple(st["targets"]))
-        train = TrainSettings(batch_size=st["batch_size"], grad_accum=st["grad_accum"], seq_len=st["seq_len"],
-                              gradient_checkpointing=st["gradient_checkpointing"], optim=st["optim"],
-                              compute_dtype=st["compute_dtype"], double_quant=st["double_quant"])
+        lora, train = settings_from_dict(st)
         model = load_model("mistral-7b" if rep["model"]["name"].startswith("mistral-7b") else rep["model"]["name"])
         now = peak_allocated_per_gpu(per_gpu(rep["strategy"], model, lora, train, coeffs, rep["num_gpus"]))
         meas0 = rep["memory"]["measured_per_rank"][0]["peak_allocated_bytes"]
@@ -678,81 +578,3 @@ def write_plot(preds: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# --------------------------------------------------------------------------- a user's own GPU
-
-def calibrate_this_gpu(target_model: str | None, echo=print) -> Path:
-    """Sweep this machine's GPU (a few minutes), fit, and write user coefficients for it."""
-    from planner.hardware import detect_gpu
-    from planner.profiles import match_gpu_name
-
-    found = detect_gpu()
-    if found is None:
-        raise ValueError("no NVIDIA GPU found: `qfit calibrate --gpu auto` runs on a CUDA machine "
-                         "(on a CPU, `qfit calibrate --refit` refits the committed data)")
-    name, total = found
-    spec = match_gpu_name(name)
-    key = spec.name if spec else f"{total}B"
-    cache = user_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    grid = _user_grid(target_model)
-    grid_file = cache / "calibrate-grid.json"
-    grid_file.write_text(json.dumps(grid))
-    runs = cache / f"calibrate-{key}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
-    for alloc in ("expandable_segments:True", ""):
-        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=alloc)
-        echo(f"sweeping {len(grid)} configurations (PYTORCH_CUDA_ALLOC_CONF={alloc or 'default'}) ...")
-        subprocess.run([sys.executable, "-m", "planner.train.harness", "--grid", str(grid_file), "--out", str(runs),
-                        "--workdir", str(cache / "models")], env=env, check=True)
-    df = read_runs([str(runs)])
-    # the shipped calibration is the prior: a few minutes of runs on one or two models refine it (the ridge pulls
-    # what they cannot identify back to it) instead of replacing a 64-run fit
-    from planner.calibration import load_coefficients
-
-    shipped = load_coefficients(None)
-    coeffs = fit(df, base=shipped)
-    errs = error_summary(predict_rows(prepare_rows(df, shipped), coeffs))
-    echo(f"fitted on {errs['runs']} runs of {', '.join(errs['models'])} (in-sample): peak reserved median "
-         f"{errs['reserved']['median_abs_pct']}% / max {errs['reserved']['max_abs_pct']}% error; "
-         f"CUDA context {gib_str(int(coeffs.get('cuda_context_bytes')))} GiB")
-    out = user_coefficients_file(key)
-    out.write_text(json.dumps({"name": f"user-{key}", "description": f"your calibration of {name} ({runs.name})",
-                               "measured_on": {"gpu": name, "runs": int((df['status'] == 'ok').sum()), "date": time.strftime('%Y-%m-%d')},
-                               "values": coeffs.values}, indent=2))
-    return out
-
-
-def _user_grid(target_model: str | None) -> list[dict]:
-    models = ["qwen2.5-0.5b"] + ([target_model] if target_model else [])
-    rows = []
-    for m in models:
-        for batch, seq, ckpt, rank, targets, optim in ((1, 512, True, 16, "all-linear", "paged_adamw_32bit"),
-                                                        (4, 512, False, 16, "attn", "adamw_torch"),
-                                                        (4, 1024, True, 16, "all-linear", "paged_adamw_32bit"),
-                                                        (2, 2048, True, 64, "all-linear", "paged_adamw_8bit")):
-            rows.append({"model": m, "batch": batch, "seq": seq, "ckpt": ckpt, "rank": rank, "targets": targets,
-                         "optim": optim, "bisect": batch == 4 and ckpt})
-    return rows
-
-
-def refit_from_user_runs(echo=print) -> Path:
-    """Refit for this GPU from `qfit run` measurements appended to the user's runs.csv."""
-    path = user_cache_dir() / "runs.csv"
-    if not path.is_file():
-        raise ValueError(f"no measured runs yet ({path} does not exist): train with `qfit run` first")
-    df = read_runs([str(path)])
-    if (df["status"] == "ok").sum() < 3:
-        raise ValueError(f"{path} has fewer than 3 completed runs: too few to refit")
-    gpu = str(df.iloc[-1]["gpu_name"])
-    from planner.profiles import match_gpu_name
-
-    spec = match_gpu_name(gpu)
-    key = spec.name if spec else gpu.replace(" ", "-")
-    coeffs = fit(df)
-    out = user_coefficients_file(key)
-    out.write_text(json.dumps({"name": f"user-runs-{key}", "description": f"refit from your runs on {gpu}",
-                               "measured_on": {"gpu": gpu, "runs": int((df['status'] == 'ok').sum())},
-                               "values": coeffs.values}, indent=2))
-    echo(f"refit {len(df)} runs on {gpu}")
-    return out

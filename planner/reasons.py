@@ -1,0 +1,133 @@
+"""Why this plan, and what would fit when nothing does: computed beside the search, as data.
+
+`explain()` runs planner.search.search and attaches to its SearchResult the reasons `qfit plan` prints
+under "Why:" (`reasons`, one sentence each) and, when nothing fits, the advice (`advice`: the smallest
+larger catalog GPU, a shorter sequence on this card, the fewest of these GPUs). Both need a few more
+estimates and searches, so the search itself (called per GPU by `qfit compare`) does not make them.
+planner.report renders them; planner.documents puts the same data in `--json`. No I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from planner.multigpu import FSDP_OPTIM, fewest_gpus, least_memory_request, plan_multi
+from planner.profiles import all_gpus
+from planner.search import AUTO_SEQ_LENS, Request, SearchResult, next_larger_batch, search
+from planner.specs import Coefficients, GpuSpec, MemoryBreakdown, ModelSpec, Plan
+
+MAX_GPUS = 8  # the largest count the advice tries: one host
+
+
+@dataclass(frozen=True, slots=True)
+class NoFitAdvice:
+    """What would fit when nothing does on the asked GPU(s). Bytes are int."""
+
+    larger_gpu: GpuSpec | None  # the smallest larger catalog GPU on which one card fits; None: none does
+    seq_len: int | None  # the longest shorter --seq-len that fits on this card (one GPU, seq fixed); None: none
+    fewest_gpus: tuple[int, str, bool] | None  # (n, strategy, cpu_offload) of planner.multigpu.fewest_gpus
+    max_gpus: int = MAX_GPUS
+    # when no count fits because FSDP's load phase alone exceeds the card even on max_gpus GPUs:
+    load_needs_bytes: int | None = None
+    usable_bytes: int | None = None
+
+
+def why(result: SearchResult, best: Plan, coeffs: Coefficients) -> tuple[str, ...]:
+    """The "Why:" sentences of a fitting plan: what limited the micro-batch, why partial or full
+    checkpointing, the largest memory term."""
+    from planner.report import component_labels, gib_str
+
+    lines = []
+    bigger = next_larger_batch(best, coeffs)
+    t = best.train
+    if bigger is not None and not bigger.fits:
+        lines.append(f"micro-batch {bigger.train.batch_size} would need {gib_str(bigger.memory.needs_bytes)} GiB "
+                     f"(capacity after the {coeffs.get('safety_margin_frac') * 100:.0f}% safety margin: "
+                     f"{gib_str(best.capacity_bytes)} GiB).")
+    elif t.batch_size == t.effective_batch:
+        lines.append(f"the micro-batch is the whole effective batch ({t.effective_batch}); raise --effective-batch to go bigger.")
+    k, layers = t.checkpointed_layers(best.model.num_hidden_layers), best.model.num_hidden_layers
+    if t.gradient_checkpointing and 0 < k < layers:
+        full = [p for p in result.plans if p.train == replace(t, uncheckpointed_layers=0) and p.lora == best.lora]
+        gain = f" (est. {best.tokens_per_s / full[0].tokens_per_s - 1:+.0%} tokens/s)" if full and full[0].tokens_per_s else ""
+        lines.append(f"the last {layers - k} of {layers} layers are not checkpointed: they keep their activations "
+                     f"in memory that would otherwise stay unused and skip their recompute{gain}.")
+    if t.gradient_checkpointing:
+        twin = [p for p in result.plans if p.train.batch_size == t.batch_size and not p.train.gradient_checkpointing
+                and p.lora == best.lora and p.train.optim == t.optim and p.train.seq_len == t.seq_len]
+        if twin and not twin[0].fits:
+            lines.append(f"checkpointing is on: without it this micro-batch needs {gib_str(twin[0].memory.needs_bytes)} GiB.")
+        elif twin:
+            lines.append("checkpointing is on: with it a larger micro-batch fits, which is faster overall here.")
+    comps = best.memory.components()
+    largest = max(MemoryBreakdown.ALLOCATED_FIELDS, key=lambda k: comps[k])
+    lines.append(f"largest term: {component_labels(best)[largest]}, {gib_str(comps[largest])} GiB.")
+    return tuple(lines)
+
+
+def larger_gpu(model: ModelSpec, req: Request, coeffs: Coefficients, gpu: GpuSpec) -> GpuSpec | None:
+    """The smallest larger catalog GPU on which one card fits `req`."""
+    for other in all_gpus():
+        if other.memory_bytes > gpu.memory_bytes and search(model, other, req, coeffs).best is not None:
+            return other
+    return None
+
+
+def load_phase_limit(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, strategy: str | None = None,
+                     cpu_offload: bool | None = None, max_n: int = MAX_GPUS) -> tuple[int, int] | None:
+    """(load needs, usable bytes) when FSDP's load phase alone exceeds the card even on max_n GPUs (every rank
+    first loads the whole 4-bit model: measured), which is why no count fits; None otherwise."""
+    if (strategy or "auto") == "ddp" or req.optim not in (None, FSDP_OPTIM):
+        return None
+    plans = plan_multi(model, gpu, least_memory_request(req), coeffs, max_n, "fsdp", cpu_offload=bool(cpu_offload))
+    load = min(p.memory.load_needs_bytes for p in plans)
+    return (load, plans[0].capacity_bytes) if load > plans[0].capacity_bytes else None
+
+
+def no_fit_advice(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients) -> NoFitAdvice:
+    """One GPU, nothing fits: the smallest catalog GPU that does, a shorter sequence on this one, and the
+    fewest of these GPUs (or why no count up to MAX_GPUS does)."""
+    seq = None
+    if req.seq_len != 0:
+        seq = next((s for s in reversed(AUTO_SEQ_LENS) if s < (req.seq_len or 512)
+                    and search(model, gpu, replace(req, seq_len=s), coeffs).best is not None), None)
+    found = fewest_gpus(model, gpu, req, coeffs, max_n=MAX_GPUS)
+    limit = None if found is not None else load_phase_limit(model, gpu, req, coeffs)
+    return NoFitAdvice(larger_gpu=larger_gpu(model, req, coeffs, gpu), seq_len=seq, fewest_gpus=found,
+                       load_needs_bytes=limit[0] if limit else None, usable_bytes=limit[1] if limit else None)
+
+
+def multi_no_fit_advice(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, n: int,
+                        strategy: str | None = None, cpu_offload: bool | None = None,
+                        loading: str | None = None) -> NoFitAdvice:
+    """n GPUs, nothing fits: the fewest larger count with the same strategy choices; when none up to
+    MAX_GPUS fits, why, and the smallest larger catalog GPU on which one card fits."""
+    found = fewest_gpus(model, gpu, req, coeffs, strategy, cpu_offload, loading, start=n + 1, max_n=MAX_GPUS)
+    if found is not None:
+        return NoFitAdvice(larger_gpu=None, seq_len=None, fewest_gpus=found)
+    limit = load_phase_limit(model, gpu, req, coeffs, strategy, cpu_offload)
+    return NoFitAdvice(larger_gpu=larger_gpu(model, req, coeffs, gpu), seq_len=None, fewest_gpus=None,
+                       load_needs_bytes=limit[0] if limit else None, usable_bytes=limit[1] if limit else None)
+
+
+def explain(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients) -> SearchResult:
+    """planner.search.search with its reasons (a fitting plan) or its no-fit advice attached."""
+    result = search(model, gpu, req, coeffs)
+    if result.best is not None:
+        return replace(result, reasons=why(result, result.best, coeffs))
+    return replace(result, advice=no_fit_advice(model, gpu, req, coeffs))
+
+
+def multi_why(choice) -> tuple[str, ...]:
+    """The "Why:" sentences of a fitting multi-GPU plan (choice: planner.multigpu.MultiChoice)."""
+    from planner.report import _largest, gib_str, multi_component_labels, multi_components
+
+    best = choice.best
+    comps, labels, largest = multi_components(best), multi_component_labels(best), _largest(best)
+    why = [f"largest term: {labels[largest]}, {gib_str(comps[largest])} GiB."]
+    if choice.strategy == "fsdp" and best.memory.peak_phase == "load":
+        why.append(f"the load phase sets the peak ({gib_str(best.memory.load_needs_bytes)} GiB per GPU, training "
+                   f"{gib_str(best.memory.training_needs_bytes)} GiB)"
+                   + ": every rank first loads the whole 4-bit model (measured; transformers loads a quantized "
+                   "checkpoint whole on each rank) and FSDP's wrap holds it beside the new shards.")
+    return tuple(why)
