@@ -110,10 +110,12 @@ def fit(rows: list[SpeedRow], start: Coefficients | None = None) -> dict[str, fl
     else:
         p0 = _initial(c, g, s)
     lb = np.zeros(len(PARAMS))
+    # a rate term can not beat the datasheet: its coefficient (1 / efficiency, or passes over the bytes) is >= 1
+    lb[len(CPU_TERMS):len(CPU_TERMS) + len(GPU_TERMS)] = 1.0
     lb[-1] = 1.0
     ub = np.full(len(PARAMS), np.inf)
     ub[-1] = OVERLAP_MAX
-    p0 = np.clip(p0, lb, np.where(np.isfinite(ub), ub, p0 + 1))
+    p0 = np.clip(p0, lb + 1e-3, np.where(np.isfinite(ub), ub, p0 + 1))
     res = least_squares(lambda p: np.log(_predict(p, a, c, g, s) / y), p0, bounds=(lb, ub), x_scale="jac")
     return {k: float(v) for k, v in zip(PARAMS, res.x)}
 
