@@ -263,10 +263,9 @@ def heldout_section(rows: list[dict]) -> list[str]:
 
 
 def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exact: list[dict] | None = None,
-                  heldout: list[dict] | None = None, exact_budget: list[dict] | None = None) -> str:
+                  heldout: list[dict] | None = None, exact_budget: list[dict] | None = None, speed: dict | None = None) -> str:
     cvm = doc["cross_validation"]["leave_one_model_out"]
     cvf = doc["cross_validation"]["leave_one_family_out"]
-    sp = doc["cross_validation"]["speed_leave_one_model_out"]
     m = doc["measured_on"]
     cvme = doc["cross_validation"]["leave_one_model_out_every_measurement"]
     lines = [
@@ -319,7 +318,9 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exa
             lines.append(f"| peak {kind}, leave-one-model-out, partial checkpointing ({ps['runs']} runs) | "
                          f"{ps[kind]['median_abs_pct']}% | {ps[kind]['max_abs_pct']}% | "
                          f"{ps[kind]['under_prediction_rate'] * 100:.1f}% | {ps[kind]['worst_under_pct']}% |")
-    lines += ["", f"Throughput model (tokens/s), leave-one-model-out: median {sp['median_abs_pct']}%, max {sp['max_abs_pct']}% over {sp['runs']} runs.",
+    sp = doc["cross_validation"]["speed"]["leave_one_configuration_out"]
+    lines += ["", f"Throughput model (tokens/s), leave-one-configuration-out: median {sp['median']}%, 90th percentile "
+              f"{sp['p90']}%, max {sp['max']}% over {sp['n']} measured configurations (see Throughput).",
               "", "The families (model_type) are " + "; ".join(
                   f"{fam}: {', '.join(ms)}" for fam, ms in _families(m["models"]).items())
               + ". Leave-one-family-out holds out every model of a family together.",
@@ -344,8 +345,80 @@ def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exa
         lines += exact_budget_section(exact_budget)
     lines += validation_section(coeffs)
     lines += multigpu_section(coeffs)
+    if speed:
+        lines += throughput_section(speed, coeffs)
     lines.append("")
     return "\n".join(lines)
+
+
+def speed_memory_rows(coeffs, speed_dir: Path | None = None) -> list[dict]:
+    """Peak allocated of the throughput sweeps' configurations (first measurement of each), predicted with the
+    memory coefficients fitted above: held-out checks on another GPU kind, packed rows included."""
+    import csv
+
+    from planner.codec import settings_from_dict
+    from planner.memory import estimate
+    from planner.profiles import load_model
+
+    out = []
+    for path in sorted((speed_dir or CALIBRATION_DIR / "speed").glob("*.csv")):
+        with path.open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r["status"] != "ok" or r["data"] == "padded" or not r["run_id"].endswith("|rep0"):
+                    continue
+                lora, train = settings_from_dict(r, packing=r["data"] == "packed",
+                                                 expandable_segments="expandable_segments:True" in r["alloc_conf"])
+                pred = estimate(load_model(r["model"]), lora, train, coeffs).peak_allocated_bytes
+                out.append({"file": path.name, "run_id": r["run_id"], "data": r["data"],
+                            "measured": int(r["peak_allocated_bytes"]), "predicted": pred,
+                            "error_pct": (pred / int(r["peak_allocated_bytes"]) - 1) * 100})
+    return out
+
+
+def throughput_section(speed: dict, coeffs) -> list[str]:
+    import statistics
+
+    def row(title, s):
+        return f"| {title} | {s['n']} | {s['median']}% | {s['p90']}% | {s['max']}% |"
+
+    lines = ["", "## Throughput", "",
+             "Measured by `python -m planner.train.throughput --grid calibration/grids/speed.json` (one child process per model; "
+             "every optimizer step timed with a CUDA synchronize, the first dropped, the median of the rest kept; "
+             "`full`: rows of seq_len random tokens, no padding, sdpa's causal kernel; `packed`: alpaca-like rows packed by "
+             "planner/packing.py, sdpa with transformers' block mask; `padded`: alpaca-like rows padded to the longest of "
+             "each micro-batch). The model is planner/speed.py; the fit planner/speed_fit.py, on "
+             f"{', '.join(speed['fitted_on'])} ({speed['configurations']} configurations, {speed['rows']} rows, "
+             f"GPU {', '.join(speed['gpus'])}; models {', '.join(speed['models'])}). Errors are of tokens/s.", "",
+             "| check | rows | median abs error | 90th percentile | max |", "|---|---|---|---|---|",
+             row("leave one configuration out (its repeat with it)", speed["leave_one_configuration_out"]),
+             row("leave one model out", speed["leave_one_model_out"])]
+    for o in speed["other_sweeps"]:
+        lines.append(row(f"`{o['file']}` (another machine, {', '.join(o['gpus'])}), the shipped coefficients", o["as_shipped"]))
+        lines.append(row(f"`{o['file']}`, the CPU terms x {o['cpu_scale']} fitted on its other configurations "
+                         "(what `qfit calibrate --gpu auto` identifies)", o["with_cpu_scale_held_out"]))
+    lines += ["", "The CPU terms (launch and Python overheads per layer pass, per 4-bit linear, per LoRA module) dominate small "
+              "micro-batches of small models, and they differ between two hosts with the same GPU: the same configuration "
+              "(Mistral-7B, micro-batch 1 x 512) took 0.527 s on one H100 machine and 0.352 s on the other. One factor on "
+              "the CPU terms, fitted on the machine itself, removes most of that.",
+              "", "Padded micro-batches (each a new shape) are not in the fit; predicted from their mean shape they run slower "
+              "than the model says, most steps several times slower (the first use of a shape is slow): "
+              + ", ".join(f"{p['run_id'].split('|')[0]} {p['error_pct']:+.0f}%" for p in speed["padded"]) + ". "
+              "Packing gives every micro-batch the same shape.",
+              "", "Leave-one-configuration-out errors per row (the fit sweep):", "",
+              "| configuration | measured s/step | error |", "|---|---|---|"]
+    lines += [f"| {p['run_id']} | {p['measured_s']} | {p['loo_error_pct']:+.1f}% |" for p in speed["per_row"]]
+    mem = speed_memory_rows(coeffs)
+    if mem:
+        lines += ["", "### Peak allocated of the throughput sweeps (memory coefficients above; these runs are not in the memory fit)", "",
+                  "| data | configurations | median abs error | max abs error |", "|---|---|---|---|"]
+        for kind in ("full", "packed"):
+            e = [abs(m["error_pct"]) for m in mem if m["data"] == kind]
+            if e:
+                lines.append(f"| {kind} | {len(e)} | {statistics.median(e):.2f}% | {max(e):.2f}% |")
+        lines += ["", "| sweep | configuration | measured GiB | predicted GiB | error |", "|---|---|---|---|---|"]
+        lines += [f"| {m['file']} | {m['run_id']} | {gib_str(m['measured'])} | {gib_str(m['predicted'])} | {m['error_pct']:+.2f}% |"
+                  for m in mem]
+    return lines
 
 
 MULTIGPU_DIR = CALIBRATION_DIR / "multigpu"

@@ -80,7 +80,7 @@ def detect_gpu_name() -> str:
 
 def build_request(seq_len, batch_size, grad_accum, effective_batch, rank, alpha, lora_dropout, targets,
                   gradient_checkpointing, optim, compute_dtype, double_quant, expandable_segments,
-                  uncheckpointed_layers=None) -> Request:
+                  uncheckpointed_layers=None, packing=True, optimize="quality") -> Request:
     for flag, v in (("--batch-size", batch_size), ("--grad-accum", grad_accum),
                     ("--effective-batch", effective_batch), ("--rank", rank), ("--alpha", alpha)):
         _positive(flag, v)
@@ -100,7 +100,7 @@ def build_request(seq_len, batch_size, grad_accum, effective_batch, rank, alpha,
                    seq_len=_seq_len(seq_len), rank=rank, alpha=alpha, lora_dropout=lora_dropout,
                    targets=_targets(targets), gradient_checkpointing=gradient_checkpointing, optim=optim,
                    compute_dtype=compute_dtype, double_quant=double_quant, expandable_segments=expandable_segments,
-                   uncheckpointed_layers=uncheckpointed_layers)
+                   uncheckpointed_layers=uncheckpointed_layers, packing=packing, optimize=optimize)
 
 
 def plan_options(f):
@@ -124,6 +124,11 @@ def plan_options(f):
         click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="bitsandbytes double quantization of the 4-bit scales."),
         click.option("--expandable-segments/--no-expandable-segments", default=True, show_default=True,
                      help="Model PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (what qfit run sets)."),
+        click.option("--packing/--no-packing", default=True, show_default=True,
+                     help="Pack rows into full micro-batches (no padding; what qfit run does). Off: one row per sequence."),
+        click.option("--optimize", type=click.Choice(("quality", "speed")), default="quality", show_default=True,
+                     help="quality: the largest LoRA adapter that fits, fastest settings for it; speed: the fastest plan "
+                          "of any adapter tier (r16 all-linear, r8 all-linear, r8 attention)."),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -10,10 +10,10 @@ max cost) are sorted and the cost-time Pareto set is marked.
 What is measured and what is estimated:
 - peak memory: predicted by planner.memory with coefficients fitted on H200 runs; the multi-GPU
   count by planner.multigpu (calibrated on 2 x H200 when the coefficients carry fsdp_margin_frac);
-- tokens/s: planner.speed, a roofline model whose efficiencies (mfu, dequant_bw_frac,
-  step_overhead_s) were fitted on H200 runs (calibration/runs/h200-*.csv). On the H200 the speed is
-  'calibrated'; every other GPU is scaled by its datasheet TFLOP/s and bandwidth ('estimated from
-  datasheet ratio'), an error nobody has measured yet;
+- tokens/s: planner.speed, CPU and GPU time terms fitted on measured steps (calibration/speed/*.csv; the
+  coefficients name the GPU kind, `speed_calibrated_on`). On that GPU kind the speed is 'calibrated'; every
+  other GPU is scaled by its datasheet TFLOP/s and bandwidth ('estimated from datasheet ratio'), an error
+  not measured here;
 - hours = total tokens / tokens_per_s / 3600, assuming packed sequences (no padding tokens);
 - cost = hours x price per GPU-hour (the profile's indicative price, or --price).
 """
@@ -29,9 +29,8 @@ from planner.multigpu import FSDP_OPTIM, FsdpMemory, fewest_gpus, fsdp_per_gpu, 
 from planner.search import Request, SearchResult, search, smallest
 from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
 
-# Every speed run so far was measured on one H200 (calibration/runs/h200-*.csv); the coefficients
-# file does not record the GPU of its speed fit, so it is stated here.
-SPEED_CALIBRATED_ON = ("h200",)
+# Coefficient key naming the GPU profile(s) the speed model was fitted on (comma-separated).
+SPEED_CALIBRATED_ON_KEY = "speed_calibrated_on"
 SPEED_CALIBRATED = "calibrated"
 SPEED_DATASHEET = "estimated from datasheet ratio"
 SPEED_NONE = "no speed facts"
@@ -296,6 +295,11 @@ def speed_basis(gpu: GpuSpec, calibrated_on: Sequence[str]) -> str:
     return SPEED_CALIBRATED if gpu.name in calibrated_on else SPEED_DATASHEET
 
 
+def speed_calibrated_on(coeffs: Coefficients) -> tuple[str, ...]:
+    """The GPU profiles the coefficients' speed model was fitted on (none: it is all datasheet scaling)."""
+    return tuple(n for n in str(coeffs.values.get(SPEED_CALIBRATED_ON_KEY, "")).split(",") if n)
+
+
 def speed_error_pct(coeffs: Coefficients) -> float | None:
     value = coeffs.values.get(SPEED_ERROR_KEY)
     return float(value) if value is not None else None
@@ -313,7 +317,7 @@ def _sort_key(sort: str):
 def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeffs: Coefficients,
             request: Request | None = None, prices: Mapping[str, float] | None = None,
             max_hours: float | None = None, max_cost: float | None = None, sort: str = "cost",
-            calibrated_on: Sequence[str] = SPEED_CALIBRATED_ON) -> Comparison:
+            calibrated_on: Sequence[str] | None = None) -> Comparison:
     """Every GPU's best plan, time and cost for one workload; see the module docstring.
 
     prices: GPU name -> USD per GPU-hour, overriding the profile's price.
@@ -332,6 +336,8 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
             raise QfitError(f"--price for {name} must be a non-negative number of USD per hour, got {price}")
     request = request or Request()
     err = speed_error_pct(coeffs)
+    if calibrated_on is None:
+        calibrated_on = speed_calibrated_on(coeffs)
     results = search_all(model, gpus, request, coeffs)
 
     rows = []

@@ -278,7 +278,6 @@ def fit(df, base: Coefficients | None = None) -> Coefficients:
     coeffs = _with(coeffs, **fit_reserve(items, coeffs))
     coeffs = _with(coeffs, **fit_required(df, coeffs))
     coeffs = _with(coeffs, cuda_context_bytes=fit_context(df, coeffs))
-    coeffs = _with(coeffs, **fit_speed(df, coeffs))
     return coeffs
 
 
@@ -333,35 +332,6 @@ def error_summary(preds: list[dict]) -> dict:
     modes = sorted({p["alloc_conf"] for p in preds})
     if len(modes) > 1:  # the allocator modes separately: their reserve terms are fitted separately
         out["by_allocator"] = {m: error_summary([p for p in preds if p["alloc_conf"] == m]) for m in modes}
-    return out
-
-
-def fit_speed(df, coeffs: Coefficients) -> dict:
-    """Per micro-batch time = FLOPs / (peak x mfu) + dequant bytes / (bandwidth x eff) + calls x overhead:
-    (1/mfu, overhead) by non-negative least squares on relative error; eff stays at its default."""
-    import numpy as np
-
-    from planner.profiles import load_model
-    from planner.speed import dequant_bytes, linear_calls, step_flops
-
-    a, b = [], []
-    for _, row in df.iterrows():
-        if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["tokens_per_s"]) or contaminated(row):
-            continue
-        model = load_model(row["model"])
-        lora, train = _row_settings(row)
-        gpu = _gpu_of(row)
-        t_meas = train.tokens_per_micro_batch / float(row["tokens_per_s"])
-        t_deq = dequant_bytes(model, train) / (gpu.bandwidth_gb_s * 1e9 * coeffs.get("dequant_bw_frac"))
-        f = step_flops(model, lora, train) / (gpu.tflops(train.compute_dtype) * 1e12)
-        a.append([f / t_meas, linear_calls(model, train) / t_meas])
-        b.append((t_meas - t_deq) / t_meas)
-    if len(a) < 3:
-        return {}
-    inv_mfu, overhead = _nnls(np.array(a), np.array(b), iterations=5000)
-    out = {"linear_call_overhead_s": float(overhead)}
-    if inv_mfu > 0:
-        out["mfu"] = float(1.0 / inv_mfu)
     return out
 
 

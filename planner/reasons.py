@@ -62,7 +62,29 @@ def why(result: SearchResult, best: Plan, coeffs: Coefficients) -> tuple[str, ..
     comps = best.memory.components()
     largest = max(MemoryBreakdown.ALLOCATED_FIELDS, key=lambda k: comps[k])
     lines.append(f"largest term: {component_labels(best)[largest]}, {gib_str(comps[largest])} GiB.")
+    tier = lora_tier_cost(result, best)
+    if tier:
+        lines.append(tier)
     return tuple(lines)
+
+
+def _lora_str(lora) -> str:
+    return f"r{lora.rank} {','.join(lora.targets)}"
+
+
+def lora_tier_cost(result: SearchResult, best: Plan) -> str | None:
+    """What the chosen adapter costs in speed: the fastest fitting plan with a smaller adapter, when the search
+    tried one (rank and targets not fixed) and it is faster. The user decides (--optimize speed)."""
+    if not best.tokens_per_s:
+        return None
+    eight = "8bit" in best.train.optim  # compare like with like: 8-bit state is chosen only when nothing else fits
+    others = [p for p in result.fitting if p.lora != best.lora and p.tokens_per_s > best.tokens_per_s
+              and p.train.seq_len == best.train.seq_len and ("8bit" in p.train.optim) == eight]
+    if not others:
+        return None
+    fast = max(others, key=lambda p: p.tokens_per_s)
+    return (f"LoRA {_lora_str(best.lora)}: est. {best.tokens_per_s:,.0f} tokens/s; {_lora_str(fast.lora)} would train at "
+            f"{fast.tokens_per_s:,.0f} ({fast.tokens_per_s / best.tokens_per_s:.2f}x; --optimize speed, or --rank/--targets).")
 
 
 def larger_gpu(model: ModelSpec, req: Request, coeffs: Coefficients, gpu: GpuSpec) -> GpuSpec | None:

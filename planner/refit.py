@@ -68,27 +68,43 @@ def coefficients_document(coeffs, df, cv_model, cv_family, name: str) -> dict:
     }
 
 
-def _speed_cv(df, base) -> dict:
-    """Leave-one-model-out error of the throughput model on measured tokens/s."""
-    import numpy as np
+SPEED_DIR = Path(FITTED_FILE).parent / "speed"
+# The throughput fit uses this sweep (the most configurations and timed steps); every other sweep in SPEED_DIR is
+# a check on another machine (calibration/REPORT.md, "Throughput").
+SPEED_FIT_FILES = ("h100-speed-b.csv",)
 
-    from planner.fit import _gpu_of, _row_settings
-    from planner.profiles import load_model
-    from planner.speed import tokens_per_second
 
-    errs = []
-    for m in sorted(set(df["model"])):
-        held = df["model"] == m
-        c = fit(df[~held], base)
-        for _, row in df[held].iterrows():
-            if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["tokens_per_s"]) or contaminated(row):
-                continue
-            lora, train = _row_settings(row)
-            pred = tokens_per_second(load_model(row["model"]), lora, train, _gpu_of(row), c)
-            errs.append((pred - float(row["tokens_per_s"])) / float(row["tokens_per_s"]))
-    e = np.abs(np.array(errs))
-    return {"runs": len(errs), "median_abs_pct": round(float(np.median(e) * 100), 1),
-            "max_abs_pct": round(float(e.max() * 100), 1)}
+def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
+    """(speed_* coefficients, the throughput validation for the report): fit on SPEED_FIT_FILES; leave one
+    configuration out, leave one model out; the other sweeps predicted as they are and with one CPU factor fitted
+    on their other configurations; the padded rows."""
+    from planner import speed_fit as sf
+
+    fit_files = [speed_dir / f for f in SPEED_FIT_FILES]
+    rows = sf.read_rows(fit_files)
+    co = sf.fit(rows)
+    loo = sf.held_out(rows, lambda r: r.config_id, co)
+    lomo = sf.held_out(rows, lambda r: r.model, co)
+    doc = {"fitted_on": [p.name for p in fit_files], "configurations": len({r.config_id for r in rows}), "rows": len(rows),
+           "models": sorted({r.model for r in rows}), "gpus": sorted({r.gpu for r in rows}),
+           "leave_one_configuration_out": sf.summary(loo), "leave_one_model_out": sf.summary(lomo),
+           "per_row": [{"run_id": r.run_id, "measured_s": r.step_time_s, "loo_error_pct": round(e, 2)}
+                       for r, e in zip(rows, loo)], "other_sweeps": []}
+    for path in sorted(speed_dir.glob("*.csv")):
+        if path.name in SPEED_FIT_FILES:
+            continue
+        other = sf.read_rows([path])
+        if not other:
+            continue
+        scale = sf.fit_cpu_scale(other, co)
+        doc["other_sweeps"].append({
+            "file": path.name, "rows": len(other), "gpus": sorted({r.gpu for r in other}),
+            "as_shipped": sf.summary(sf.errors_pct(other, sf.predict(other, co))),
+            "cpu_scale": round(scale, 3), "with_cpu_scale_held_out": sf.summary(sf.held_out_cpu_scale(other, co))})
+    padded = sf.read_rows(sorted(speed_dir.glob("*.csv")), padded=True)
+    doc["padded"] = [{"run_id": r.run_id, "measured_s": r.step_time_s, "error_pct": round(e, 1)}
+                     for r, e in zip(padded, sf.errors_pct(padded, sf.predict(padded, co)))]
+    return co, doc
 
 
 def refit_and_report(paths: list[str], out_path: str | None = None, report_path: str | None = None) -> str:
@@ -103,10 +119,12 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
         coeffs = _with_values(coeffs, **fit_multigpu(multi, coeffs))
     cv_model = cross_validate(df, "model", base)
     cv_family = cross_validate(df, "family", base)
-    speed = _speed_cv(df, base)
+    speed_coeffs, speed = speed_section()
+    coeffs = _with_values(coeffs, **speed_coeffs)
     doc = coefficients_document(coeffs, df, cv_model, cv_family, f"h200-{_environment(df)['date']}")
-    doc["cross_validation"]["speed_leave_one_model_out"] = speed
-    doc["values"]["speed_cv_error_pct"] = speed["median_abs_pct"]
+    doc["cross_validation"]["speed"] = {k: v for k, v in speed.items() if k not in ("per_row", "padded")}
+    doc["values"]["speed_cv_error_pct"] = speed["leave_one_configuration_out"]["median"]
+    doc["values"]["speed_calibrated_on"] = ",".join(speed["gpus"])
     out = Path(out_path) if out_path else FITTED_FILE
     out.write_text(json.dumps(doc, indent=2) + "\n")
     items = prepare_rows(df, base)
@@ -114,7 +132,7 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     fitted_preds = predict_rows(items, coeffs)
     exact = exact_mode_rows(items, paths)
     heldout = heldout_rows(coeffs)
-    report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout, exact_budget_rows(df, coeffs))
+    report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout, exact_budget_rows(df, coeffs), speed)
     rpath = Path(report_path) if report_path else REPORT_FILE
     rpath.write_text(report)
     plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)

@@ -110,6 +110,16 @@ def alternatives(result: SearchResult, best: Plan, n: int = 4) -> list[Plan]:
     return out
 
 
+def speed_basis_text(gpu, coeffs: Coefficients) -> str:
+    """Where a plan's tokens/s comes from: the GPU kind the speed model was fitted on, or datasheet scaling."""
+    on = [n for n in str(coeffs.values.get("speed_calibrated_on", "")).split(",") if n]
+    err = coeffs.values.get("speed_cv_error_pct")
+    band = f", typical error +/-{err:g}%" if err is not None else ""
+    if gpu.name in on:
+        return f"speed model fitted on {gpu.name} runs{band}"
+    return f"speed model fitted on {', '.join(on) or 'no'} runs; scaled by this GPU's datasheet"
+
+
 def render_plan(result: SearchResult, model: ModelSpec, coeffs: Coefficients, gpu_title: str) -> str:
     """Human output of `qfit plan`."""
     best = result.best
@@ -123,8 +133,8 @@ def render_plan(result: SearchResult, model: ModelSpec, coeffs: Coefficients, gp
     out.append("")
     if best is None:
         return "\n".join(out + render_no_fit(result, model))
-    speed = (f"est. {best.tokens_per_s:,.0f} tokens/s (roofline model calibrated on H200 runs; "
-             f"scaled by this GPU's datasheet)" if best.tokens_per_s else "no speed estimate (no GPU speed facts)")
+    speed = (f"est. {best.tokens_per_s:,.0f} tokens/s ({speed_basis_text(best.gpu, coeffs)})" if best.tokens_per_s
+             else "no speed estimate (no GPU speed facts)")
     out.append("Recommended  " + settings_line(best))
     out.append("             " + speed)
     out.append("")

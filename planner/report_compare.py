@@ -165,8 +165,8 @@ def speed_note(c: Comparison) -> str:
     if c.speed_error_pct is None:
         band = f"error band unknown (the coefficients carry no {SPEED_ERROR_KEY})"
     else:
-        band = (f"typical error +/-{c.speed_error_pct:g}% (median, leave-one-model-out on {on}); "
-                "the datasheet ratio adds an error not measured yet")
+        band = (f"typical error +/-{c.speed_error_pct:g}% (median, leave-one-configuration-out on {on or 'no GPU'}); "
+                "the datasheet ratio adds an error not measured here")
     return (f"tokens/s: calibrated on {on} runs, other GPUs estimated from the datasheet ratio "
             f"(TFLOP/s, bandwidth); {band}.")
 

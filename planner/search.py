@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from planner.errors import QfitError
 from planner.memory import estimate
 from planner.specs import Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
 from planner.speed import tokens_per_second
@@ -45,6 +46,11 @@ class Request:
     compute_dtype: str | None = None
     double_quant: bool = True
     expandable_segments: bool = True
+    packing: bool = True  # qfit run packs rows into micro-batches (planner/packing.py) unless told not to
+    optimize: str = "quality"  # quality: the best LoRA tier that fits, fastest within it; speed: fastest of all tiers
+
+
+OPTIMIZE = ("quality", "speed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +113,9 @@ def candidates(model: ModelSpec, gpu: GpuSpec, req: Request) -> tuple[list[tuple
                                               gradient_checkpointing=ckpt, optim=optim, compute_dtype=dtype,
                                               double_quant=req.double_quant,
                                               expandable_segments=req.expandable_segments,
-                                              uncheckpointed_layers=req.uncheckpointed_layers or 0)
-                        out.append((tier, lora, train))
+                                              uncheckpointed_layers=req.uncheckpointed_layers or 0,
+                                              packing=req.packing)
+                        out.append((tier if req.optimize == "quality" else 0, lora, train))
     return out, notes
 
 
@@ -170,6 +177,8 @@ def most_uncheckpointed(plan: Plan, coeffs: Coefficients, memo: dict | None = No
 
 
 def search(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, memo: dict | None = None) -> SearchResult:
+    if req.optimize not in OPTIMIZE:
+        raise QfitError(f"--optimize must be quality or speed, got {req.optimize!r}")
     cands, notes = candidates(model, gpu, req)
     scored = []
     for tier, lora, train in cands:
