@@ -42,7 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
-from planner.exact import CudaDevice
+from planner.exact_types import CudaDevice
 from planner.memory import ALLOC_GRANULE, resolve_targets
 from planner.specs import LoraSettings, ModelSpec, TrainSettings
 

@@ -32,6 +32,7 @@ from planner.memory import resolve_targets
 from planner.profiles import PROFILES_DIR, load_model
 from planner.specs import LoraSettings, TrainSettings
 from planner.train import stack
+from planner.units import CUBLAS_WORKSPACES_BYTES
 
 FIELDS = (
     "run_id", "model", "compute_dtype", "double_quant", "alloc_conf", "batch_size", "grad_accum", "seq_len",
@@ -405,7 +406,7 @@ def main(argv=None) -> int:
                 row = _record(writer, fh, run_one(base, spec, cfg, env, after_load, tmp), cfg, env, load_peak)
                 if cfg.get("bisect") and row["status"] == "ok" and cuda:
                     # the smallest budget that runs: bisect the allocator cap between peak allocated and reserved
-                    lo, hi = row["peak_allocated_bytes"], row["peak_reserved_bytes"] + 64 * 2**20
+                    lo, hi = row["peak_allocated_bytes"], row["peak_reserved_bytes"] + CUBLAS_WORKSPACES_BYTES
                     for _ in range(args.bisect_steps):
                         mid = (lo + hi) // 2
                         capped = _record(writer, fh, run_one(base, spec, {**cfg, "budget_bytes": mid}, env, after_load, tmp),
