@@ -207,7 +207,7 @@ def run_one(name: str, model_path: Path, data: Path, out: Path, recipe: str, ste
 
 
 def report_row(report: dict) -> dict:
-    """The figures of one run_report.json (runner._finish) that the table shows; bytes stay ints."""
+    """The figures of one run_report.json (planner.train.run_report.single_report) that the table shows; bytes stay ints."""
     e, speed, measured = report["in_effect"], report["speed"], report["memory"]["measured"]
     emulation = report["device"].get("emulation") or {}
     nvml, base = measured.get("nvml_used_bytes") or 0, measured.get("nvml_baseline_bytes") or 0
