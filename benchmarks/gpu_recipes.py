@@ -97,7 +97,7 @@ def build_model(model: str, dtype: str, path: Path, layers: int | None) -> None:
     spec = load_model(model)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    stack.save_random_model(stack.hf_config(harness._profile_fields(spec.name), layers), str(path),
+    stack.save_random_model(stack.hf_config(harness.profile_fields(spec.name), layers), str(path),
                             stack.TORCH_DTYPES[dtype], dev)
     tok = demo.build_tokenizer(512)  # ids 0..511; the demo model's vocabulary
     tok.model_max_length = spec.max_position_embeddings

@@ -185,7 +185,8 @@ def grid_from_json(path: str) -> list[dict]:
     return [_cfg(**row) for row in json.loads(Path(path).read_text())]
 
 
-def _model_path(spec_name: str, config_fields: dict, dtype: str, workdir: Path, layers: int | None) -> str:
+def model_path(spec_name: str, config_fields: dict, dtype: str, workdir: Path, layers: int | None) -> str:
+    """A random-weight checkpoint of the architecture in workdir (saved on first use). -> its directory."""
     path = workdir / f"{spec_name}-{dtype}"
     if not (path / "config.json").is_file():
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,7 +194,8 @@ def _model_path(spec_name: str, config_fields: dict, dtype: str, workdir: Path, 
     return str(path)
 
 
-def _profile_fields(name: str) -> dict:
+def profile_fields(name: str) -> dict:
+    """The [config] table of a model profile (Hugging Face config.json field names)."""
     import tomllib
 
     path = Path(name) if name.endswith(".toml") else PROFILES_DIR / "models" / f"{name}.toml"
@@ -373,8 +375,8 @@ def main(argv=None) -> int:
             if time.time() - t_start > args.time_limit:
                 break
             spec = load_model(mname)
-            fields = _profile_fields(mname)
-            path = _model_path(mname, fields, dtype, workdir, args.layers)
+            fields = profile_fields(mname)
+            path = model_path(mname, fields, dtype, workdir, args.layers)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             base = stack.load_4bit(path, dtype, dq, device_map={"": 0} if cuda else None)
