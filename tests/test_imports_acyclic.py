@@ -91,3 +91,18 @@ def test_find_cycle_reports_the_cycle():
 def test_planner_imports_have_no_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_qfit_run_modules_are_light_at_import():
+    """`qfit run --help` and option errors stay instant: the modules behind `qfit run` (one GPU and the
+    multi-GPU parent) import no torch, transformers, peft or bitsandbytes until training starts."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; import planner.train.runner, planner.train.dist_run, planner.train.session, "
+            "planner.train.run_report, planner.train.oom, planner.train.measure; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'pynvml') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]"

@@ -44,7 +44,7 @@ from planner.train import stack
 from planner.train.harness import FIELDS, record_failure, record_success
 from planner.train.measure import nvml_used, peak_snapshot
 from planner.train.oom import is_cuda_oom
-from planner.train.options import one_line
+from planner.train.options import LOG_POINTS, one_line
 from planner.train.output import OOM_FILE, RANK_FILE, RUN_CONFIG
 from planner.train.source import load_tokenizer
 from planner.train.trainer_glue import ExampleDataset, PadCollator, StopFlag, callback_classes
@@ -282,7 +282,7 @@ def train_rank(job: dict) -> int:
         str(out), train, strategy, max_steps=config["max_steps"], learning_rate=config["learning_rate"],
         lr_scheduler_type="cosine", warmup_steps=config["warmup"], max_grad_norm=job["max_grad_norm"],
         save_strategy="steps", save_steps=config["save_steps"], save_total_limit=job["save_total_limit"],
-        logging_strategy="steps", logging_steps=max(1, config["max_steps"] // 500), report_to=[],
+        logging_strategy="steps", logging_steps=max(1, config["max_steps"] // LOG_POINTS), report_to=[],
         seed=config["seed"], disable_tqdm=True, include_num_input_tokens_seen="non_padding")
     trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(examples), data_collator=collator,
                       processing_class=tokenizer, callbacks=[progress, _stop_callback_class()(stop)])

@@ -99,6 +99,8 @@ class StopFlag:
 
 
 def build_trainer(model, tokenizer, dataset, collator, out: Path, train: TrainSettings, config: dict, cbs: list):
+    """The single-GPU Trainer of `qfit run`: the recipe's schedule (cosine, warmup, max_grad_norm 0.3), the
+    saved run's steps and checkpoint interval, qfit's callbacks `cbs` and partial checkpointing if planned."""
     import importlib.util
 
     from transformers import PrinterCallback, Trainer
