@@ -221,9 +221,10 @@ def run_multi(opts: RunOptions, saved: dict | None, plan_doc: dict | None, src: 
         ckpt = last_checkpoint(out)
         resume_from = str(ckpt) if ckpt else None
         s = config["settings"]
+        _, current = settings_from_dict(s)
         try:
-            train, record = next_settings(settings_from_dict(s), {"rank": info["rank"], "step": info["step"] + 1,
-                                                                  "message": info["message"], "resumed_from": resume_from})
+            train, record = next_settings(current, {"rank": info["rank"], "step": info["step"] + 1,
+                                                    "message": info["message"], "resumed_from": resume_from})
         except NoSmallerSettings:
             raise RunError(f"out of memory on rank {info['rank']} at micro-batch 1: try more GPUs, "
                            "--gradient-checkpointing or a shorter --seq-len") from None
