@@ -37,6 +37,7 @@ from planner.train.trainer_glue import (
     build_trainer,
     callback_classes,
     emergency_checkpoint,
+    settings_in_effect,
 )
 
 
@@ -244,8 +245,6 @@ class TrainingSession:
 
     def finish(self) -> RunResult:
         """Measure, save the adapter, write run_report.json (and the calibration row), print the summary."""
-        from planner.train.trainer_glue import settings_in_effect
-
         measured = dict(self.measured)
         if self.cuda:
             measured.update(peak_snapshot(nvml=True))
