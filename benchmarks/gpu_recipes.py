@@ -97,7 +97,7 @@ def build_model(model: str, dtype: str, path: Path, layers: int | None) -> None:
     spec = load_model(model)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    stack.save_random_model(stack.hf_config(harness._profile_fields(spec.name), layers), str(path),
+    stack.save_random_model(stack.hf_config(harness.profile_fields(spec.name), layers), str(path),
                             stack.TORCH_DTYPES[dtype], dev)
     tok = demo.build_tokenizer(512)  # ids 0..511; the demo model's vocabulary
     tok.model_max_length = spec.max_position_embeddings
@@ -207,7 +207,7 @@ def run_one(name: str, model_path: Path, data: Path, out: Path, recipe: str, ste
 
 
 def report_row(report: dict) -> dict:
-    """The figures of one run_report.json (runner._finish) that the table shows; bytes stay ints."""
+    """The figures of one run_report.json (planner.train.run_report.single_report) that the table shows; bytes stay ints."""
     e, speed, measured = report["in_effect"], report["speed"], report["memory"]["measured"]
     emulation = report["device"].get("emulation") or {}
     nvml, base = measured.get("nvml_used_bytes") or 0, measured.get("nvml_baseline_bytes") or 0

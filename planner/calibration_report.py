@@ -12,6 +12,7 @@ from pathlib import Path
 from planner.coefficients import CALIBRATION_DIR
 from planner.fit import CONTAMINATION_BYTES, error_summary, prepare_rows, read_runs
 from planner.report import gib_str
+from planner.units import CUBLAS_WORKSPACES_BYTES as CUBLAS_WORKSPACES  # two handles' workspaces, traced in every step
 
 REPORT_FILE = CALIBRATION_DIR / "REPORT.md"
 PLOT_FILE = CALIBRATION_DIR / "predicted_vs_measured.png"
@@ -57,7 +58,6 @@ def contamination_effect(df, base, clean_items: list[dict]) -> dict:
 
 
 SIMULATED_FILE = CALIBRATION_DIR / "simulated.csv"
-CUBLAS_WORKSPACES = 2 * 32 * 2**20  # planner.exact.CudaDevice: two handles' workspaces, traced in every step
 
 
 def row_hooks(paths: list[str]) -> dict[tuple[str, str], bool]:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.errors import QfitError
+from planner.exact_types import CudaDevice
 from planner.specs import LoraSettings, ModelSpec, TrainSettings
-from planner.units import KiB, MiB
+from planner.units import CUBLAS_WORKSPACE_BYTES, KiB
 
 TRACE_DEPTHS = (2, 3)  # decoder layers traced before extrapolating to the full depth
 
@@ -69,26 +70,6 @@ CATEGORY_LABELS = {
 STATIC_CATEGORIES = ("quantized_weights", "quant_constants", "unquantized_weights", "buffers", "lora_params")
 
 
-@dataclass(frozen=True, slots=True)
-class CudaDevice:
-    """The GPU a trace stands for. Default: H200 (sm90, 132 SMs).
-
-    cublas_workspace_bytes: torch allocates one cuBLAS workspace per (handle, stream) through the
-    caching allocator (aten/src/ATen/cuda/CublasHandlePool.cpp): 32 MiB on sm90 and newer, torch's
-    default CUBLAS_WORKSPACE_CONFIG ":4096:2:16:8" (8 MiB + 128 KiB) before. Training uses two handles
-    (the main thread's forward, the autograd thread's backward); calibration/runs/*.csv shows 2 x 32 MiB
-    exactly on the H200 (leak_bytes = 67108864 on the first configuration of each process).
-    num_sms, major, minor: what bitsandbytes' gemm_4bit dispatch heuristic reads (small batches only).
-    """
-
-    name: str = "H200"
-    major: int = 9
-    minor: int = 0
-    num_sms: int = 132
-    cublas_workspace_bytes: int = 32 * MiB
-    cublas_handles: int = 2
-
-
 def device_for(gpu) -> CudaDevice:
     """A GpuSpec -> the CudaDevice to trace for (compute capability from the profile; SM count 132
     when unknown, which only matters below ~64 tokens per micro-batch)."""
@@ -96,7 +77,7 @@ def device_for(gpu) -> CudaDevice:
         major, minor = (int(x) for x in str(gpu.compute_capability).split(".")[:2])
     except ValueError:
         return CudaDevice(name=gpu.name)
-    workspace = 32 * MiB if major >= 9 else 4096 * KiB * 2 + 16 * KiB * 8
+    workspace = CUBLAS_WORKSPACE_BYTES if major >= 9 else 4096 * KiB * 2 + 16 * KiB * 8
     return CudaDevice(name=gpu.name, major=major, minor=minor, cublas_workspace_bytes=workspace)
 
 

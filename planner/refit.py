@@ -30,7 +30,6 @@ from planner.calibration_report import (
 from planner.coefficients import DEFAULTS_FILE, FITTED_FILE, user_cache_dir, user_coefficients_file
 from planner.errors import QfitError
 from planner.fit import (
-    contaminated,
     cross_validate,
     error_summary,
     fit,

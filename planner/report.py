@@ -413,9 +413,3 @@ def render_multi_no_fit(choice) -> list[str]:
     lines += [f"note: {n}" for n in _multi_notes(low)[1]]
     return lines
 
-
-def plan_json(result: SearchResult, model: ModelSpec, coeffs: Coefficients) -> dict:
-    """Alias of planner.documents.plan_document, kept for planner/train/runner.py's import; use documents."""
-    from planner.documents import plan_document
-
-    return plan_document(result, model, coeffs)

@@ -301,9 +301,3 @@ class Plan:
     def headroom_bytes(self) -> int:
         return self.gpu.memory_bytes - self.memory.needs_bytes
 
-
-def settings_dict(lora: LoraSettings, train: TrainSettings, targets: tuple[str, ...]) -> dict:
-    """Alias of planner.codec.settings_to_dict, kept for planner/train's call sites; use the codec."""
-    from planner.codec import settings_to_dict
-
-    return settings_to_dict(lora, train, targets)

@@ -14,6 +14,13 @@ KB = 10**3
 MB = 10**6
 GB = 10**9
 
+# cuBLAS workspaces on torch's caching allocator (aten/src/ATen/cuda/CublasHandlePool.cpp): one per
+# (handle, stream), 32 MiB each on sm90 and newer; training uses two handles (the forward's main thread and
+# the autograd thread's backward). calibration/runs/*.csv shows exactly 2 x 32 MiB = 67,108,864 B on the H200.
+CUBLAS_WORKSPACE_BYTES = 32 * MiB
+CUBLAS_HANDLES = 2
+CUBLAS_WORKSPACES_BYTES = CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES  # 64 MiB
+
 # Bytes per element of the dtypes the memory model talks about.
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1, "uint8": 1}
 

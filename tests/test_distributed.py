@@ -97,3 +97,40 @@ def test_fsdp_on_the_cpu_is_refused_before_the_data_is_read(tmp_path):
     res = CliRunner().invoke(cli, ["run", "--demo", "--num-gpus", "2", "--strategy", "fsdp", "--output", str(tmp_path / "x")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
     assert "--strategy ddp" in res.output and not (tmp_path / "x").exists()
+
+
+def test_multi_gpu_relaunch_backs_off_with_the_shared_policy(tmp_path, monkeypatch):
+    """A rank that runs out of memory writes oom.json and exits; the parent applies planner.train.oom's policy
+    (micro-batch halved, accumulation doubled), saves it to run_config.json and relaunches. The launcher is
+    faked: no process starts, so this checks the parent's loop alone."""
+    import json
+
+    from planner.train import dist_run
+    from planner.train.runner import RunOptions, run
+
+    out = tmp_path / "run"
+    launches = []
+
+    def fake_launch(argv, env, echo):
+        job = json.loads((out / dist_run.JOB_FILE).read_text())
+        launches.append(job)
+        if len(launches) == 1:
+            (out / "oom.json").write_text(json.dumps({"rank": 1, "step": 0, "message": "CUDA out of memory. (fake)"}))
+            return 3
+        for r in (0, 1):
+            (out / f"rank{r}.json").write_text(json.dumps({"rank": r, "steps": 2, "train_seconds": 1.0, "tokens": 10,
+                                                           "loss": [{"step": 1, "loss": 2.0}]}))
+        return 0
+
+    monkeypatch.setattr(dist_run, "_launch", fake_launch)
+    lines = []
+    res = run(RunOptions(output=str(out), demo=True, num_gpus=2, max_steps=2, batch_size=4, effective_batch=8,
+                         progress=False), echo=lines.append)
+    assert res.status == "completed" and len(launches) == 2
+    (event,) = res.report["oom_events"]
+    assert (event["rank"], event["step"], event["micro_batch_before"], event["micro_batch_after"]) == (1, 1, 4, 2)
+    assert event["grad_accum_after"] == 2 * event["grad_accum_before"] and event["resumed_from"] is None
+    saved = json.loads((out / "run_config.json").read_text())
+    assert (saved["settings"]["batch_size"], saved["settings"]["grad_accum"]) == (2, event["grad_accum_after"])
+    assert saved["oom_events"] == [event]
+    assert any(line.startswith("out of memory on rank 1 (step 1): now micro-batch 2 x accumulation") for line in lines)

@@ -85,7 +85,7 @@ def test_trainer_recomputes_only_checkpointed_layers(tmp_path, monkeypatch):
     from planner.train import harness, stack
 
     spec = load_model("tiny-llama")
-    path = harness._model_path("tiny-llama", harness._profile_fields("tiny-llama"), "bf16", tmp_path, None)
+    path = harness.model_path("tiny-llama", harness.profile_fields("tiny-llama"), "bf16", tmp_path, None)
     base = stack.load_4bit(path, "bf16", True)
     lora = LoraSettings(rank=4, alpha=8, dropout=0.0, targets=("attn",))
     model = get_peft_model(base, stack.lora_config(lora, resolve_targets(spec, lora.targets)))

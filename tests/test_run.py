@@ -17,9 +17,12 @@ import pytest
 from click.testing import CliRunner
 
 from planner.cli_run import run_cmd
-from planner.train import runner
+from planner.profiles import load_model
+from planner.train import device, oom, planning, run_report, runner, session, source
 from planner.train.harness import FIELDS  # imports transformers now, before any test fakes CUDA
+from planner.train.options import PADDINGS
 from planner.train.runner import RunError, RunOptions
+from planner.train.trainer_glue import PadCollator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,34 +175,51 @@ def test_oom_halves_the_micro_batch_and_loses_no_step(cache, tmp_path, at_step):
 
 
 def test_backoff_keeps_the_effective_batch():
-    assert runner.backoff(8, 2) == (4, 4)
-    assert runner.backoff(6, 1) == (3, 2)
-    assert runner.backoff(3, 4) == (1, 12)
+    assert oom.backoff(8, 2) == (4, 4)
+    assert oom.backoff(6, 1) == (3, 2)
+    assert oom.backoff(3, 4) == (1, 12)
     with pytest.raises(ValueError):
-        runner.backoff(1, 8)
+        oom.backoff(1, 8)
 
 
 def test_oom_with_uncheckpointed_layers_first_checkpoints_every_layer():
     """Partial checkpointing is the first thing an OOM gives back: the micro-batch is kept, then halved."""
     from planner.specs import TrainSettings
 
-    state = runner._State(train=TrainSettings(batch_size=8, grad_accum=2, gradient_checkpointing=True,
-                                              uncheckpointed_layers=3))
-    lines = []
-    runner._record_backoff(state, step=4, phase="train", message="CUDA out of memory", checkpoint=None, echo=lines.append)
-    assert (state.train.batch_size, state.train.uncheckpointed_layers) == (8, 0)
-    assert state.oom_events[-1]["uncheckpointed_layers_before"] == 3 and "every layer is checkpointed" in lines[-1]
-    runner._record_backoff(state, step=4, phase="train", message="CUDA out of memory", checkpoint=None, echo=lines.append)
-    assert (state.train.batch_size, state.train.grad_accum) == (4, 4)
+    train = TrainSettings(batch_size=8, grad_accum=2, gradient_checkpointing=True, uncheckpointed_layers=3)
+    where = {"phase": "train", "step": 5, "message": "CUDA out of memory", "resumed_from": None}
+    train, event = oom.next_settings(train, where)
+    assert (train.batch_size, train.uncheckpointed_layers) == (8, 0)
+    assert event["uncheckpointed_layers_before"] == 3 and "every layer is checkpointed" in oom.explain(event)
+    train, event = oom.next_settings(train, where)
+    assert (train.batch_size, train.grad_accum) == (4, 4) and "uncheckpointed_layers_before" not in event
+    assert oom.explain(event).startswith("out of memory (train, step 5) at micro-batch 8: now micro-batch 4 x accumulation 4")
+
+
+def test_oom_policy_is_one_pure_function_for_one_and_several_gpus():
+    """The single-GPU session and the multi-GPU relaunch loop share next_settings; micro-batch 1 is the end."""
+    from planner.specs import TrainSettings
+
+    train, event = oom.next_settings(TrainSettings(batch_size=6, grad_accum=1, gradient_checkpointing=False),
+                                     {"rank": 1, "step": 3, "message": "CUDA out of memory.", "resumed_from": "/o/checkpoint-2"})
+    assert (train.batch_size, train.grad_accum) == (3, 2)
+    assert list(event) == ["rank", "step", "message", "micro_batch_before", "grad_accum_before", "micro_batch_after",
+                           "grad_accum_after", "resumed_from"]
+    assert oom.explain(event) == ("out of memory on rank 1 (step 3): now micro-batch 3 x accumulation 2 per GPU "
+                                  "(global batch unchanged), resuming from checkpoint-2; no step lost")
+    with pytest.raises(oom.NoSmallerSettings):
+        oom.next_settings(TrainSettings(batch_size=1, grad_accum=8), {"phase": "probe", "step": 1, "message": ""})
+    with pytest.raises(RunError, match="out of memory at micro-batch 1 x 512 tokens"):
+        session.back_off(TrainSettings(batch_size=1, grad_accum=8), 0, "probe", "CUDA out of memory.", None, print)
 
 
 def test_oom_detection():
     import torch
 
-    assert runner.is_cuda_oom(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
-    assert runner.is_cuda_oom(torch.OutOfMemoryError("anything"))
-    assert not runner.is_cuda_oom(RuntimeError("shape mismatch"))
-    assert not runner.is_cuda_oom(ValueError("CUDA out of memory."))
+    assert oom.is_cuda_oom(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert oom.is_cuda_oom(torch.OutOfMemoryError("anything"))
+    assert not oom.is_cuda_oom(RuntimeError("shape mismatch"))
+    assert not oom.is_cuda_oom(ValueError("CUDA out of memory."))
 
 
 # --------------------------------------------------------------------------- stop and resume
@@ -322,12 +342,12 @@ def test_model_not_available_offline(cache, tmp_path, monkeypatch, no_model_load
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     with pytest.raises(RunError, match="not in the local Hugging Face cache") as err:
-        runner.resolve_model("mistral-7b")
+        source.resolve_model("mistral-7b")
     assert "huggingface-cli download mistralai/Mistral-7B-v0.1" in str(err.value)
     with pytest.raises(RunError, match="not in the local Hugging Face cache"):
-        runner.resolve_model("someone/not-a-model")
+        source.resolve_model("someone/not-a-model")
     with pytest.raises(RunError, match="no config.json"):
-        runner.resolve_model(str(tmp_path))
+        source.resolve_model(str(tmp_path))
 
 
 # --------------------------------------------------------------------------- plan file and CLI shape
@@ -408,35 +428,35 @@ def fake_gpus(monkeypatch):
 
 
 def test_detect_device_plans_for_free_memory_on_one_gpu(fake_gpus, monkeypatch):
-    dev = runner.detect_device()
+    dev = device.detect_device()
     assert dev.kind == "cuda" and dev.name == "Tesla T4"
     assert dev.spec.name == "t4" and dev.spec.memory_bytes == fake_gpus[0]["free_bytes"] < dev.total_bytes
     assert any("2 GPUs visible" in n for n in dev.notes)
     assert any("in use by other processes" in n for n in dev.notes)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # CUDA device 0 is NVML's GPU 1
-    assert runner.detect_device().spec.name == "h200"
+    assert device.detect_device().spec.name == "h200"
 
 
 def test_bf16_on_a_gpu_without_it_becomes_fp16_and_says_so(fake_gpus):
-    dev = runner.detect_device()
-    req, _ = runner.build_request(RunOptions(output="x", compute_dtype="bf16", effective_batch=16), None, 512)
-    plan, notes = runner.plan_run(runner.load_model("qwen2.5-0.5b"), dev, req)
+    dev = device.detect_device()
+    req, _ = planning.build_request(RunOptions(output="x", compute_dtype="bf16", effective_batch=16), None, 512)
+    plan, notes = planning.plan_run(load_model("qwen2.5-0.5b"), dev, req)
     assert plan.train.compute_dtype == "fp16" and any("no bf16" in n for n in notes)
     assert plan.train.effective_batch == 16 and plan.fits
 
 
 def test_nothing_fits_is_a_run_error(fake_gpus):
-    dev = runner.detect_device()
-    req, _ = runner.build_request(RunOptions(output="x"), None, 4096)
+    dev = device.detect_device()
+    req, _ = planning.build_request(RunOptions(output="x"), None, 4096)
     with pytest.raises(RunError, match="does not fit: the smallest configuration"):
-        runner.plan_run(runner.load_model("llama-2-70b"), dev, req)
+        planning.plan_run(load_model("llama-2-70b"), dev, req)
 
 
 def test_alloc_conf_is_set_for_the_plan_and_a_user_value_is_kept(fake_gpus, monkeypatch):
-    assert runner.set_alloc_conf(True) is None
+    assert device.set_alloc_conf(True) is None
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
-    assert "kept" in runner.set_alloc_conf(True)
+    assert "kept" in device.set_alloc_conf(True)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
 
 
@@ -455,18 +475,18 @@ def test_calibration_row_uses_the_harness_layout(cache, fake_gpus, older):
             w = csv.DictWriter(fh, fieldnames=old_fields)
             w.writeheader()
             w.writerow({f: "" for f in old_fields} | {"run_id": "earlier", "model": "qwen2.5-0.5b"})
-    dev = runner.detect_device()
-    req, _ = runner.build_request(RunOptions(output="x", effective_batch=8), None, 256)
-    plan, _ = runner.plan_run(runner.load_model("qwen2.5-0.5b"), dev, req)
+    dev = device.detect_device()
+    req, _ = planning.build_request(RunOptions(output="x", effective_batch=8), None, 256)
+    plan, _ = planning.plan_run(load_model("qwen2.5-0.5b"), dev, req)
     effect = {"compute_dtype": "fp16", "double_quant": True, "alloc_conf": "expandable_segments:True",
               "batch_size": plan.train.batch_size, "grad_accum": plan.train.grad_accum, "gradient_checkpointing": False,
               "rank": 16, "alpha": 32, "lora_dropout": 0.05, "optim": "paged_adamw_32bit"}
     report = {"in_effect": effect, "library_versions": {"torch": "2.x"}, "speed": {"padded_tokens_per_s": 1000.0}}
     progress = type("P", (), {"train_seconds": 2.0, "steps_run": 4})()
-    collator = runner.PadCollator(0)
+    collator = PadCollator(0)
     collator.longest = 200
     measured = {"peak_allocated_bytes": 5 * 1024**3, "peak_reserved_bytes": 6 * 1024**3}
-    path = runner._append_calibration(report, plan, dev, {"seq_len": 256}, measured, progress, collator)
+    path = run_report.append_calibration(report, plan, dev, {"seq_len": 256}, measured, progress, collator)
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == FIELDS
@@ -497,11 +517,12 @@ def test_fit_probe_backs_off_until_the_longest_micro_batch_fits():
             return types.SimpleNamespace(loss=(self.w * input_ids.float().mean()).sum())
 
     model, lines = Stub(), []
-    state = runner._State(train=TrainSettings(batch_size=12, grad_accum=2, seq_len=64, gradient_checkpointing=False))
-    runner._fit_probe(model, state, 512, lines.append, device="cpu")
+    start = TrainSettings(batch_size=12, grad_accum=2, seq_len=64, gradient_checkpointing=False)
+    train, events, measured = session.fit_probe(model, start, 512, lines.append, device="cpu")
     assert model.shapes == [(12, 64), (6, 64), (3, 64), (1, 64)]  # always the full sequence length
-    assert (state.train.batch_size, state.train.grad_accum) == (1, 24) and state.train.effective_batch == 24
-    assert [e["phase"] for e in state.oom_events] == ["probe"] * 3 and model.w.grad is None
+    assert (train.batch_size, train.grad_accum) == (1, 24) and train.effective_batch == 24
+    assert [e["phase"] for e in events] == ["probe"] * 3 and model.w.grad is None
+    assert measured == {"probe_peak_allocated_bytes": 0, "probe_peak_reserved_bytes": 0}  # the CPU: nothing measured
     assert lines[-1].startswith("fit probe: micro-batch 1 x 64 tokens ran")
 
 
@@ -516,23 +537,23 @@ def test_emulated_gpu_is_what_the_plan_is_made_for(fake_gpus, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the real card: the faked H200
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # the H200 has bf16, a T4 not
     monkeypatch.setenv("QFIT_EMULATE_GPU", "t4")
-    dev = runner.detect_device()
+    dev = device.detect_device()
     assert dev.kind == "cuda" and dev.emulated_on == "NVIDIA H200"
     assert dev.name == "NVIDIA T4 (emulated on NVIDIA H200)"
     assert dev.spec.name == "t4" and dev.spec.memory_bytes == dev.total_bytes == dev.free_bytes == t4.memory_bytes
     assert not dev.spec.bf16 and any(n.startswith("QFIT_EMULATE_GPU: emulating NVIDIA T4") for n in dev.notes)
-    req, _ = runner.build_request(RunOptions(output="x", effective_batch=16, rank=16, targets=("all-linear",)), None, 512)
-    plan, _ = runner.plan_run(runner.load_model("mistral-7b"), dev, req)
+    req, _ = planning.build_request(RunOptions(output="x", effective_batch=16, rank=16, targets=("all-linear",)), None, 512)
+    plan, _ = planning.plan_run(load_model("mistral-7b"), dev, req)
     assert plan.gpu.name == "t4" and plan.train.compute_dtype == "fp16" and plan.fits
     assert plan.memory.needs_bytes <= t4.memory_bytes
     monkeypatch.delenv("QFIT_EMULATE_GPU")
-    assert runner.detect_device().emulated_on == ""  # unset: the real card again
+    assert device.detect_device().emulated_on == ""  # unset: the real card again
 
 
 def test_unknown_emulated_gpu_is_a_one_line_run_error(monkeypatch):
     monkeypatch.setenv("QFIT_EMULATE_GPU", "t5")
     with pytest.raises(RunError) as err:
-        runner.detect_device()  # on any machine, CUDA or not
+        device.detect_device()  # on any machine, CUDA or not
     msg = str(err.value)
     assert msg.startswith("QFIT_EMULATE_GPU=t5: unknown GPU 't5'") and "\n" not in msg and "qfit gpus" in msg
 
@@ -542,7 +563,7 @@ def test_emulation_is_ignored_without_cuda_and_says_so(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("QFIT_EMULATE_GPU", "t4")
-    dev = runner.detect_device()
+    dev = device.detect_device()
     assert dev.kind == "cpu" and dev.emulated_on == ""
     assert any("QFIT_EMULATE_GPU=t4 ignored" in n for n in dev.notes)
 
@@ -562,12 +583,12 @@ def test_emulation_caps_the_allocator_to_the_card_less_context_and_paged_state(f
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda *a: calls.append(a))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the real card: the faked H200
     monkeypatch.setenv("QFIT_EMULATE_GPU", "t4")
-    dev = runner.detect_device()
-    req, _ = runner.build_request(RunOptions(output="x", effective_batch=16, batch_size=4, optim="paged_adamw_32bit",
+    dev = device.detect_device()
+    req, _ = planning.build_request(RunOptions(output="x", effective_batch=16, batch_size=4, optim="paged_adamw_32bit",
                                              rank=16, targets=("all-linear",)), None, 512)
-    plan, _ = runner.plan_run(runner.load_model("mistral-7b"), dev, req)
+    plan, _ = planning.plan_run(load_model("mistral-7b"), dev, req)
     lines = []
-    emu = runner._cap_for_emulation(dev, plan, lines.append)
+    emu = device.cap_for_emulation(dev, plan, lines.append)
     t4 = load_gpu("t4")
     context = cuda_context_bytes(load_coefficients("t4"))
     assert plan.memory.paged_optimizer_state > 0  # paged state lives outside torch's allocator: not under the cap
@@ -577,25 +598,25 @@ def test_emulation_caps_the_allocator_to_the_card_less_context_and_paged_state(f
     assert emu["emulated_on"] == "NVIDIA H200" and emu["real_total_bytes"] == 140 * gib and emu["gpu"] == "t4"
     assert emu["cuda_context_bytes"] == context and emu["memory_bytes"] == t4.memory_bytes
     assert lines[0].startswith("emulation: torch's allocator capped at")
-    assert runner.emulation_budget(t4, plan).items() <= emu.items()  # the pure part, recorded as computed
+    assert device.emulation_budget(t4, plan).items() <= emu.items()  # the pure part, recorded as computed
 
     monkeypatch.delenv("QFIT_EMULATE_GPU")
     calls.clear()
-    assert runner._cap_for_emulation(runner.detect_device(), plan, lines.append) == {} and calls == []
+    assert device.cap_for_emulation(device.detect_device(), plan, lines.append) == {} and calls == []
 
     monkeypatch.setenv("QFIT_EMULATE_GPU", "h200")  # a bigger card than the real one
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(total_memory=15 * gib))
     with pytest.raises(RunError, match="cannot emulate"):
-        runner._cap_for_emulation(runner.detect_device(), plan, lines.append)
+        device.cap_for_emulation(device.detect_device(), plan, lines.append)
     assert calls == []
 
 
 def test_calibration_row_of_an_emulated_run_records_its_budget(cache, fake_gpus):
     import csv
 
-    dev = runner.detect_device()
-    req, _ = runner.build_request(RunOptions(output="x", effective_batch=8), None, 256)
-    plan, _ = runner.plan_run(runner.load_model("qwen2.5-0.5b"), dev, req)
+    dev = device.detect_device()
+    req, _ = planning.build_request(RunOptions(output="x", effective_batch=8), None, 256)
+    plan, _ = planning.plan_run(load_model("qwen2.5-0.5b"), dev, req)
     effect = {"compute_dtype": "fp16", "double_quant": True, "alloc_conf": "", "batch_size": plan.train.batch_size,
               "grad_accum": plan.train.grad_accum, "gradient_checkpointing": False, "rank": 16, "alpha": 32,
               "lora_dropout": 0.05, "optim": "adamw_torch"}
@@ -603,7 +624,7 @@ def test_calibration_row_of_an_emulated_run_records_its_budget(cache, fake_gpus)
               "device": {"emulation": {"budget_bytes": 12345678}}}
     progress = type("P", (), {"train_seconds": 1.0, "steps_run": 1})()
     measured = {"peak_allocated_bytes": 5, "peak_reserved_bytes": 6}
-    path = runner._append_calibration(report, plan, dev, {"seq_len": 256}, measured, progress, runner.PadCollator(0))
+    path = run_report.append_calibration(report, plan, dev, {"seq_len": 256}, measured, progress, PadCollator(0))
     with open(path, newline="") as fh:
         assert list(csv.DictReader(fh))[-1]["budget_bytes"] == "12345678"
 
@@ -612,7 +633,7 @@ def test_calibration_row_of_an_emulated_run_records_its_budget(cache, fake_gpus)
 
 def test_pad_collator_pads_to_the_longest_row_or_to_max_length():
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9]}]
-    longest, fixed = runner.PadCollator(0), runner.PadCollator(0, pad_to=8)
+    longest, fixed = PadCollator(0), PadCollator(0, pad_to=8)
     a, b = longest(rows), fixed(rows)
     assert tuple(a["input_ids"].shape) == (2, 5) and tuple(b["input_ids"].shape) == (2, 8)
     for batch in (a, b):
@@ -657,7 +678,7 @@ def test_padding_option_on_the_command_line(cache, tmp_path, no_model_load):
     import click
 
     (opt,) = [p for p in run_cmd.params if p.name == "padding"]
-    assert isinstance(opt.type, click.Choice) and tuple(opt.type.choices) == runner.PADDINGS
+    assert isinstance(opt.type, click.Choice) and tuple(opt.type.choices) == PADDINGS
     res = CliRunner().invoke(run_cmd, ["--demo", "--output", str(tmp_path / "o"), "--padding", "max_length"])
     assert res.exit_code == 2 and "Invalid value for '--padding'" in res.stderr
     with pytest.raises(RunError, match="--padding must be one of longest, max-length"):

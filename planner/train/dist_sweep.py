@@ -119,14 +119,14 @@ def main(argv=None) -> int:
 
 
 def _build(model: str, workdir: str, cpu: bool) -> str:
-    """A random-weight checkpoint of the architecture in bf16 (harness._model_path, built on GPU 0), in a
+    """A random-weight checkpoint of the architecture in bf16 (harness.model_path, built on GPU 0), in a
     child process so that this one never holds a CUDA context on a GPU the ranks measure."""
     if model == "tiny-llama" and cpu:
         from planner import demo
 
         return str(demo.prepare())
-    code = ("import sys; from pathlib import Path; from planner.train.harness import _model_path, _profile_fields; "
-            f"print(_model_path({model!r}, _profile_fields({model!r}), 'bf16', Path({workdir!r}), None))")
+    code = ("import sys; from pathlib import Path; from planner.train.harness import model_path, profile_fields; "
+            f"print(model_path({model!r}, profile_fields({model!r}), 'bf16', Path({workdir!r}), None))")
     res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return res.stdout.strip().splitlines()[-1]
 

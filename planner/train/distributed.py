@@ -1,4 +1,5 @@
-"""One rank of a multi-GPU QLoRA job: DDP or FSDP2, through accelerate, on the real stack.
+"""One rank of a multi-GPU QLoRA job: DDP or FSDP2, through accelerate, on the real stack (the entry point
+of every rank: `qfit run --num-gpus N`'s training and the distributed calibration sweep).
 
 Launched once per GPU by `accelerate launch --config_file <planner.launch config> -m planner.train.distributed
 --job JOB.json` (planner.launch builds both). accelerate sets the process group up (NCCL on GPUs, gloo on
@@ -11,7 +12,11 @@ The two loading recipes differ, and the difference is part of what is measured:
         dtype and dtype = the compute dtype, so the 4-bit weights flatten and shard with the rest; no
         fp32 upcast. transformers loads a quantized model whole on each rank's GPU before FSDP shards it.
 
-mode "measure" (calibration): for each configuration of the job, load, wrap, train `steps` optimizer
+mode "train" (`qfit run --num-gpus N`, launched by planner.train.dist_run): train_rank loads the model by its
+strategy's recipe, trains with the Trainer, writes rank<r>.json with its measured peaks (oom.json and exit code
+EXIT_OOM on an out-of-memory error: the parent backs off and relaunches), and rank 0 saves the adapter.
+
+mode "measure" (calibration, planner.train.dist_sweep): for each configuration of the job, load, wrap, train `steps` optimizer
 steps on full-length random sequences, and write this rank's row (harness.FIELDS + strategy, world size,
 rank) to <out>/rank<r>.csv. The model is loaded afresh for every configuration (FSDP wraps in place), so
 no configuration inherits another's memory. An OOM is a row.
@@ -30,12 +35,21 @@ from pathlib import Path
 
 import torch
 
+from planner import data as qdata
+from planner.codec import settings_from_dict
 from planner.memory import resolve_targets
 from planner.profiles import load_model
 from planner.specs import LoraSettings, TrainSettings
 from planner.train import stack
 from planner.train.harness import FIELDS, record_failure, record_success
+from planner.train.measure import nvml_used, peak_snapshot
+from planner.train.oom import is_cuda_oom
+from planner.train.options import LOG_POINTS, one_line
+from planner.train.output import OOM_FILE, RANK_FILE, RUN_CONFIG
+from planner.train.source import load_tokenizer
+from planner.train.trainer_glue import ExampleDataset, PadCollator, StopFlag, callback_classes
 
+EXIT_OOM = 3  # a rank's exit code after an out-of-memory error (it wrote OOM_FILE)
 DIST_FIELDS = ("strategy", "world_size", "rank_index", "nvml_index", "wrapper", "after_train_allocated_bytes",
                "sharded_param_bytes") + FIELDS
 
@@ -83,13 +97,17 @@ def training_args(out: str, train: TrainSettings, strategy: str, **extra):
     return stack.training_arguments(out, train, **more, **extra)
 
 
-def _settings(cfg: dict) -> tuple[LoraSettings, TrainSettings]:
-    lora = LoraSettings(rank=cfg["rank"], alpha=2 * cfg["rank"], dropout=0.05, targets=(cfg["targets"],))
-    train = TrainSettings(batch_size=cfg["batch"], grad_accum=cfg.get("accum", 2), seq_len=cfg["seq"],
-                          gradient_checkpointing=cfg["ckpt"], optim=cfg["optim"], compute_dtype=cfg.get("dtype", "bf16"),
-                          double_quant=cfg.get("dq", True),
-                          expandable_segments="expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
-    return lora, train
+# the sweep's job (planner.train.dist_sweep) names settings briefly; the codec's keys for them
+SWEEP_KEYS = {"batch": "batch_size", "seq": "seq_len", "accum": "grad_accum", "ckpt": "gradient_checkpointing",
+              "dq": "double_quant", "dtype": "compute_dtype"}
+
+
+def sweep_settings(cfg: dict) -> tuple[LoraSettings, TrainSettings]:
+    """A sweep configuration -> settings, through the one codec (alpha 2 x rank, dropout 0.05, accumulation 2,
+    bf16, double quant unless given; expandable segments as this process's PYTORCH_CUDA_ALLOC_CONF says)."""
+    d = {"alpha": 2 * cfg["rank"], "lora_dropout": 0.05, "grad_accum": 2, "compute_dtype": "bf16", "double_quant": True}
+    d.update({SWEEP_KEYS.get(k, k): v for k, v in cfg.items()})
+    return settings_from_dict(d, expandable_segments="expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
 
 
 def measure_one(job: dict, cfg: dict, env: dict, outdir: str) -> dict:
@@ -101,7 +119,7 @@ def measure_one(job: dict, cfg: dict, env: dict, outdir: str) -> dict:
     rank, local_rank, world = rank_info()
     cuda = torch.cuda.is_available()
     spec = load_model(job["model"])
-    lora, train = _settings(cfg)
+    lora, train = sweep_settings(cfg)
     strategy = job["strategy"]
     row = {**env, "model": job["model"], "compute_dtype": train.compute_dtype, "double_quant": train.double_quant,
            "batch_size": train.batch_size, "grad_accum": train.grad_accum, "seq_len": train.seq_len,
@@ -122,7 +140,7 @@ def measure_one(job: dict, cfg: dict, env: dict, outdir: str) -> dict:
         model = load_for_strategy(job["model_path"], strategy, train.compute_dtype, train.double_quant, local_rank,
                                   train.gradient_checkpointing)
         if cuda:
-            row["load_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            row["load_peak_allocated_bytes"] = peak_snapshot(sync=False)["peak_allocated_bytes"]
             row["after_load_allocated_bytes"] = torch.cuda.memory_allocated()
         model = get_peft_model(model, stack.lora_config(lora, resolve_targets(spec, lora.targets)))
         if cuda:
@@ -161,12 +179,10 @@ def measure_one(job: dict, cfg: dict, env: dict, outdir: str) -> dict:
 def measure(job: dict) -> int:
     import torch.distributed as dist
 
-    from planner.train.harness import nvml_used
-
     rank, local_rank, world = rank_info()
     cuda = torch.cuda.is_available()
     idx = nvml_index(local_rank)
-    os.environ["QFIT_NVML_INDEX"] = str(idx)  # harness.nvml_used reads this rank's GPU
+    os.environ["QFIT_NVML_INDEX"] = str(idx)  # measure.nvml_used reads this rank's GPU
     env = {**stack.library_versions(), "date": time.strftime("%Y-%m-%d"), "gpu_name": "cpu", "gpu_total_bytes": 0,
            "driver": "", "nvml_baseline_bytes": 0, "context_bytes": 0, "nvml_index": idx,
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
@@ -197,6 +213,110 @@ def measure(job: dict) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- mode "train": one rank of qfit run
+
+def _stop_callback_class():
+    from transformers import TrainerCallback
+
+    class AgreedStop(TrainerCallback):
+        """SIGINT/SIGTERM on any rank -> every rank saves after the same step and stops (all-reduce MAX of
+        the flag after each step: one scalar, so ranks never disagree and hang in a collective)."""
+
+        def __init__(self, stop):
+            self.stop = stop
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([1 if self.stop.signum is not None else 0],
+                                device="cuda" if torch.cuda.is_available() else "cpu")
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if int(flag.item()) and state.global_step < state.max_steps:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return AgreedStop
+
+
+def train_rank(job: dict) -> int:
+    """One rank of `qfit run --num-gpus N` (launched by accelerate). Returns the process exit code."""
+    from peft import get_peft_model
+    from transformers import PrinterCallback, Trainer
+
+    rank, local_rank, world = rank_info()
+    cuda = torch.cuda.is_available()
+    out = Path(job["out"])
+    config = json.loads((out / RUN_CONFIG).read_text())
+    lora, train = settings_from_dict(config["settings"], seq_len=config["seq_len"])
+    strategy = config["strategy"]
+    measured: dict = {"rank": rank, "local_rank": local_rank, "world_size": world}
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        os.environ["QFIT_NVML_INDEX"] = str(nvml_index(local_rank))
+        if job.get("budget_bytes"):  # an emulated smaller card (QFIT_EMULATE_GPU): cap this rank's allocator
+            total = torch.cuda.get_device_properties(local_rank).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, job["budget_bytes"] / total), local_rank)
+        torch.cuda.reset_peak_memory_stats()
+
+    tokenizer = load_tokenizer(config["tokenizer"])  # the parent loaded it already: no error is new here
+    rows, fmt = qdata.load_rows(config["dataset"]["source"], config["format"])
+    examples, _ = qdata.tokenize_rows(rows, fmt, tokenizer)
+    examples, _ = qdata.truncate(examples, config["seq_len"])
+
+    model = load_for_strategy(config["model"], strategy, train.compute_dtype, train.double_quant, local_rank,
+                              train.gradient_checkpointing)
+    if cuda:
+        measured["load_peak_allocated_bytes"] = peak_snapshot(sync=False)["peak_allocated_bytes"]
+        measured["after_load_allocated_bytes"] = torch.cuda.memory_allocated()
+    model = get_peft_model(model, stack.lora_config(lora, lora.targets))  # run_config holds the resolved names
+    collator = PadCollator(tokenizer.pad_token_id, **({"pad_to": config["seq_len"]} if config.get("padding") == "max-length"
+                                                     else {}))
+    _, progress_cls = callback_classes()
+    progress = progress_cls(collator, cuda, enabled=rank == 0 and job.get("progress", True))
+    stop = StopFlag()
+    stop.install()
+    args = training_args(
+        str(out), train, strategy, max_steps=config["max_steps"], learning_rate=config["learning_rate"],
+        lr_scheduler_type="cosine", warmup_steps=config["warmup"], max_grad_norm=job["max_grad_norm"],
+        save_strategy="steps", save_steps=config["save_steps"], save_total_limit=job["save_total_limit"],
+        logging_strategy="steps", logging_steps=max(1, config["max_steps"] // LOG_POINTS), report_to=[],
+        seed=config["seed"], disable_tqdm=True, include_num_input_tokens_seen="non_padding")
+    trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(examples), data_collator=collator,
+                      processing_class=tokenizer, callbacks=[progress, _stop_callback_class()(stop)])
+    trainer.remove_callback(PrinterCallback)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer.train(resume_from_checkpoint=job.get("resume_from"))
+    except Exception as exc:
+        if not is_cuda_oom(exc):
+            raise
+        (out / OOM_FILE).write_text(json.dumps({"rank": rank, "step": trainer.state.global_step,
+                                                "message": one_line(exc)}))
+        progress.close()
+        os._exit(EXIT_OOM)  # the other ranks are stuck in a collective: the launcher tears them down
+    progress.close()
+    if cuda:
+        measured.update(peak_snapshot(nvml=True))  # NVML is a measurement extra: left out when unreadable
+    history = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    measured.update(steps=trainer.state.global_step, steps_run=progress.steps_run, train_seconds=progress.train_seconds,
+                    tokens=progress.train_tokens, padded_tokens=progress.train_padded_tokens,
+                    wrapper=type(trainer.model_wrapped).__name__, stopped_by=stop.name or None, loss=history)
+    completed = trainer.state.global_step >= config["max_steps"]
+    if completed:
+        if getattr(trainer, "is_fsdp_enabled", False):  # gather the adapter whole (peft's FSDP-QLoRA example does this)
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(out))  # rank 0 writes; under FSDP every rank takes part in gathering the state
+        if rank == 0:
+            tokenizer.save_pretrained(str(out))
+    (out / RANK_FILE.format(rank=rank)).write_text(json.dumps(measured, indent=1))
+    stop.restore()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", required=True, help="the job file (JSON) written by the launcher")
@@ -207,8 +327,6 @@ def main(argv=None) -> int:
     try:
         if job["mode"] == "measure":
             return measure(job)
-        from planner.train.dist_run import train_rank
-
         return train_rank(job)
     finally:
         import torch.distributed as dist

@@ -1,4 +1,5 @@
 """Exact mode, the heavy half: run one real QLoRA training step on fake tensors and count every byte.
+(One job, the trace, hence the length: the allocation tracker and the step it watches belong together.)
 
 The stack is the one `qfit run` builds (planner/train/stack.py): transformers' bitsandbytes
 integration puts Linear4bit layers where from_pretrained would, peft's prepare_model_for_kbit_training
@@ -42,7 +43,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
-from planner.exact import CudaDevice
+from planner.exact_types import CudaDevice
 from planner.memory import ALLOC_GRANULE, resolve_targets
 from planner.specs import LoraSettings, ModelSpec, TrainSettings
 

@@ -28,10 +28,14 @@ from pathlib import Path
 
 import torch
 
+from planner.codec import settings_from_dict
 from planner.memory import resolve_targets
 from planner.profiles import PROFILES_DIR, load_model
-from planner.specs import LoraSettings, TrainSettings
+from planner.specs import TrainSettings
 from planner.train import stack
+from planner.train.measure import nvml_used, peak_snapshot
+from planner.train.oom import is_cuda_oom
+from planner.units import CUBLAS_WORKSPACES_BYTES
 
 FIELDS = (
     "run_id", "model", "compute_dtype", "double_quant", "alloc_conf", "batch_size", "grad_accum", "seq_len",
@@ -41,18 +45,6 @@ FIELDS = (
     "context_bytes", "leak_bytes", "step_time_s", "tokens_per_s", "steps", "error",
     "gpu_name", "gpu_total_bytes", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "date",
 )
-
-
-def nvml_used() -> tuple[int, str, str]:
-    import pynvml
-
-    pynvml.nvmlInit()
-    h = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("QFIT_NVML_INDEX", "0")))
-    used = int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-    name = pynvml.nvmlDeviceGetName(h)
-    name = name.decode() if isinstance(name, bytes) else name
-    drv = pynvml.nvmlSystemGetDriverVersion()
-    return used, name, drv.decode() if isinstance(drv, bytes) else drv
 
 
 def _cfg(model, batch, seq, ckpt, rank, targets, optim, dtype="bf16", dq=True, accum=2, budget=0, bisect=False,
@@ -86,7 +78,8 @@ def grid_from_json(path: str) -> list[dict]:
     return [_cfg(**row) for row in (doc["configs"] if isinstance(doc, dict) else doc)]
 
 
-def _model_path(spec_name: str, config_fields: dict, dtype: str, workdir: Path, layers: int | None) -> str:
+def model_path(spec_name: str, config_fields: dict, dtype: str, workdir: Path, layers: int | None) -> str:
+    """A random-weight checkpoint of the architecture in workdir (saved on first use). -> its directory."""
     path = workdir / f"{spec_name}-{dtype}"
     if not (path / "config.json").is_file():
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,7 +87,8 @@ def _model_path(spec_name: str, config_fields: dict, dtype: str, workdir: Path, 
     return str(path)
 
 
-def _profile_fields(name: str) -> dict:
+def profile_fields(name: str) -> dict:
+    """The [config] table of a model profile (Hugging Face config.json field names)."""
     import tomllib
 
     path = Path(name) if name.endswith(".toml") else PROFILES_DIR / "models" / f"{name}.toml"
@@ -107,11 +101,7 @@ def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
     from transformers import Trainer
 
     cuda = torch.cuda.is_available()
-    lora = LoraSettings(rank=cfg["rank"], alpha=2 * cfg["rank"], dropout=0.05, targets=(cfg["targets"],))
-    train = TrainSettings(batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], seq_len=cfg["seq_len"],
-                          gradient_checkpointing=cfg["gradient_checkpointing"], optim=cfg["optim"],
-                          compute_dtype=cfg["compute_dtype"], double_quant=cfg["double_quant"],
-                          uncheckpointed_layers=cfg.get("uncheckpointed_layers", 0))
+    lora, train = settings_from_dict(cfg, alpha=2 * cfg["rank"], lora_dropout=0.05, targets=(cfg["targets"],))
     names = resolve_targets(spec, lora.targets)
     row = {**env, **cfg, "alpha": lora.alpha, "lora_dropout": lora.dropout, "status": "ok", "error": "",
            "after_load_allocated_bytes": after_load}
@@ -163,10 +153,8 @@ def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
 def record_success(row: dict, timer, train: TrainSettings, cuda: bool) -> None:
     """A configuration that trained: peaks (NVML while paged optimizer state is still resident) and speed."""
     if cuda:
-        torch.cuda.synchronize()
-        row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-        row["nvml_used_bytes"] = nvml_used()[0]
+        row.update(peak_snapshot())
+        row["nvml_used_bytes"] = nvml_used()[0]  # strict here: a calibration row without NVML is an error row
     step = min(timer.times[1:] or timer.times)
     row["step_time_s"] = round(step, 4)
     row["tokens_per_s"] = round(train.tokens_per_micro_batch * train.grad_accum / step, 1)  # one process's
@@ -175,12 +163,11 @@ def record_success(row: dict, timer, train: TrainSettings, cuda: bool) -> None:
 
 def record_failure(row: dict, exc: BaseException, cuda: bool) -> None:
     """An OOM (status oom, with the peaks reached) or any other failure (status error): a row, not a lost sweep."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if is_cuda_oom(exc):
         row["status"] = "oom"
         row["error"] = str(exc).splitlines()[0][:200]
         if cuda:
-            row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-            row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            row.update(peak_snapshot(sync=False))
         return
     row["status"] = "error"
     row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -281,15 +268,15 @@ def main(argv=None) -> int:
             if time.time() - t_start > args.time_limit:
                 break
             spec = load_model(mname)
-            fields = _profile_fields(mname)
-            path = _model_path(mname, fields, dtype, workdir, args.layers)
+            fields = profile_fields(mname)
+            path = model_path(mname, fields, dtype, workdir, args.layers)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             base = stack.load_4bit(path, dtype, dq, device_map={"": 0} if cuda else None)
             if cuda:
                 torch.cuda.empty_cache()
             after_load = torch.cuda.memory_allocated() if cuda else 0
-            load_peak = torch.cuda.max_memory_allocated() if cuda else 0
+            load_peak = peak_snapshot(sync=False)["peak_allocated_bytes"] if cuda else 0
             print(f"[harness] loaded {mname} {dtype} dq={dq}: {after_load} B allocated, load peak {load_peak} B", flush=True)
             for cfg in group:
                 if time.time() - t_start > args.time_limit:
@@ -298,7 +285,7 @@ def main(argv=None) -> int:
                 row = _record(writer, fh, run_one(base, spec, cfg, env, after_load, tmp), cfg, env, load_peak)
                 if cfg.get("bisect") and row["status"] == "ok" and cuda:
                     # the smallest budget that runs: bisect the allocator cap between peak allocated and reserved
-                    lo, hi = row["peak_allocated_bytes"], row["peak_reserved_bytes"] + 64 * 2**20
+                    lo, hi = row["peak_allocated_bytes"], row["peak_reserved_bytes"] + CUBLAS_WORKSPACES_BYTES
                     for _ in range(args.bisect_steps):
                         mid = (lo + hi) // 2
                         capped = _record(writer, fh, run_one(base, spec, {**cfg, "budget_bytes": mid}, env, after_load, tmp),

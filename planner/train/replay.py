@@ -61,12 +61,12 @@ def configurations(paths: list[str]) -> list[dict]:
 def simulate_one(row: dict, hook: bool, budget: bool = False) -> dict:
     import dataclasses
 
+    from planner.codec import settings_from_dict
     from planner.exact import resolve
-    from planner.fit import _row_settings
     from planner.train import exact as heavy
     from planner.train import stack
 
-    lora, train = _row_settings(row)
+    lora, train = settings_from_dict(row)
     spec, cfg = resolve(row["model"])
     t0 = time.perf_counter()
     raw = heavy.trace(cfg, dataclasses.replace(spec, num_hidden_layers=spec.num_hidden_layers), lora, train,
@@ -96,12 +96,12 @@ def grid_rows(name: str, alloc_conf: str) -> list[dict]:
 
 def analytic(row: dict) -> dict:
     """The analytic plan's prediction with the published coefficients (calibration/coefficients.json)."""
+    from planner.codec import settings_from_dict
     from planner.coefficients import load_coefficients
-    from planner.fit import _row_settings
     from planner.memory import estimate
     from planner.profiles import load_model
 
-    lora, train = _row_settings(row)
+    lora, train = settings_from_dict(row)
     coeffs = load_coefficients()
     bd = estimate(load_model(row["model"]), lora, train, coeffs)
     return {"analytic_allocated_bytes": bd.peak_allocated_bytes, "analytic_reserved_bytes": bd.peak_reserved_bytes,

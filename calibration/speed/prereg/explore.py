@@ -1,9 +1,12 @@
-import csv, sys, statistics, math
+import csv
+import sys
+
 import numpy as np
 
-from planner.profiles import load_model, load_gpu
 from planner.codec import settings_from_dict
 from planner.memory import resolve_targets, trainable_params
+from planner.profiles import load_gpu, load_model
+
 DQ = 0.5 + 0.0625 + 2 + 2
 
 def feats(row, gpu):

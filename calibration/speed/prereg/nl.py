@@ -1,8 +1,13 @@
-import sys, numpy as np
+import sys
+
+import numpy as np
+
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from explore import load, feats
-from planner.profiles import load_gpu
+from explore import feats, load
 from scipy.optimize import least_squares
+
+from planner.profiles import load_gpu
+
 CPU = ['calls', 'lora_calls', 'fixed']
 GPU = ['mm', 'attn_flash', 'attn_mask', 'dq', 'act', 'logit', 'lora_flops']
 STEP = ['opt', 'step']

@@ -1,8 +1,13 @@
-import sys, json, numpy as np, csv
+import csv
+import json
+import sys
+
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from nl import mats, fit, pred, load
+from nl import fit, load, mats, pred
+
 from planner.profiles import load_gpu
 from planner.train.throughput import normalize
+
 rows = [r for r in load('calibration/speed/h100-speed-a.csv') if r['data'] != 'padded']
 A, C, G, S, y = mats(rows, load_gpu('h100-sxm')); p = fit(A, C, G, S, y)
 grid = [normalize(c) for c in json.load(open('calibration/grids/speed.json'))]
