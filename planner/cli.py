@@ -243,7 +243,9 @@ def _plan_multi(spec, gpu_spec, req: Request, coeffs, n: int, strategy, cpu_offl
         click.echo("\n".join(render_multi_advice(advice, model_arg, gpu_spec, calibrated=multigpu_calibrated(coeffs),
                                                   fixed=fixed or bool(strategy or loading) or cpu_offload is not None)))
     else:
-        click.echo(render_multi_plan(choice, spec, coeffs, gpu_spec.display_name))
+        from planner.reasons import multi_why
+
+        click.echo(render_multi_plan(choice, spec, coeffs, gpu_spec.display_name, multi_why(choice)))
     if save and not as_json:
         click.echo(f"\nplan saved to {save}")
     return 0 if choice.best is not None else 1

@@ -9,27 +9,20 @@ planner.report renders them; planner.documents puts the same data in `--json`. N
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from planner.multigpu import FSDP_OPTIM, fewest_gpus, least_memory_request, plan_multi
 from planner.profiles import all_gpus
-from planner.search import AUTO_SEQ_LENS, Request, SearchResult, next_larger_batch, search
+from planner.search import (
+    AUTO_SEQ_LENS,
+    MAX_GPUS,
+    NoFitAdvice,
+    Request,
+    SearchResult,
+    next_larger_batch,
+    search,
+)
 from planner.specs import Coefficients, GpuSpec, MemoryBreakdown, ModelSpec, Plan
-
-MAX_GPUS = 8  # the largest count the advice tries: one host
-
-
-@dataclass(frozen=True, slots=True)
-class NoFitAdvice:
-    """What would fit when nothing does on the asked GPU(s). Bytes are int."""
-
-    larger_gpu: GpuSpec | None  # the smallest larger catalog GPU on which one card fits; None: none does
-    seq_len: int | None  # the longest shorter --seq-len that fits on this card (one GPU, seq fixed); None: none
-    fewest_gpus: tuple[int, str, bool] | None  # (n, strategy, cpu_offload) of planner.multigpu.fewest_gpus
-    max_gpus: int = MAX_GPUS
-    # when no count fits because FSDP's load phase alone exceeds the card even on max_gpus GPUs:
-    load_needs_bytes: int | None = None
-    usable_bytes: int | None = None
 
 
 def why(result: SearchResult, best: Plan, coeffs: Coefficients) -> tuple[str, ...]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from planner.memory import quant_constants_bytes, quantized_weights_bytes, trainable_params
-from planner.reasons import multi_why
 from planner.search import SearchResult, smallest
 from planner.specs import Coefficients, MemoryBreakdown, ModelSpec, Plan
 from planner.units import GiB
@@ -347,19 +346,19 @@ def render_multi_header(choice, model: ModelSpec, coeffs: Coefficients, gpu_titl
     return out
 
 
-def render_multi_plan(choice, model: ModelSpec, coeffs: Coefficients, gpu_title: str) -> str:
+def render_multi_plan(choice, model: ModelSpec, coeffs: Coefficients, gpu_title: str, reasons: tuple[str, ...] = ()) -> str:
     """Human output of `qfit plan --num-gpus N` when a plan fits (choice.best)."""
     best = choice.best
     out = render_multi_header(choice, model, coeffs, gpu_title)
     lines = multi_settings_lines(best)
     if choice.strategy == "fsdp":
         lines += _fsdp_line(choice).split("\n")
-    lines.append(f"est. {best.tokens_per_s_per_gpu:,.0f} tokens/s per GPU (one rank's roofline; communication "
+    lines.append(f"est. {best.tokens_per_s_per_gpu:,.0f} tokens/s per GPU (one rank's speed model; communication "
                  + ("and CPU offload not modelled)" if choice.cpu_offload else "not modelled)")
                  if best.tokens_per_s_per_gpu else "no speed estimate (no GPU speed facts)")
     out += ["Recommended  " + lines[0]] + ["             " + line for line in lines[1:]]
     out += ["", multi_breakdown_table(best), ""]
-    out += ["Why:  " + line if i == 0 else "      " + line for i, line in enumerate(multi_why(choice))]
+    out += ["Why:  " + line if i == 0 else "      " + line for i, line in enumerate(reasons)]
     alts = multi_alternatives(choice.plans, best)
     if alts:
         rows = [[_short(p), gib_str(p.memory.needs_bytes), f"{p.tokens_per_s_per_gpu:,.0f}" if p.tokens_per_s_per_gpu else "-"]

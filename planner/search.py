@@ -8,15 +8,11 @@ first tier with a fitting plan wins; inside it plans are ranked by estimated tok
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from planner.errors import QfitError
 from planner.memory import estimate
 from planner.specs import Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
 from planner.speed import tokens_per_second
-
-if TYPE_CHECKING:
-    from planner.reasons import NoFitAdvice
 
 DEFAULT_EFFECTIVE_BATCH = 16
 DEFAULT_SEQ_LEN = 512
@@ -51,6 +47,22 @@ class Request:
 
 
 OPTIMIZE = ("quality", "speed")
+
+
+MAX_GPUS = 8  # the largest count the no-fit advice tries: one host
+
+
+@dataclass(frozen=True, slots=True)
+class NoFitAdvice:
+    """What would fit when nothing does on the asked GPU(s). Bytes are int."""
+
+    larger_gpu: GpuSpec | None  # the smallest larger catalog GPU on which one card fits; None: none does
+    seq_len: int | None  # the longest shorter --seq-len that fits on this card (one GPU, seq fixed); None: none
+    fewest_gpus: tuple[int, str, bool] | None  # (n, strategy, cpu_offload) of planner.multigpu.fewest_gpus
+    max_gpus: int = MAX_GPUS
+    # when no count fits because FSDP's load phase alone exceeds the card even on max_gpus GPUs:
+    load_needs_bytes: int | None = None
+    usable_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

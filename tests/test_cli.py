@@ -227,14 +227,14 @@ def test_nothing_fits_on_one_gpu_names_the_fewest_gpus():
 def test_partial_checkpointing_in_the_plan_text_and_json():
     """The planner fills spare memory by leaving the last layers uncheckpointed, says so, and the
     saved settings carry the count (qfit run --plan reads it back)."""
-    r = CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "a100-40gb", "--json"])
+    r = CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "t4", "--json"])
     doc = json.loads(r.output)
     n = doc["settings"]["uncheckpointed_layers"]
     assert doc["settings"]["gradient_checkpointing"] and 0 < n < 32
-    r = CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "a100-40gb"])
+    r = CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "t4"])
     assert f"gradient checkpointing on for {32 - n} of 32 layers" in r.output
     assert f"the last {n} of 32 layers are not checkpointed" in r.output
-    fixed = json.loads(CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "a100-40gb", "--json",
+    fixed = json.loads(CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "t4", "--json",
                                                 "--uncheckpointed-layers", "0"]).output)
     assert fixed["settings"]["uncheckpointed_layers"] == 0
     assert fixed["memory"]["peak_allocated_bytes"] < doc["memory"]["peak_allocated_bytes"]

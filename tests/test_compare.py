@@ -30,6 +30,7 @@ from planner.compare import (
     pareto_flags,
     record_chars,
     search_all,
+    speed_calibrated_on,
     workload_from_records,
 )
 from planner.fitmap import FIT_MAP_BATCHES, FIT_MAP_SEQ_LENS, fit_map, fit_map_png
@@ -134,8 +135,10 @@ def test_hours_and_cost_formulas(mistral_cmp):
 
 def test_speed_basis_and_error_band(mistral_cmp, coeffs, gpus):
     basis = {o.gpu.name: o.speed_basis for o in mistral_cmp.options}
-    assert basis["h200"] == SPEED_CALIBRATED
-    assert all(b == SPEED_DATASHEET for name, b in basis.items() if name != "h200")
+    on = speed_calibrated_on(coeffs)
+    assert on == ("h100-sxm",)  # the GPU kind of calibration/speed/h100-speed-b.csv, named by the refit
+    assert basis["h100-sxm"] == SPEED_CALIBRATED
+    assert all(b == SPEED_DATASHEET for name, b in basis.items() if name not in on)
     # the cross-validated speed error widens every fitting GPU's hours into a band around the estimate
     assert mistral_cmp.speed_error_pct > 0
     for o in mistral_cmp.fitting:
@@ -377,7 +380,7 @@ def test_json_schema():
     costs = [d["cost_usd"] for d in doc]
     assert costs == sorted(costs)
     assert any(d["pareto"] for d in doc)
-    assert next(d for d in doc if d["gpu"] == "h200")["speed_basis"] == "calibrated"
+    assert next(d for d in doc if d["gpu"] == "h100-sxm")["speed_basis"] == "calibrated"
 
 
 def test_json_for_gpus_that_do_not_fit():

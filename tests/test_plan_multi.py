@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from planner.cli import cli
+from planner.codec import settings_from_dict
 from planner.coefficients import load_coefficients
 from planner.memory import quant_constants_bytes, quantized_weights_bytes
 from planner.multigpu import (
@@ -43,12 +44,7 @@ def settings_from(doc: dict) -> tuple[LoraSettings, TrainSettings]:
     targets = ("all-linear",) if tuple(s["targets"]) == spec.all_linear_names else tuple(s["targets"])
     if tuple(s["targets"]) == spec.attn_linear_names:
         targets = ("attn",)
-    lora = LoraSettings(rank=s["rank"], alpha=s["alpha"], dropout=s["lora_dropout"], targets=targets)
-    train = TrainSettings(batch_size=s["batch_size"], grad_accum=s["grad_accum"], seq_len=s["seq_len"],
-                          gradient_checkpointing=s["gradient_checkpointing"], optim=s["optim"],
-                          compute_dtype=s["compute_dtype"], double_quant=s["double_quant"],
-                          expandable_segments=s["expandable_segments"])
-    return lora, train
+    return settings_from_dict(s, targets=list(targets))
 
 
 def check_json(doc: dict) -> None:
