@@ -92,6 +92,12 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
 @click.option("--padding", type=click.Choice(("longest", "max-length")),
               help="longest (default): each micro-batch padded to its longest row; max-length: every row padded to "
                    "--seq-len, as classic recipes do (same memory, more tokens computed). Example: --padding max-length")
+@click.option("--packing/--no-packing", default=None,
+              help="Pack whole rows into micro-batches of --seq-len tokens (no padding computed; each row attends only "
+                   "to itself). Default: on when rows are shorter than --seq-len. Example: --no-packing")
+@click.option("--optimize", type=click.Choice(("quality", "speed")), default="quality", show_default=True,
+              help="quality: the largest LoRA adapter that fits; speed: the fastest plan of any adapter tier. "
+                   "Example: --optimize speed")
 @click.option("--num-gpus", type=click.IntRange(min=1), metavar="N",
               help="Train on N GPUs of this machine, one process each, launched by accelerate (default 1). "
                    "Example: --num-gpus 2")
@@ -110,7 +116,7 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
                    "launch command, without training. Example: --num-gpus 2 --dry-run")
 def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, seq_len, effective_batch, batch_size,
             plan_path, rank, alpha, lora_dropout, targets, gradient_checkpointing, uncheckpointed_layers, optim, compute_dtype, fmt,
-            save_steps, learning_rate, padding, num_gpus, strategy, num_machines, machine_rank, main_process_ip,
+            save_steps, learning_rate, padding, packing, optimize, num_gpus, strategy, num_machines, machine_rank, main_process_ip,
             main_process_port, dry_run):
     """Fine-tune with QLoRA using the planned settings; an out-of-memory error never loses progress.
 
@@ -140,6 +146,7 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
             targets=_targets(targets), gradient_checkpointing=gradient_checkpointing,
             uncheckpointed_layers=uncheckpointed_layers, optim=optim,
             compute_dtype=compute_dtype, fmt=fmt, save_steps=save_steps, learning_rate=learning_rate, padding=padding,
+            packing=packing, optimize=optimize,
             num_gpus=num_gpus, strategy=strategy, num_machines=num_machines, machine_rank=machine_rank,
             main_process_ip=main_process_ip, main_process_port=main_process_port, dry_run=dry_run)
         result = runner.run(opts, echo=click.echo)

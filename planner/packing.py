@@ -22,6 +22,7 @@ side).
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100
@@ -122,6 +123,8 @@ class PackedCollator:
         self.tokens = 0
         self.padded_tokens = 0
         self.longest = 0
+        self.pad_to = None  # the rows are always seq_len long; no per-row padding option
+        self.batches: deque = deque()  # (real, computed) tokens of each micro-batch made, oldest first
 
     def __call__(self, batch: list[list[dict]]) -> dict:
         import torch
@@ -145,6 +148,7 @@ class PackedCollator:
             if at < n:  # the rest of the row: one padding segment of its own
                 pos[r, at:] = torch.arange(n - at)
         self.padded_tokens += len(batch) * n
+        self.batches.append((sum(len(ex["input_ids"]) for row in batch for ex in row), len(batch) * n))
         self.longest = max(self.longest, n)
         out = {"input_ids": ids, "labels": labels, "position_ids": pos}
         check_packed_batch(out)

@@ -644,13 +644,29 @@ def test_pad_collator_pads_to_the_longest_row_or_to_max_length():
     assert (fixed.tokens, fixed.padded_tokens, fixed.longest) == (8, 16, 8)
 
 
-def test_default_run_pads_to_the_longest_row_and_records_it(demo_run):
+def test_default_run_packs_short_rows_and_records_it(demo_run):
     _, out, report, _ = demo_run
-    assert report["in_effect"]["padding"] == "longest" and report["device"]["emulation"] is None
-    assert json.loads((out / "run_config.json").read_text())["padding"] == "longest"
+    assert report["in_effect"]["padding"] == "packed" and report["device"]["emulation"] is None
+    assert json.loads((out / "run_config.json").read_text())["packing"] is True
     speed = report["speed"]
     assert 0 < speed["train_tokens"] < speed["train_padded_tokens"]  # the report states the tokens it timed
-    assert report["memory"]["longest_micro_batch_tokens"] < report["data"]["seq_len"]
+    packed = report["data"]["packing"]
+    assert packed["fill"] > 0.85 and packed["rows"] == report["data"]["examples"]  # every example, in fuller rows
+    assert speed["train_tokens"] / speed["train_padded_tokens"] > 0.85  # little padding computed
+    assert report["memory"]["longest_micro_batch_tokens"] == report["data"]["seq_len"]  # packed rows: one shape
+
+
+def test_no_packing_pads_to_the_longest_row_and_plans_for_it(cache, tmp_path):
+    out = tmp_path / "run"
+    done, text = quiet(RunOptions(output=str(out), demo=True, packing=False, max_steps=3, effective_batch=4,
+                                  save_steps=100, progress=False))
+    rep = done.report
+    assert done.status == "completed" and rep["in_effect"]["padding"] == "longest"
+    assert "no packing: micro-batches are padded to their longest row" in text
+    longest = rep["data"]["lengths"]["max"]
+    assert rep["planned"]["seq_len"] == min(longest, rep["data"]["seq_len"])  # the worst real micro-batch, not the rounded seq
+    assert rep["memory"]["longest_micro_batch_tokens"] <= longest
+    assert rep["speed"]["train_tokens"] < rep["speed"]["train_padded_tokens"]
 
 
 def test_padding_max_length_reaches_the_collator_and_resume_keeps_it(cache, tmp_path):

@@ -47,7 +47,7 @@ from planner.train.oom import is_cuda_oom
 from planner.train.options import LOG_POINTS, one_line
 from planner.train.output import OOM_FILE, RANK_FILE, RUN_CONFIG
 from planner.train.source import load_tokenizer
-from planner.train.trainer_glue import ExampleDataset, PadCollator, StopFlag, callback_classes
+from planner.train.trainer_glue import StopFlag, callback_classes, dataset_and_collator
 
 EXIT_OOM = 3  # a rank's exit code after an out-of-memory error (it wrote OOM_FILE)
 DIST_FIELDS = ("strategy", "world_size", "rank_index", "nvml_index", "wrapper", "after_train_allocated_bytes",
@@ -272,8 +272,7 @@ def train_rank(job: dict) -> int:
         measured["load_peak_allocated_bytes"] = peak_snapshot(sync=False)["peak_allocated_bytes"]
         measured["after_load_allocated_bytes"] = torch.cuda.memory_allocated()
     model = get_peft_model(model, stack.lora_config(lora, lora.targets))  # run_config holds the resolved names
-    collator = PadCollator(tokenizer.pad_token_id, **({"pad_to": config["seq_len"]} if config.get("padding") == "max-length"
-                                                     else {}))
+    dataset, collator = dataset_and_collator(examples, tokenizer.pad_token_id, config)  # run_multi does not pack yet
     _, progress_cls = callback_classes()
     progress = progress_cls(collator, cuda, enabled=rank == 0 and job.get("progress", True))
     stop = StopFlag()
@@ -284,7 +283,7 @@ def train_rank(job: dict) -> int:
         save_strategy="steps", save_steps=config["save_steps"], save_total_limit=job["save_total_limit"],
         logging_strategy="steps", logging_steps=max(1, config["max_steps"] // LOG_POINTS), report_to=[],
         seed=config["seed"], disable_tqdm=True, include_num_input_tokens_seen="non_padding")
-    trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(examples), data_collator=collator,
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       processing_class=tokenizer, callbacks=[progress, _stop_callback_class()(stop)])
     trainer.remove_callback(PrinterCallback)
     if cuda:

@@ -66,6 +66,8 @@ class RunOptions:
     learning_rate: float | None = None
     warmup: float | None = None  # >= 1: steps; below 1: fraction of the steps
     padding: str | None = None  # PADDINGS; None: "longest"
+    packing: bool | None = None  # rows packed into micro-batches (planner/packing.py); None: on when rows are shorter
+    optimize: str = "quality"  # planner.search.OPTIMIZE
     num_gpus: int | None = None  # > 1: planner.train.dist_run launches one process per GPU through accelerate
     strategy: str | None = None  # with num_gpus > 1: "ddp" or "fsdp"; None: DDP when it fits, else FSDP
     num_machines: int | None = None  # several nodes: every node runs the same command with its own machine_rank
@@ -113,6 +115,11 @@ class RunOptions:
             raise RunError("--strategy needs --num-gpus 2 or more (one GPU needs no strategy)")
         if self.padding is not None and self.padding not in PADDINGS:
             raise RunError(f"--padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}")
+        if self.packing and self.padding == "max-length":
+            raise RunError("--packing fills every row with whole examples; --padding max-length pads each row: "
+                           "give one of them")
+        if self.optimize not in ("quality", "speed"):
+            raise RunError(f"--optimize must be quality or speed, got {self.optimize!r}")
         if self.targets is not None and not self.targets:
             raise RunError("--targets must be attn, all-linear, or a comma list of module names")
         if self.epochs is not None and self.max_steps is not None:
@@ -124,7 +131,7 @@ class RunOptions:
 # options that --resume takes from the saved run (giving them again would change the run midway)
 RESUME_FIXED = ("model", "dataset", "demo", "epochs", "max_steps", "seq_len", "effective_batch", "batch_size",
                 "plan_path", "rank", "alpha", "lora_dropout", "targets", "gradient_checkpointing", "optim",
-                "compute_dtype", "fmt", "save_steps", "learning_rate", "warmup", "overwrite", "padding", "num_gpus",
+                "compute_dtype", "fmt", "save_steps", "learning_rate", "warmup", "overwrite", "padding", "packing", "num_gpus",
                 "strategy", "num_machines", "main_process_ip")
 
 

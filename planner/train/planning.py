@@ -36,7 +36,7 @@ def read_plan_file(path: str) -> dict:
     return doc
 
 
-def build_request(opts: RunOptions, plan_doc: dict | None, seq_len: int) -> tuple[Request, list[str]]:
+def build_request(opts: RunOptions, plan_doc: dict | None, seq_len: int, packing: bool = False) -> tuple[Request, list[str]]:
     """The planner request: the saved plan's settings (if any), then what the user gave on top."""
     notes = []
     base: dict = {}
@@ -68,6 +68,8 @@ def build_request(opts: RunOptions, plan_doc: dict | None, seq_len: int) -> tupl
         base.pop("grad_accum", None)
         base.setdefault("effective_batch", max(opts.batch_size, DEFAULT_EFFECTIVE_BATCH))
     base["seq_len"] = seq_len
+    base["packing"] = packing
+    base["optimize"] = opts.optimize
     if base.get("uncheckpointed_layers") and base.get("gradient_checkpointing") is None:
         base["gradient_checkpointing"] = True  # leaving some layers uncheckpointed means checkpointing the others
     if base.get("lora_dropout") is None:

@@ -110,6 +110,15 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
 
         return run_multi(opts, saved, plan_doc, src, data, echo)
 
+    # --- packing: on by default when rows are shorter than the sequence (they fill rows of seq_len tokens)
+    if saved is not None:
+        packing = bool(saved.get("packing", False))
+    elif opts.packing is not None:
+        packing = opts.packing
+    else:
+        packing = opts.padding != "max-length" and any(len(e) < data.seq_len for e in data.examples)
+    plan_seq = plan_seq_len(data, packing, opts.padding)
+
     # --- device and plan
     settings = (saved or plan_doc or {}).get("settings", {})
     alloc_note = set_alloc_conf(settings.get("expandable_segments", True))  # before CUDA is initialised
@@ -128,7 +137,7 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
             plan_notes.append(f"these settings are predicted not to fit {device.spec.display_name}; "
                               "the out-of-memory guard will reduce the micro-batch if needed")
     else:
-        req, req_notes = build_request(opts, plan_doc, data.seq_len)
+        req, req_notes = build_request(opts, plan_doc, plan_seq, packing)
         plan, plan_notes = plan_run(src.spec, device, req)
         plan_notes = req_notes + plan_notes
     for n in plan_notes:
@@ -136,13 +145,25 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
     for line in plan_lines(plan, device):
         echo(line)
 
-    total_steps = saved["max_steps"] if saved else planned_steps(len(data.examples), plan.train.effective_batch,
-                                                                opts.epochs, opts.max_steps)
+    if packing:
+        from planner.packing import PackedDataset
+
+        stats = PackedDataset(data.examples, data.seq_len).stats()
+        data.info["packing"] = stats.as_dict()
+        echo(f"packing: {stats.rows} rows into {stats.packed_rows} rows of {stats.seq_len} tokens "
+             f"({stats.fill:.1%} real tokens, the rest padding)")
+        items = stats.packed_rows
+    else:
+        items = len(data.examples)
+        if opts.padding != "max-length":
+            echo(f"no packing: micro-batches are padded to their longest row (at most {plan_seq} tokens)")
+    total_steps = saved["max_steps"] if saved else planned_steps(items, plan.train.effective_batch, opts.epochs, opts.max_steps)
     save_steps = opts.save_steps or auto_save_steps(total_steps)
     out = prepare_output(opts)
     config = saved or {
         "version": CONFIG_VERSION, "model": src.ref, "model_name": src.spec.name, "demo": opts.demo,
-        "dataset": fingerprint(dataset), "format": data.fmt, "seq_len": data.seq_len, "padding": opts.padding or "longest",
+        "dataset": fingerprint(dataset), "format": data.fmt, "seq_len": data.seq_len,
+        "padding": opts.padding or "longest", "packing": packing,
         "max_steps": total_steps,
         "learning_rate": opts.learning_rate or DEFAULT_LEARNING_RATE, "warmup": opts.warmup if opts.warmup is not None
         else DEFAULT_WARMUP, "save_steps": save_steps, "seed": opts.seed,
@@ -157,6 +178,15 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
         write_json(out / PLAN_FILE, plan_file_doc(plan, src.spec, device, plan_json))
     return TrainingSession(opts, out, src, data.tokenizer, data.examples, plan, device, config, data.info, echo,
                            callbacks).run()
+
+
+def plan_seq_len(data: PreparedData, packing: bool, padding: str | None) -> int:
+    """The sequence length the memory plan is made for: packed rows are exactly seq_len long; unpacked micro-batches
+    are padded to their longest row, so the worst one is micro-batch x the longest row (not the rounded seq_len);
+    --padding max-length pads every row to seq_len."""
+    if packing or padding == "max-length":
+        return data.seq_len
+    return min(data.seq_len, max(len(e) for e in data.examples))
 
 
 def prepare_data(opts: RunOptions, src: ModelSource, dataset: str, plan_doc: dict | None, echo) -> PreparedData:
@@ -184,8 +214,7 @@ def prepare_data(opts: RunOptions, src: ModelSource, dataset: str, plan_doc: dic
          f"{stats.median} / p95 {stats.p95} / max {stats.max}")
     echo(f"      seq {seq_len} ({seq_from}): {trunc:.1%} of rows truncated"
          + (f", {dropped} dropped (no response left)" if dropped else "")
-         + (f"; every row is padded to {seq_len} tokens (--padding max-length)" if opts.padding == "max-length"
-            else f"; micro-batches are padded to their longest row (at most {seq_len})"))
+         + (f"; every row is padded to {seq_len} tokens (--padding max-length)" if opts.padding == "max-length" else ""))
     for n in data_notes:
         echo(f"      note: {n}")
     info = {"source": str(Path(dataset).resolve()) if Path(dataset).exists() else dataset, "format": fmt,

@@ -31,11 +31,10 @@ from planner.train.options import RunError, RunOptions, RunResult, one_line
 from planner.train.output import RUN_CONFIG, RUN_REPORT, last_checkpoint, write_json
 from planner.train.source import ModelSource
 from planner.train.trainer_glue import (
-    ExampleDataset,
-    PadCollator,
     StopFlag,
     build_trainer,
     callback_classes,
+    dataset_and_collator,
     emergency_checkpoint,
     settings_in_effect,
 )
@@ -89,8 +88,12 @@ def fit_probe(model, train: TrainSettings, vocab_size: int, echo,
             torch.cuda.reset_peak_memory_stats()
         try:
             ids = torch.randint(3, vocab_size, (t.batch_size, t.seq_len), device=device)
+            extra = {}
+            if t.packing:  # several examples per row: transformers builds the block mask a packed step costs
+                seg = max(2, t.seq_len // 4)
+                extra["position_ids"] = (torch.arange(t.seq_len, device=device) % seg).expand(t.batch_size, -1)
             with torch.autocast(device, dtype=TORCH_DTYPES[t.compute_dtype]):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=ids, **extra).loss
             loss.backward()
             del loss, ids
         except Exception as exc:
@@ -176,9 +179,7 @@ class TrainingSession:
             self.measured["after_wrap_allocated_bytes"] = torch.cuda.memory_allocated()
         echo(f"loaded {src.spec.display_name} in 4-bit (NF4{', double quant' if plan.train.double_quant else ''}) "
              f"with LoRA on {', '.join(names)} in {time.perf_counter() - t_load:.1f} s")
-        self.dataset = ExampleDataset(self.examples)
-        self.collator = PadCollator(self.tokenizer.pad_token_id,
-                                    pad_to=self.config["seq_len"] if self.config.get("padding") == "max-length" else None)
+        self.dataset, self.collator = dataset_and_collator(self.examples, self.tokenizer.pad_token_id, self.config)
         self.checkpoint = last_checkpoint(self.out) if self.opts.resume else None
         if self.checkpoint is not None:
             echo(f"resuming from {self.checkpoint.name} (step {int(self.checkpoint.name.rsplit('-', 1)[-1])} of "
@@ -252,7 +253,8 @@ class TrainingSession:
         else:
             measured.update(peak_allocated_bytes=0, peak_reserved_bytes=0)
         effect = settings_in_effect(self.trainer, self.model, self.config["seq_len"])
-        effect["padding"] = "max-length" if self.collator.pad_to else "longest"  # as the collator padded
+        effect["padding"] = ("packed" if self.config.get("packing") else
+                             "max-length" if self.collator.pad_to else "longest")  # as the collator padded
         report = run_report.single_report(self, measured, effect)
         out, echo = self.out, self.echo
         ckpt = report["checkpoint"]

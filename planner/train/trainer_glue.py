@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class PadCollator:
         self.tokens = 0
         self.padded_tokens = 0
         self.longest = 0
+        self.batches: deque = deque()  # (real, computed) tokens of each micro-batch made, oldest first
 
     def __call__(self, batch: list[dict]) -> dict:
         import torch
@@ -64,6 +66,7 @@ class PadCollator:
             mask[i, :k] = 1
         self.tokens += int(mask.sum())
         self.padded_tokens += len(batch) * n
+        self.batches.append((int(mask.sum()), len(batch) * n))
         self.longest = max(self.longest, n)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
@@ -96,6 +99,18 @@ class StopFlag:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+
+def dataset_and_collator(examples, pad_id: int, config: dict):
+    """The Trainer's dataset and collator for a run's config: packed rows (planner.packing: whole examples in rows
+    of seq_len tokens, no attention mask) or one example per row, padded to the longest of its micro-batch or, with
+    --padding max-length, to seq_len. Both collators count real and computed tokens."""
+    if config.get("packing"):
+        from planner.packing import PackedCollator, PackedDataset
+
+        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+        return PackedDataset(rows, config["seq_len"]), PackedCollator(pad_id, config["seq_len"])
+    return ExampleDataset(examples), PadCollator(pad_id, pad_to=config["seq_len"] if config.get("padding") == "max-length" else None)
 
 
 def build_trainer(model, tokenizer, dataset, collator, out: Path, train: TrainSettings, config: dict, cbs: list):
@@ -183,14 +198,18 @@ def callback_classes() -> tuple[type, type]:
             self._mark(state)
 
         def _mark(self, state):
-            self._t, self._tok, self._pad = time.perf_counter(), state.num_input_tokens_seen, self.collator.padded_tokens
+            self._t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             dt = time.perf_counter() - self._t
-            tok = state.num_input_tokens_seen - self._tok  # the Trainer's count of non-padding tokens
+            # the micro-batches this step trained on, oldest first: the data loader may have made the next one already
+            tok = pad = 0
+            for _ in range(min(args.gradient_accumulation_steps, len(self.collator.batches))):
+                real, computed = self.collator.batches.popleft()
+                tok, pad = tok + real, pad + computed
             self.train_seconds += dt
             self.train_tokens += tok
-            self.train_padded_tokens += self.collator.padded_tokens - self._pad
+            self.train_padded_tokens += pad
             self.steps_run += 1
             self._rate = tok / dt if dt > 0 else 0.0
             if self.bar is not None:
