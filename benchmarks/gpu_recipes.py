@@ -8,7 +8,7 @@ torch's allocator on a bigger GPU): same model architecture, same alpaca-like da
   qfit-lesson   the same with the lesson's LoRA (--rank 8 --alpha 16 --targets q_proj,k_proj,v_proj,o_proj)
 
 The data: 3,000 rows whose token lengths follow Alpaca's under a Llama tokenizer (log-normal, median 114, p99 about
-538, max 791: planner.train.throughput.alpaca_like_lengths), cut from planner/demo's texts with the demo tokenizer.
+538, max 791: planner.packing.alpaca_like_lengths), cut from planner/demo's texts with the demo tokenizer.
 The model is --model's architecture with random weights (speed and memory do not depend on the values), saved in
 --workdir (/dev/shm when it has room) with planner/demo's tokenizer (byte-level BPE, ids < 512).
 
@@ -124,7 +124,7 @@ def alpaca_like_rows(tokenizer, count: int) -> list[dict]:
     """Text rows whose token counts (BOS and EOS included) follow alpaca_like_lengths: windows of a token stream made
     of the demo texts, decoded back to text. Deterministic."""
     from planner import demo
-    from planner.train.throughput import alpaca_like_lengths
+    from planner.packing import alpaca_like_lengths
 
     stream = tokenizer("\n\n".join(demo.training_texts()), add_special_tokens=False)["input_ids"]
     rows, at = [], 0

@@ -4,8 +4,6 @@ Llama in fp32 and in real bitsandbytes NF4 + LoRA)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,6 +13,7 @@ from planner.packing import (
     IGNORE_INDEX,
     PackedCollator,
     PackedDataset,
+    alpaca_like_lengths,
     check_packed_batch,
     pack_lengths,
     packing_stats,
@@ -42,8 +41,7 @@ def test_a_row_longer_than_the_packed_row_is_refused():
 
 
 def test_packing_removes_most_padding_of_alpaca_like_lengths():
-    rng = random.Random(0)
-    lengths = [min(800, max(16, int(rng.lognormvariate(4.74, 0.667)))) for _ in range(3000)]
+    lengths = alpaca_like_lengths(3000)
     stats = packing_stats(lengths, 1024)
     padded = padded_tokens_per_epoch(lengths, 4)
     assert stats.fill > 0.97  # nearly no padding computed

@@ -25,7 +25,6 @@ import csv
 import gc
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import torch
 
 from planner.codec import settings_from_dict
 from planner.memory import resolve_targets
-from planner.packing import PackedCollator, PackedDataset
+from planner.packing import PackedCollator, PackedDataset, alpaca_like_lengths
 from planner.profiles import load_model
 from planner.train import stack
 
@@ -52,13 +51,6 @@ FIELDS = (
     "gpu_name", "gpu_total_bytes", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "alloc_conf", "date",
 )
 DATA_KINDS = ("full", "packed", "padded")
-
-
-def alpaca_like_lengths(n: int, seed: int = 0, lo: int = 16, hi: int = 800) -> list[int]:
-    """Row lengths shaped like Alpaca's under a Llama tokenizer: log-normal, median 114, 99th percentile
-    about 538 (sigma 0.667), clipped to [lo, hi]."""
-    rng = random.Random(seed)
-    return [min(hi, max(lo, int(rng.lognormvariate(4.736, 0.667)))) for _ in range(n)]
 
 
 def synthetic_examples(lengths: list[int], vocab_size: int, seed: int = 0) -> list[dict]:
