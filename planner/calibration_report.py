@@ -394,8 +394,13 @@ def throughput_section(speed: dict, coeffs) -> list[str]:
              row("leave one model out", speed["leave_one_model_out"])]
     for o in speed["other_sweeps"]:
         lines.append(row(f"`{o['file']}` (another machine, {', '.join(o['gpus'])}), the shipped coefficients", o["as_shipped"]))
-        lines.append(row(f"`{o['file']}`, the CPU terms x {o['cpu_scale']} fitted on its other configurations "
-                         "(what `qfit calibrate --gpu auto` identifies)", o["with_cpu_scale_held_out"]))
+        lines.append(row(f"`{o['file']}`, the CPU terms x {o['cpu_scale']} fitted on its other configurations",
+                         o["with_cpu_scale_held_out"]))
+        rp = o.get("replay")
+        if rp:
+            lines.append(row(f"`{o['file']}`, the other models' rows, before `qfit calibrate --gpu auto`'s guard", rp["held_out_before"]))
+            lines.append(row(f"`{o['file']}`, the same rows after the guard saw only its {rp['sweep_model']} rows "
+                             f"({rp['sweep_rows']}): " + "; ".join(rp["decisions"]), rp["held_out_after"]))
     lines += ["", "The CPU terms (launch and Python overheads per layer pass, per 4-bit linear, per LoRA module) dominate small "
               "micro-batches of small models, and they differ between two hosts with the same GPU: the same configuration "
               "(Mistral-7B, micro-batch 1 x 512) took 0.527 s on one H100 machine and 0.352 s on the other. One factor on "

@@ -331,9 +331,11 @@ def gpus_cmd(as_json):
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Coefficients file to write (default calibration/coefficients.json).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write the report (markdown) here.")
 @click.option("--gpu", "gpu", default=None, help="auto: sweep this machine's GPU and write user coefficients for it.")
-@click.option("--model", "target_model", default=None, help="With --gpu auto: also sweep this model (default: a small one only).")
+@click.option("--model", "target_model", default=None, help="With --gpu auto: the model the sweep times (default: a 7B-class architecture, random weights) and also sweeps for memory.")
 @click.option("--from-runs", is_flag=True, help="Refit from your own `qfit run` measurements for this GPU.")
-def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, from_runs):
+@click.option("--minutes", type=float, default=10.0, show_default=True,
+              help="With --gpu auto: the time the sweep plans for (memory 40%, step timing the rest).")
+def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, from_runs, minutes):
     """Fit the memory model's coefficients to measured QLoRA runs.
 
     \b
@@ -344,7 +346,7 @@ def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, fr
     from planner.refit import calibrate_this_gpu, expand_runs, refit_and_report, refit_from_user_runs
 
     if gpu == "auto":
-        path = calibrate_this_gpu(target_model, echo=click.echo)
+        path = calibrate_this_gpu(target_model, echo=click.echo, minutes=minutes)
         click.echo(f"coefficients for this GPU written to {path}; `qfit plan ... --gpu auto` uses them.")
         return 0
     if from_runs:

@@ -39,7 +39,6 @@ from planner.fit import (
     prepare_rows,
     read_runs,
 )
-from planner.report import gib_str
 
 
 def expand_runs(pattern: str) -> list[str]:
@@ -77,7 +76,9 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
     """(speed_* coefficients, the throughput validation for the report): fit on SPEED_FIT_FILES; leave one
     configuration out, leave one model out; the other sweeps predicted as they are and with one CPU factor fitted
     on their other configurations; the padded rows."""
+    from planner import guard
     from planner import speed_fit as sf
+    from planner.speed import CPU_TERMS
 
     fit_files = [speed_dir / f for f in SPEED_FIT_FILES]
     rows = sf.read_rows(fit_files)
@@ -95,11 +96,20 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
         other = sf.read_rows([path])
         if not other:
             continue
-        scale = sf.fit_cpu_scale(other, co)
+        scale = sf.fit_scale(other, co, CPU_TERMS)
+        # `qfit calibrate --gpu auto` replayed on this machine's data: the guard sees only the default sweep model's
+        # rows; the other models' rows are held out
+        mine = [r for r in other if r.model == DEFAULT_SWEEP_MODEL]
+        rest = [r for r in other if r.model != DEFAULT_SWEEP_MODEL]
+        guarded, decisions = guard.guard_speed(co, mine)
         doc["other_sweeps"].append({
+            "replay": {"sweep_model": DEFAULT_SWEEP_MODEL, "sweep_rows": len(mine), "held_out_rows": len(rest),
+                       "decisions": [d.line() for d in decisions],
+                       "held_out_before": sf.summary(sf.errors_pct(rest, sf.predict(rest, co))),
+                       "held_out_after": sf.summary(sf.errors_pct(rest, sf.predict(rest, guarded)))},
             "file": path.name, "rows": len(other), "gpus": sorted({r.gpu for r in other}),
             "as_shipped": sf.summary(sf.errors_pct(other, sf.predict(other, co))),
-            "cpu_scale": round(scale, 3), "with_cpu_scale_held_out": sf.summary(sf.held_out_cpu_scale(other, co))})
+            "cpu_scale": round(scale, 3), "with_cpu_scale_held_out": sf.summary(sf.held_out_scale(other, co, CPU_TERMS))})
     padded = sf.read_rows(sorted(speed_dir.glob("*.csv")), padded=True)
     doc["padded"] = [{"run_id": r.run_id, "measured_s": r.step_time_s, "error_pct": round(e, 1)}
                      for r, e in zip(padded, sf.errors_pct(padded, sf.predict(padded, co)))]
@@ -143,11 +153,20 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
 
 # --------------------------------------------------------------------------- a user's own GPU
 
-def calibrate_this_gpu(target_model: str | None, echo=print) -> Path:
-    """Sweep this machine's GPU (a few minutes), fit, and write user coefficients for it."""
-    from planner.hardware import detect_gpu
-    from planner.profiles import match_gpu_name
+DEFAULT_SWEEP_MODEL = "mistral-7b"  # a common size class, built locally with random weights
+MEMORY_SHARE = 0.4  # of --minutes: the memory sweep (harness, both allocators); the rest times steps
 
+
+def calibrate_this_gpu(target_model: str | None, echo=print, minutes: float = 10.0) -> Path:
+    """Sweep this machine's GPU within `minutes`, then change only what the sweep can identify and what passes the
+    guard (planner.guard): write user coefficients for this GPU and print the before/after table."""
+    from planner.hardware import detect_gpu
+    from planner.profiles import load_model, match_gpu_name
+
+    if not minutes > 0:
+        raise QfitError(f"--minutes must be positive, got {minutes}")
+    if target_model:
+        load_model(target_model)  # an unknown model is a one-line error before any GPU work
     found = detect_gpu()
     if found is None:
         raise QfitError("no NVIDIA GPU found: `qfit calibrate --gpu auto` runs on a CUDA machine "
@@ -157,31 +176,61 @@ def calibrate_this_gpu(target_model: str | None, echo=print) -> Path:
     key = spec.name if spec else f"{total}B"
     cache = user_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    t_end = time.time() + minutes * 60
     grid = _user_grid(target_model)
     grid_file = cache / "calibrate-grid.json"
     grid_file.write_text(json.dumps(grid))
-    runs = cache / f"calibrate-{key}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    runs = cache / f"calibrate-{key}-{stamp}.csv"
+    mem_s = minutes * 60 * MEMORY_SHARE
     for alloc in ("expandable_segments:True", ""):
         env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=alloc)
-        echo(f"sweeping {len(grid)} configurations (PYTORCH_CUDA_ALLOC_CONF={alloc or 'default'}) ...")
+        echo(f"[1/3] memory: {len(grid)} configurations (PYTORCH_CUDA_ALLOC_CONF={alloc or 'default'}), "
+             f"at most {mem_s / 2 / 60:.1f} min ...")
         subprocess.run([sys.executable, "-m", "planner.train.harness", "--grid", str(grid_file), "--out", str(runs),
-                        "--workdir", str(cache / "models")], env=env, check=True)
-    df = read_runs([str(runs)])
-    # the shipped calibration is the prior: a few minutes of runs on one or two models refine it (the ridge pulls
-    # what they cannot identify back to it) instead of replacing a 64-run fit
+                        "--workdir", str(cache / "models"), "--time-limit", str(mem_s / 2)], env=env, check=True)
+    speed_grid = cache / "calibrate-speed-grid.json"
+    speed_grid.write_text(json.dumps(user_speed_grid(target_model or DEFAULT_SWEEP_MODEL)))
+    speed_csv = cache / f"calibrate-speed-{key}-{stamp}.csv"
+    left = max(60.0, t_end - time.time())
+    echo(f"[2/3] speed: timing steps of {target_model or DEFAULT_SWEEP_MODEL} (random weights), at most {left / 60:.1f} min ...")
+    subprocess.run([sys.executable, "-m", "planner.train.throughput", "--grid", str(speed_grid), "--out", str(speed_csv),
+                    "--workdir", str(cache / "models"), "--time-limit", str(left - 30)],
+                   env=dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True"), check=True)
+    echo("[3/3] fitting what the sweep can identify, each change held out configuration by configuration ...")
+    from planner import guard
+    from planner import speed_fit as sf
     from planner.coefficients import load_coefficients
 
     shipped = load_coefficients(None)
-    coeffs = fit(df, base=shipped)
-    errs = error_summary(predict_rows(prepare_rows(df, shipped), coeffs))
-    echo(f"fitted on {errs['runs']} runs of {', '.join(errs['models'])} (in-sample): peak reserved median "
-         f"{errs['reserved']['median_abs_pct']}% / max {errs['reserved']['max_abs_pct']}% error; "
-         f"CUDA context {gib_str(int(coeffs.get('cuda_context_bytes')))} GiB")
+    memory, mem_decisions = guard.guard_memory(shipped, read_runs([str(runs)]))
+    speed_rows = sf.read_rows([speed_csv]) if speed_csv.is_file() else []
+    speed_values, speed_decisions = guard.guard_speed({k: v for k, v in shipped.values.items() if k.startswith("speed_")
+                                                       and isinstance(v, float)}, speed_rows)
+    values = {**memory.values, **speed_values}
+    echo("before (shipped) / after (candidate), median abs error on the sweep's configurations, each held out:")
+    echo(guard.decision_table(mem_decisions + speed_decisions))
     out = user_coefficients_file(key)
-    out.write_text(json.dumps({"name": f"user-{key}", "description": f"your calibration of {name} ({runs.name})",
-                               "measured_on": {"gpu": name, "runs": int((df['status'] == 'ok').sum()), "date": time.strftime('%Y-%m-%d')},
-                               "values": coeffs.values}, indent=2))
+    out.write_text(json.dumps({"name": f"user-{key}", "description": f"your calibration of {name} ({runs.name}, {speed_csv.name})",
+                               "measured_on": {"gpu": name, "runs": len(speed_rows), "date": time.strftime('%Y-%m-%d')},
+                               "guard": [d.line() for d in mem_decisions + speed_decisions],
+                               "values": values}, indent=2))
     return out
+
+
+def user_speed_grid(model: str) -> list[dict]:
+    """Configurations that let a sweep see both halves of the speed model on this machine: small micro-batches
+    (the CPU's launch overheads) and large packed ones (the GPU's rates), two of them twice for the noise."""
+    A, L = "attn", "all-linear"
+    rows = [
+        {"model": model, "batch_size": 1, "seq_len": 512, "rank": 8, "targets": A, "optim": "adamw_torch", "data": "full"},
+        {"model": model, "batch_size": 1, "seq_len": 1024, "rank": 16, "targets": L, "data": "packed"},
+        {"model": model, "batch_size": 8, "seq_len": 1024, "rank": 16, "targets": L, "data": "packed"},
+        {"model": model, "batch_size": 2, "seq_len": 4096, "rank": 16, "targets": A, "optim": "adamw_torch", "data": "full"},
+        {"model": model, "batch_size": 4, "seq_len": 1024, "rank": 8, "targets": A, "data": "packed", "grad_accum": 4, "steps": 3},
+        {"model": model, "batch_size": 2, "seq_len": 2048, "rank": 16, "targets": A, "data": "packed", "gradient_checkpointing": False},
+    ]
+    return rows + [{**rows[0], "repeat": 1}, {**rows[2], "repeat": 1}]
 
 
 def _user_grid(target_model: str | None) -> list[dict]:
@@ -210,10 +259,15 @@ def refit_from_user_runs(echo=print) -> Path:
 
     spec = match_gpu_name(gpu)
     key = spec.name if spec else gpu.replace(" ", "-")
-    coeffs = fit(df)
+    from planner import guard
+    from planner.coefficients import load_coefficients
+
+    shipped = load_coefficients(None)
+    coeffs, decisions = guard.guard_memory(shipped, df)
+    echo(guard.decision_table(decisions))
     out = user_coefficients_file(key)
     out.write_text(json.dumps({"name": f"user-runs-{key}", "description": f"refit from your runs on {gpu}",
                                "measured_on": {"gpu": gpu, "runs": int((df['status'] == 'ok').sum())},
-                               "values": coeffs.values}, indent=2))
+                               "guard": [d.line() for d in decisions], "values": coeffs.values}, indent=2))
     echo(f"refit {len(df)} runs on {gpu}")
     return out

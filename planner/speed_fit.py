@@ -152,31 +152,32 @@ def summary(errs: list[float]) -> dict[str, float]:
     return {"n": len(a), "median": round(statistics.median(a), 2), "p90": round(p90, 2), "max": round(a[-1], 2)}
 
 
-def with_cpu_scale(coeffs: dict[str, float], scale: float) -> dict[str, float]:
-    """The coefficients with every CPU term multiplied by scale (another machine's host speed)."""
-    return {k: v * scale if k[len("speed_"):] in CPU_TERMS else v for k, v in coeffs.items()}
+def with_scale(coeffs: dict[str, float], terms: tuple[str, ...], scale: float) -> dict[str, float]:
+    """The coefficients with every term of `terms` (CPU_TERMS or GPU_TERMS) multiplied by scale."""
+    return {k: v * scale if k[len("speed_"):] in terms else v for k, v in coeffs.items()}
 
 
-def fit_cpu_scale(rows: list[SpeedRow], coeffs: dict[str, float], lo: float = 0.2, hi: float = 5.0) -> float:
-    """The one factor on the CPU terms that best fits these rows, the GPU terms held: what a short sweep on
-    another machine with the same GPU kind can identify (its host's launch overheads)."""
+def fit_scale(rows: list[SpeedRow], coeffs: dict[str, float], terms: tuple[str, ...], lo: float = 0.2,
+              hi: float = 5.0) -> float:
+    """The one factor on `terms` that best fits these rows, every other coefficient held: what a short sweep on
+    another machine can identify (CPU_TERMS: its host's launch overheads; GPU_TERMS: its GPU's rates)."""
     import math
 
     from scipy.optimize import minimize_scalar
 
     def loss(scale: float) -> float:
-        return sum(math.log(r.step_time_s / p) ** 2 for r, p in zip(rows, predict(rows, with_cpu_scale(coeffs, scale))))
+        return sum(math.log(r.step_time_s / p) ** 2 for r, p in zip(rows, predict(rows, with_scale(coeffs, terms, scale))))
 
     return float(minimize_scalar(loss, bounds=(lo, hi), method="bounded").x)
 
 
-def held_out_cpu_scale(rows: list[SpeedRow], coeffs: dict[str, float]) -> list[float]:
-    """Each configuration predicted with the CPU factor fitted on the other configurations of the same sweep."""
+def held_out_scale(rows: list[SpeedRow], coeffs: dict[str, float], terms: tuple[str, ...]) -> list[float]:
+    """Each configuration predicted with the factor on `terms` fitted on the other configurations of the rows."""
     out = [0.0] * len(rows)
     for key in sorted({r.config_id for r in rows}):
         train = [r for r in rows if r.config_id != key]
         test = [i for i, r in enumerate(rows) if r.config_id == key]
-        co = with_cpu_scale(coeffs, fit_cpu_scale(train, coeffs))
+        co = with_scale(coeffs, terms, fit_scale(train, coeffs, terms))
         for i, e in zip(test, errors_pct([rows[i] for i in test], predict([rows[i] for i in test], co))):
             out[i] = e
     return out
