@@ -124,30 +124,36 @@ def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
     except Exception as exc:  # an OOM or a failed configuration is a data row too
         record_failure(row, exc, cuda)
     finally:
-        if trainer is not None:
-            trainer.accelerator.free_memory()
-        del trainer
-        if model is not None:
-            try:
-                model.unload()
-            except Exception:
-                traceback.print_exc()
-        if hasattr(base, "gradient_checkpointing_disable"):
-            base.gradient_checkpointing_disable()
-        if hasattr(base, "disable_input_require_grads"):
-            # the checkpointing setup registers a hook making the embeddings' output require grad; left in
-            # place it makes the next non-checkpointed configuration keep +28,672 B/token (seen in exact mode)
-            try:
-                base.disable_input_require_grads()
-            except (AttributeError, RuntimeError):
-                pass
-        del model
-        gc.collect()
+        release(base, model, trainer)
+        del model, trainer
         if cuda:
-            torch.cuda.empty_cache()
             torch.cuda.set_per_process_memory_fraction(1.0)
             row["leak_bytes"] = torch.cuda.memory_allocated() - after_load
     return row
+
+
+def release(base, model, trainer) -> None:
+    """After one configuration on a shared 4-bit base: free the Trainer, unload the LoRA layers, turn checkpointing
+    and the input-grad hook off, and empty the allocator, so that the next configuration starts from the base alone."""
+    if trainer is not None:
+        trainer.accelerator.free_memory()
+    if model is not None:
+        try:
+            model.unload()
+        except Exception:
+            traceback.print_exc()
+    if hasattr(base, "gradient_checkpointing_disable"):
+        base.gradient_checkpointing_disable()
+    if hasattr(base, "disable_input_require_grads"):
+        # the checkpointing setup registers a hook making the embeddings' output require grad; left in
+        # place it makes the next non-checkpointed configuration keep +28,672 B/token (seen in exact mode)
+        try:
+            base.disable_input_require_grads()
+        except (AttributeError, RuntimeError):
+            pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def record_success(row: dict, timer, train: TrainSettings, cuda: bool) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import json
 import os
 import statistics
@@ -37,10 +36,13 @@ from pathlib import Path
 import torch
 
 from planner.codec import settings_from_dict
+from planner.data import Example
 from planner.memory import resolve_targets
 from planner.packing import PackedCollator, PackedDataset, alpaca_like_lengths
 from planner.profiles import load_model
 from planner.train import stack
+from planner.train.harness import release
+from planner.train.trainer_glue import ExampleDataset, PadCollator
 
 FIELDS = (
     "run_id", "model", "compute_dtype", "double_quant", "batch_size", "grad_accum", "seq_len", "gradient_checkpointing",
@@ -62,39 +64,6 @@ def synthetic_examples(lengths: list[int], vocab_size: int, seed: int = 0) -> li
     return out
 
 
-class _Rows:
-    def __init__(self, examples):
-        self.examples = examples
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        return self.examples[i]
-
-
-class _Pad:
-    """Pads each micro-batch to its longest row (attention mask 0 on padding); counts real and computed tokens."""
-
-    def __init__(self):
-        self.tokens = 0
-        self.padded_tokens = 0
-
-    def __call__(self, batch):
-        n = max(len(b["input_ids"]) for b in batch)
-        ids = torch.zeros((len(batch), n), dtype=torch.long)
-        labels = torch.full((len(batch), n), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), n), dtype=torch.long)
-        for i, b in enumerate(batch):
-            k = len(b["input_ids"])
-            ids[i, :k] = torch.tensor(b["input_ids"])
-            labels[i, :k] = torch.tensor(b["labels"])
-            mask[i, :k] = 1
-        self.tokens += int(mask.sum())
-        self.padded_tokens += len(batch) * n
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 def dataset_for(cfg: dict, vocab_size: int, rows_needed: int):
     """-> (dataset, collator or None). For packed and padded data the rows are alpaca-like."""
     kind = cfg["data"]
@@ -102,7 +71,8 @@ def dataset_for(cfg: dict, vocab_size: int, rows_needed: int):
         return stack.FixedLengthDataset(rows_needed, cfg["seq_len"], vocab_size), None
     lengths = [min(cfg["seq_len"], k) for k in alpaca_like_lengths(rows_needed * cfg["seq_len"] // 100 + 50, seed=1)]
     if kind == "padded":
-        return _Rows(synthetic_examples(lengths[:rows_needed], vocab_size)), _Pad()
+        examples = [Example(tuple(e["input_ids"]), tuple(e["labels"])) for e in synthetic_examples(lengths[:rows_needed], vocab_size)]
+        return ExampleDataset(examples), PadCollator(pad_id=0)
     ds = PackedDataset(synthetic_examples(lengths, vocab_size), cfg["seq_len"])
     ds.bins = ds.bins[:rows_needed]  # the first rows_needed packed rows (the fullest: FFD fills early bins best)
     return ds, PackedCollator(pad_id=0, seq_len=cfg["seq_len"])
@@ -169,26 +139,13 @@ def measure(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
         if row["status"] == "error":
             traceback.print_exc()
     finally:
-        if trainer is not None:
-            trainer.accelerator.free_memory()
-        del trainer
-        if model is not None:
-            model.unload()
-        if hasattr(base, "gradient_checkpointing_disable"):
-            base.gradient_checkpointing_disable()
-        try:
-            base.disable_input_require_grads()
-        except (AttributeError, RuntimeError):
-            pass
-        del model
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        release(base, model, trainer)
+        del model, trainer
     return row
 
 
 def _environment() -> dict:
-    from planner.train.harness import nvml_used
+    from planner.train.measure import nvml_used
 
     versions = stack.library_versions()
     if not torch.cuda.is_available():
@@ -200,13 +157,13 @@ def _environment() -> dict:
 
 
 def sweep_group(configs: list[dict], out: Path, workdir: Path, deadline: float) -> None:
-    from planner.train.harness import _model_path, _profile_fields
+    from planner.train.harness import model_path, profile_fields
 
     env = _environment()
     mname, dtype, dq = configs[0]["model"], configs[0]["compute_dtype"], configs[0]["double_quant"]
     spec = load_model(mname)
     t0 = time.time()
-    path = _model_path(mname, _profile_fields(mname), dtype, workdir, None)
+    path = model_path(mname, profile_fields(mname), dtype, workdir, None)
     cuda = torch.cuda.is_available()
     base = stack.load_4bit(path, dtype, dq, device_map={"": 0} if cuda else None)
     if cuda:
