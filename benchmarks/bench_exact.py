@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from planner.codec import settings_from_dict  # noqa: E402
 from planner.coefficients import load_coefficients  # noqa: E402
 from planner.exact import trace_step  # noqa: E402
 from planner.memory import estimate, quant_constants_bytes, quantized_weights_bytes, unquantized_weights_bytes  # noqa: E402
@@ -47,12 +48,7 @@ DEFAULT_ROWS = (
 
 
 def _settings(row) -> tuple[LoraSettings, TrainSettings]:
-    lora = LoraSettings(rank=int(row["rank"]), alpha=int(row["alpha"]), dropout=float(row["lora_dropout"]),
-                        targets=(row["targets"],))
-    train = TrainSettings(batch_size=int(row["batch_size"]), grad_accum=int(row["grad_accum"]), seq_len=int(row["seq_len"]),
-                          gradient_checkpointing=row["gradient_checkpointing"] == "True", optim=row["optim"],
-                          compute_dtype=row["compute_dtype"], double_quant=row["double_quant"] == "True")
-    return lora, train
+    return settings_from_dict(row)  # the one codec (its allocator setting from the row's alloc_conf)
 
 
 def _key(row) -> tuple:
