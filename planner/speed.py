@@ -23,6 +23,7 @@ seconds per call for counts. The coefficients come only through Coefficients (`s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from planner.memory import resolve_targets, trainable_params
 from planner.specs import Coefficients, GpuSpec, LoraSettings, ModelSpec, TrainSettings
@@ -49,9 +50,20 @@ class SpeedFeatures:
 
 
 def features(model: ModelSpec, lora: LoraSettings, train: TrainSettings, gpu: GpuSpec) -> SpeedFeatures:
-    """Every term's feature for one micro-batch of train.batch_size x train.seq_len tokens (packed or not)."""
+    """Every term's feature for one micro-batch of train.batch_size x train.seq_len tokens (packed or not): the
+    GPU-independent work (FLOPs, bytes, calls) scaled by this GPU's datasheet rates."""
     peak = gpu.tflops(train.compute_dtype) * 1e12
     bw = gpu.bandwidth_gb_s * 1e9
+    cpu, flops, traffic, step_counts, step_bytes = _work(model, lora, train)
+    gpu_terms = {**{k: v / peak for k, v in flops.items()}, **{k: v / bw for k, v in traffic.items()}}
+    step = {**step_counts, **{k: v / bw for k, v in step_bytes.items()}}
+    return SpeedFeatures(train.grad_accum, train.tokens_per_micro_batch * train.grad_accum, dict(cpu), gpu_terms, step)
+
+
+@lru_cache(maxsize=8192)
+def _work(model: ModelSpec, lora: LoraSettings, train: TrainSettings):
+    """(CPU call counts, FLOPs per GPU term, bytes per GPU term, optimizer-step counts, optimizer-step bytes) of one
+    micro-batch: what does not depend on the GPU (qfit compare evaluates the same candidates on every card)."""
     t, s, L = train.tokens_per_micro_batch, train.seq_len, model.num_hidden_layers
     ck = train.checkpointed_layers(L)
     rf = ck / L
@@ -75,22 +87,21 @@ def features(model: ModelSpec, lora: LoraSettings, train: TrainSettings, gpu: Gp
         "lora_call": float(layer_passes * lora_modules),
         "micro_batch": 1.0,
     }
-    gpu_terms = {
-        "base_matmul": (2 * t * base * passes + 4 * t * head) / peak,
-        "attention_flash": 0.0 if train.packing else attn / peak,
-        "attention_masked": 2 * attn / peak if train.packing else 0.0,  # no causal skipping with an explicit mask
-        "dequant": passes * DEQUANT_BYTES_PER_PARAM * base / bw,
-        "activations": t * layer_passes * (model.hidden_size + model.intermediate_size) * c / bw,
-        "logits": t * model.vocab_size * 4 / bw,
-        "lora_traffic": t * lora_width * layer_passes * c / bw,
+    flops = {
+        "base_matmul": 2 * t * base * passes + 4 * t * head,
+        "attention_flash": 0.0 if train.packing else attn,
+        "attention_masked": 2 * attn if train.packing else 0.0,  # no causal skipping with an explicit mask
+    }
+    traffic = {
+        "dequant": passes * DEQUANT_BYTES_PER_PARAM * base,
+        "activations": t * layer_passes * (model.hidden_size + model.intermediate_size) * c,
+        "logits": t * model.vocab_size * 4,
+        "lora_traffic": t * lora_width * layer_passes * c,
     }
     eight_bit = "8bit" in train.optim
-    step = {
-        "optimizer_tensor": float(2 * lora_modules * L),  # A and B of every wrapped linear
-        "optimizer_traffic": trainable_params(model, lora) * (8 if eight_bit else 16) / bw,
-        "optimizer_step": 1.0,
-    }
-    return SpeedFeatures(train.grad_accum, t * train.grad_accum, cpu, gpu_terms, step)
+    step_counts = {"optimizer_tensor": float(2 * lora_modules * L), "optimizer_step": 1.0}  # A and B of every wrapped linear
+    step_bytes = {"optimizer_traffic": trainable_params(model, lora) * (8 if eight_bit else 16)}
+    return cpu, flops, traffic, step_counts, step_bytes
 
 
 def micro_batch_seconds(f: SpeedFeatures, coeffs: Coefficients) -> tuple[float, float, float]:
