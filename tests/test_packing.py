@@ -30,9 +30,11 @@ def test_every_row_lands_in_exactly_one_bin_within_capacity(lengths, capacity):
     flat = sorted(i for b in bins for i in b)
     assert flat == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
-    # first-fit decreasing never needs more than 11/9 OPT + 1 bins; OPT >= ceil(total / capacity)
-    opt_lower = -(-sum(lengths) // capacity)
-    assert len(bins) <= 11 * opt_lower / 9 + 1
+    # best fit never leaves two bins at most half full (the later one's first row would have fit the earlier one),
+    # so the bins hold more than half a capacity on average, one bin aside
+    assert len(bins) <= 2 * sum(lengths) / capacity + 1
+    # and rows above half a capacity can not share a bin: at least one bin each
+    assert len(bins) >= sum(1 for n in lengths if 2 * n > capacity)
 
 
 def test_a_row_longer_than_the_packed_row_is_refused():
