@@ -43,6 +43,11 @@ def _params(model, lora) -> dict:
             "quantized": model.quantized_param_count}
 
 
+def _speed(tokens_per_s: float) -> float | None:
+    """An estimate rounded to 0.1 tokens/s; null when there is none (a GPU without speed facts), never 0.0."""
+    return round(tokens_per_s, 1) if tokens_per_s > 0 else None
+
+
 def advice_document(advice) -> dict | None:
     """planner.reasons.NoFitAdvice -> ADVICE_KEYS (None -> None)."""
     if advice is None:
@@ -63,7 +68,7 @@ def plan_document(result, model, coeffs) -> dict:
 
     def alternative(p) -> dict:
         return {"settings": _settings(p), "needs_bytes": p.memory.needs_bytes,
-                "peak_reserved_bytes": p.memory.peak_reserved_bytes, "tokens_per_s": round(p.tokens_per_s, 1),
+                "peak_reserved_bytes": p.memory.peak_reserved_bytes, "tokens_per_s": _speed(p.tokens_per_s),
                 "fits": p.fits}
 
     mem = best.memory
@@ -84,7 +89,7 @@ def plan_document(result, model, coeffs) -> dict:
             "usable_bytes": best.capacity_bytes,
         },
         "fits": result.best is not None,
-        "tokens_per_s": round(best.tokens_per_s, 1),
+        "tokens_per_s": _speed(best.tokens_per_s),
         "calibration": coeffs.name,
         "notes": list(result.notes),
         "alternatives": [alternative(p) for p in (alternatives(result, best) if result.best else [])],
@@ -204,7 +209,7 @@ def multi_plan_document(choice, model, coeffs, advice=None) -> dict:
 
     def alternative(p) -> dict:
         return {"settings": _settings(p), "global_batch": p.global_batch, "needs_bytes": p.memory.needs_bytes,
-                "tokens_per_s_per_gpu": round(p.tokens_per_s_per_gpu, 1), "fits": p.fits}
+                "tokens_per_s_per_gpu": _speed(p.tokens_per_s_per_gpu), "fits": p.fits}
 
     return {
         "model": model.name,
@@ -220,7 +225,7 @@ def multi_plan_document(choice, model, coeffs, advice=None) -> dict:
         "per_gpu": per_gpu,
         "peak_phase": peak_phase,
         "fits": choice.best is not None,
-        "tokens_per_s_per_gpu": round(best.tokens_per_s_per_gpu, 1),
+        "tokens_per_s_per_gpu": _speed(best.tokens_per_s_per_gpu),
         "calibration": coeffs.name,
         "calibrated": multigpu_calibrated(coeffs),
         "notes": request_notes + memory_notes,
@@ -257,7 +262,7 @@ def compare_option_document(o, c) -> dict:
         "needs_bytes": plan.memory.needs_bytes if plan else small.memory.needs_bytes,
         "capacity_bytes": small.capacity_bytes,
         "memory_bytes": o.gpu.memory_bytes,
-        "tokens_per_s": round(o.tokens_per_s, 1) if plan else None,
+        "tokens_per_s": _speed(o.tokens_per_s) if plan else None,
         "speed_basis": o.speed_basis,
         "speed_error_pct": o.speed_error_pct,
         "total_tokens": c.workload.total_tokens,

@@ -7,11 +7,12 @@ import json
 import os
 import sys
 import tomllib
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
 from planner.errors import QfitError
-from planner.specs import GpuSpec, LinearSpec, ModelSpec
+from planner.specs import MEMORY_CLASS_FRAC, GpuSpec, LinearSpec, ModelSpec
 from planner.units import looks_like_size, parse_size
 
 
@@ -218,7 +219,7 @@ def load_gpu(name: str) -> GpuSpec:
         size = parse_size(name)
         if size <= 0:
             raise ProfileError(f"--gpu {name}: a capacity must be positive, e.g. 24GiB")
-        return GpuSpec.bare_capacity(size, name)
+        return capacity_gpu(size, name)
     direct = PROFILES_DIR / "gpus" / f"{_norm(name)}.toml"
     if direct.is_file():
         return gpu_from_dict(_load_toml(direct), str(direct))
@@ -228,6 +229,26 @@ def load_gpu(name: str) -> GpuSpec:
                            "(`qfit gpus` lists all; a capacity such as 24GiB works too)")
     path, doc = _gpu_docs()[stem]
     return gpu_from_dict(doc, str(path))
+
+
+def memory_class(memory_bytes: int) -> list[GpuSpec]:
+    """Catalog GPUs whose memory is within MEMORY_CLASS_FRAC of `memory_bytes`, slowest first."""
+    near = [g for g in all_gpus() if abs(g.memory_bytes - memory_bytes) <= MEMORY_CLASS_FRAC * memory_bytes]
+    return sorted(near, key=lambda g: (g.bandwidth_gb_s, max(g.bf16_tflops, g.fp16_tflops), g.name))
+
+
+def capacity_gpu(memory_bytes: int, label: str, class_bytes: int | None = None, **facts) -> GpuSpec:
+    """A card known by its memory (`--gpu 24GiB`, or an uncatalogued GPU NVML reports): planned like the
+    slowest catalog card of its memory class (`class_bytes`, default `memory_bytes`), whose speed facts
+    it borrows (speed_proxy names it); with none in the class, no speed facts (tokens/s unknown).
+    `facts` override fields (display_name, bf16, compute_capability: what NVML or torch read)."""
+    spec = GpuSpec.bare_capacity(memory_bytes, label)
+    near = memory_class(class_bytes or memory_bytes)
+    if near:
+        proxy = near[0]
+        spec = replace(spec, bf16_tflops=proxy.bf16_tflops or proxy.fp16_tflops, fp16_tflops=proxy.fp16_tflops,
+                       bandwidth_gb_s=proxy.bandwidth_gb_s, speed_proxy=proxy.display_name)
+    return replace(spec, **facts)
 
 
 def all_gpus() -> list[GpuSpec]:

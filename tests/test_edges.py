@@ -1,0 +1,87 @@
+"""Edges of the issue: bare capacities, one-line errors, Hugging Face ids from the local cache, the fit map, names,
+exports. Through click's CliRunner; nothing touches the network."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from planner.cli import cli
+from planner.coefficients import load_coefficients
+from planner.profiles import load_gpu, load_model
+from planner.search import Request, search
+
+
+def run(*args, **kw):
+    return CliRunner().invoke(cli, [str(a) for a in args], **kw)
+
+
+def one_line_error(r, *words):
+    """exit 2, one line, no traceback, naming each of `words`."""
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.output, r.output
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+# =========================================================================== 1. a GPU given as a capacity
+
+@pytest.mark.parametrize(("capacity", "proxy"), [("24GiB", "NVIDIA L4"), ("16GB", "NVIDIA T4")])
+def test_capacity_borrows_the_speed_of_its_memory_class(capacity, proxy):
+    gpu = load_gpu(capacity)
+    assert gpu.speed_proxy == proxy and gpu.bandwidth_gb_s > 0 and gpu.name == capacity
+    r = run("plan", "mistral-7b", "--gpu", capacity, "--json")
+    doc = json.loads(r.output)
+    assert doc["tokens_per_s"] > 0
+    assert f"speed estimated as for {proxy} (same memory class)" in doc["notes"]
+    assert doc["settings"]["batch_size"] > 1  # not the slowest plan
+    text = run("plan", "mistral-7b", "--gpu", capacity).output
+    assert text.count(f"speed estimated as for {proxy}") == 1
+
+
+def test_capacity_outside_every_memory_class_has_no_speed_but_the_fastest_settings():
+    r = run("plan", "mistral-7b", "--gpu", "5000GiB", "--json")
+    doc = json.loads(r.output)
+    assert doc["tokens_per_s"] is None and all(a["tokens_per_s"] is None for a in doc["alternatives"])
+    assert any(n.startswith("no speed estimate") for n in doc["notes"])
+    s = doc["settings"]
+    assert s["batch_size"] == 16 and s["grad_accum"] == 1 and s["gradient_checkpointing"] is False
+
+
+def test_without_speed_the_ranking_prefers_partial_checkpointing_and_larger_micro_batches():
+    coeffs = load_coefficients("36GiB")
+    gpu = load_gpu("36GiB")  # no catalog card within 10% (32 and 40 GiB are farther)
+    assert not gpu.speed_proxy
+    best = search(load_model("mistral-7b"), gpu, Request(), coeffs).best
+    assert best.tokens_per_s == 0.0
+    assert best.train.batch_size > 1 or not best.train.gradient_checkpointing or best.train.uncheckpointed_layers > 0
+
+
+def test_compare_gives_a_capacity_hours_from_its_memory_class():
+    r = run("compare", "mistral-7b", "--gpus", "24GiB,5000GiB", "--tokens", "1M", "--json")
+    doc = json.loads(r.output)
+    rows = {o["gpu"]: o for o in doc}
+    assert rows["24GiB"]["tokens_per_s"] > 0 and rows["24GiB"]["hours"] > 0 and rows["24GiB"]["cost_usd"] is None
+    assert rows["5000GiB"]["tokens_per_s"] is None and rows["5000GiB"]["hours"] is None
+
+
+def test_qfit_run_plans_an_uncatalogued_gpu_like_its_memory_class(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from planner import hardware
+    from planner.train import device
+
+    gib = 1024**3
+    gpus = [{"index": 0, "name": "NVIDIA RTX 4500 Ada", "total_bytes": 24 * gib, "free_bytes": 23 * gib}]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 9))
+    monkeypatch.setattr(hardware, "detect_gpus", lambda: gpus)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("QFIT_EMULATE_GPU", raising=False)
+    dev = device.detect_device()
+    assert dev.spec.memory_bytes == 23 * gib and dev.spec.speed_proxy == "NVIDIA L4"
+    assert dev.spec.compute_capability == "8.9" and dev.spec.display_name == "NVIDIA RTX 4500 Ada"
+    assert any("speed estimated as for NVIDIA L4" in n for n in dev.notes)
