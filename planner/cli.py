@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from planner import __version__
-from planner.cli_errors import QfitGroup
-from planner.coefficients import load_coefficients
+from planner.cli_errors import QfitGroup, check_output_path, write_output
+from planner.coefficients import CALIBRATION_DIR, load_coefficients
 from planner.errors import QfitError
 from planner.multigpu import (
     LOADINGS,
@@ -178,6 +178,12 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
                 raise QfitError(f"{flag} needs --num-gpus 2 or more (one GPU has no DDP or FSDP)")
     elif fit_map or exact:
         raise QfitError("--fit-map and --exact plan one GPU: drop them, or drop --num-gpus")
+    check_output_path(save, "--save")
+    check_output_path(fit_map, "--fit-map")
+    if fit_map:
+        from planner.fitmap import require_matplotlib
+
+        require_matplotlib("--fit-map")  # before the work: nothing half-written
     spec = load_model(model)
     gpu_name = detect_gpu_name() if gpu == "auto" else gpu
     gpu_spec = load_gpu(gpu_name)
@@ -197,7 +203,7 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
     result = explain(spec, gpu_spec, req, coeffs)
     doc = plan_document(result, spec, coeffs)
     if save:
-        Path(save).write_text(json.dumps(doc, indent=2) + "\n")
+        write_output(save, json.dumps(doc, indent=2) + "\n", "--save")
     if fit_map:
         from planner.fitmap import fit_map_png
 
@@ -233,7 +239,7 @@ def _plan_multi(spec, gpu_spec, req: Request, coeffs, n: int, strategy, cpu_offl
     advice = None if choice.best else multi_no_fit_advice(spec, gpu_spec, req, coeffs, n, strategy, cpu_offload, loading)
     doc = multi_plan_document(choice, spec, coeffs, advice)
     if save:
-        Path(save).write_text(json.dumps(doc, indent=2) + "\n")
+        write_output(save, json.dumps(doc, indent=2) + "\n", "--save")
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif choice.best is None:
@@ -327,7 +333,8 @@ def gpus_cmd(as_json):
 
 @cli.command("calibrate")
 @click.option("--refit", is_flag=True, help="Refit the coefficients from measured runs (CPU; no GPU needed).")
-@click.option("--runs", "runs_glob", default="calibration/runs/*.csv", show_default=True, help="Measured runs to fit (glob).")
+@click.option("--runs", "runs_glob", default=None,
+              help="Measured runs to fit (glob; default: the package's calibration/runs/*.csv, from any folder).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Coefficients file to write (default calibration/coefficients.json).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write the report (markdown) here.")
 @click.option("--gpu", "gpu", default=None, help="auto: sweep this machine's GPU and write user coefficients for it.")
@@ -353,10 +360,37 @@ def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, fr
         return 0
     if not refit:
         raise QfitError("say what to do: --refit (CPU, committed data), --gpu auto (sweep this GPU) or --from-runs")
-    paths = expand_runs(runs_glob)
+    paths = expand_runs(runs_glob or str(CALIBRATION_DIR / "runs" / "*.csv"))
+    check_runs_csv(paths)
+    check_output_path(out_path, "--out")
+    check_output_path(report_path, "--report")
     summary = refit_and_report(paths, out_path, report_path)
     click.echo(summary)
     return 0
+
+
+def check_runs_csv(paths: list[str]) -> None:
+    """Each --runs file must be a CSV with the columns every committed calibration run has (the harness layout):
+    one line naming the file and the missing columns instead of a pandas traceback deep in the fit."""
+    import csv
+
+    committed = sorted((CALIBRATION_DIR / "runs").glob("*.csv"))
+    need = None
+    for path in committed:
+        with path.open(newline="") as fh:
+            header = set(next(csv.reader(fh), []))
+        need = header if need is None else need & header
+    for path in paths:
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), [])
+        except (OSError, UnicodeDecodeError) as exc:
+            raise QfitError(f"--runs {path}: cannot read it as CSV text ({getattr(exc, 'strerror', None) or exc})") from None
+        missing = sorted((need or {"model", "status"}) - set(header))
+        if missing:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise QfitError(f"--runs {path} is not a calibration run file (missing columns: {shown}); give CSVs "
+                            "written by the calibration harness or `qfit run` (calibration/runs/*.csv)")
 
 
 # --------------------------------------------------------------------------- qfit profile
@@ -378,6 +412,7 @@ def profile_cmd(source, name, out_path, trust_remote_code):
     from planner.introspect import read_config_json
     from planner.profile_writer import profile_toml
 
+    check_output_path(out_path, "--out")
     path = Path(source)
     if path.is_dir():
         path = path / "config.json"
@@ -408,7 +443,7 @@ def profile_cmd(source, name, out_path, trust_remote_code):
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise QfitError(f"transformers cannot build {source}: {first.strip()}") from None
     if out_path:
-        Path(out_path).write_text(text)
+        write_output(out_path, text, "--out")
         click.echo(f"profile written to {out_path}")
     else:
         click.echo(text, nl=False)

@@ -85,3 +85,68 @@ def test_qfit_run_plans_an_uncatalogued_gpu_like_its_memory_class(monkeypatch):
     assert dev.spec.memory_bytes == 23 * gib and dev.spec.speed_proxy == "NVIDIA L4"
     assert dev.spec.compute_capability == "8.9" and dev.spec.display_name == "NVIDIA RTX 4500 Ada"
     assert any("speed estimated as for NVIDIA L4" in n for n in dev.notes)
+
+
+# =========================================================================== 2. no tracebacks
+
+@pytest.mark.parametrize("flag", ["--save", "--fit-map"])
+def test_plan_output_into_a_missing_folder_is_one_line_before_the_work(tmp_path, flag):
+    target = tmp_path / "missing" / ("p.png" if flag == "--fit-map" else "p.json")
+    r = run("plan", "mistral-7b", "--gpu", "t4", flag, target)
+    one_line_error(r, flag, str(tmp_path / "missing"), "mkdir")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_profile_out_into_a_missing_folder(tmp_path):
+    pytest.importorskip("transformers")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(_llama_config()))
+    r = run("profile", cfg, "--out", tmp_path / "nope" / "m.toml")
+    one_line_error(r, "--out", "does not exist")
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"values": []}', '{"values": {"a": [1]}}', "{not json", "\x00\xff\xfe"])
+def test_coefficients_file_that_holds_no_coefficients(tmp_path, content):
+    path = tmp_path / "c.json"
+    path.write_bytes(content.encode("latin-1"))
+    r = run("plan", "mistral-7b", "--gpu", "t4", "--coefficients", path)
+    one_line_error(r, str(path), "qfit calibrate")
+
+
+def test_calibrate_refit_with_a_csv_of_other_columns(tmp_path):
+    csv_path = tmp_path / "other.csv"
+    csv_path.write_text("a,b\n1,2\n")
+    one_line_error(run("calibrate", "--refit", "--runs", csv_path), "--runs", str(csv_path), "missing columns")
+
+
+def test_calibrate_refit_finds_the_package_runs_from_any_folder(tmp_path, monkeypatch):
+    from planner import refit
+    from planner.coefficients import CALIBRATION_DIR
+
+    seen = {}
+    monkeypatch.setattr(refit, "refit_and_report", lambda paths, out, report: seen.setdefault("paths", paths) and "ok")
+    monkeypatch.chdir(tmp_path)
+    r = run("calibrate", "--refit")
+    assert r.exit_code == 0, r.output
+    assert seen["paths"] and all(p.startswith(str(CALIBRATION_DIR / "runs")) for p in seen["paths"])
+
+
+@pytest.mark.parametrize(("key", "value"), [("batch_size", "4"), ("seq_len", 0.5), ("rank", None), ("targets", 3)])
+def test_plan_file_with_a_wrongly_typed_setting(tmp_path, key, value):
+    pytest.importorskip("torch")
+    from planner.errors import QfitError
+    from planner.train.planning import read_plan_file
+
+    r = run("plan", "qwen2.5-0.5b", "--gpu", "t4", "--json")
+    doc = json.loads(r.output)
+    doc["settings"][key] = value
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(QfitError, match=f"{path}.*settings.{key}"):
+        read_plan_file(str(path))
+
+
+def _llama_config() -> dict:
+    from planner.profiles import PROFILES_DIR, _load_toml
+
+    return dict(_load_toml(PROFILES_DIR / "models" / "llama-3.2-1b.toml")["config"])
