@@ -267,6 +267,9 @@ def _exact(spec, best, doc: dict, coeffs) -> str:
     from planner.report_exact import exact_json, exact_section
 
     device = device_for(best.gpu)
+    # the trace takes ~1 s per decoder layer: say so before the silence (stderr: --json stays one document)
+    click.echo(f"--exact: tracing the recommended step on fake tensors, {spec.num_hidden_layers} decoder layers "
+               f"(about {spec.num_hidden_layers} s)...", err=True)
     # the whole depth: exact allocated bytes with no extrapolation, partial checkpointing as planned,
     # and the allocation log complete for the allocator simulation (peak reserved)
     traced = trace_step(spec, best.lora, best.train, layers=spec.num_hidden_layers, device=device, budget=True)
@@ -409,7 +412,7 @@ def profile_cmd(source, name, out_path, trust_remote_code):
     Example:
       qfit profile ./my-model/config.json --name my-model --out profiles/models/my-model.toml
     """
-    from planner.introspect import read_config_json
+    from planner.introspect import read_config_json, require_profile_fields
     from planner.profile_writer import profile_toml
 
     check_output_path(out_path, "--out")
@@ -430,6 +433,7 @@ def profile_cmd(source, name, out_path, trust_remote_code):
             raise QfitError(f"cannot fetch config.json for '{source}' ({type(exc).__name__}); "
                             "download it and pass the file path") from None
         hf_id, src = source, f"https://huggingface.co/{source}/blob/main/config.json"
+    require_profile_fields(config, src)
     if config.get("auto_map") and not trust_remote_code:
         raise QfitError("this model needs trust_remote_code (its code lives in the model repo); "
                         "pass --trust-remote-code if you trust it")

@@ -144,9 +144,11 @@ def _load_model_file(path: Path) -> ModelSpec:
 def read_json_object(path: Path) -> dict:
     """A JSON file that must hold an object; ProfileError (one line) otherwise."""
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path} is not a JSON text file (binary content): give the model's config.json") from None
     except OSError as exc:
         raise ProfileError(f"cannot read {path}: {exc.strerror}") from None
     if not isinstance(raw, dict):
@@ -215,6 +217,8 @@ def gpu_from_dict(doc: dict, origin: str) -> GpuSpec:
 
 def load_gpu(name: str) -> GpuSpec:
     """A catalog name ('t4', 'NVIDIA A100-SXM4-80GB') or a bare capacity ('24GiB', '16GB')."""
+    if name.strip().startswith("-") and looks_like_size(name.strip()[1:]):
+        raise ProfileError(f"--gpu {name}: a capacity must be positive, e.g. 24GiB")
     if looks_like_size(name):
         size = parse_size(name)
         if size <= 0:

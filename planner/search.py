@@ -205,6 +205,9 @@ def most_uncheckpointed(plan: Plan, coeffs: Coefficients, memo: dict | None = No
 def search(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, memo: dict | None = None) -> SearchResult:
     if req.optimize not in OPTIMIZE:
         raise QfitError(f"--optimize must be quality or speed, got {req.optimize!r}")
+    if req.rank and req.rank > model.hidden_size:
+        raise QfitError(f"--rank {req.rank} is above {model.display_name}'s hidden size ({model.hidden_size}): "
+                        "a LoRA rank cannot exceed the width it adapts; try 8 to 64")
     cands, notes = candidates(model, gpu, req)
     scored = []
     for tier, lora, train in cands:

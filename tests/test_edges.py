@@ -150,3 +150,42 @@ def _llama_config() -> dict:
     from planner.profiles import PROFILES_DIR, _load_toml
 
     return dict(_load_toml(PROFILES_DIR / "models" / "llama-3.2-1b.toml")["config"])
+
+
+# =========================================================================== 5. smaller edges
+
+def test_binary_config_json_names_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe\x00")
+    one_line_error(run("plan", path, "--gpu", "t4"), str(path), "binary")
+
+
+@pytest.mark.parametrize("gpu", ["-5GB", "0GiB", "-1GiB"])
+def test_negative_and_zero_capacity_say_positive(gpu):
+    one_line_error(run("plan", "mistral-7b", "--gpu", gpu), "must be positive")
+
+
+def test_rank_above_the_hidden_size_is_an_error():
+    one_line_error(run("plan", "qwen2.5-0.5b", "--gpu", "t4", "--rank", "2048"), "--rank 2048", "hidden size (896)")
+
+
+def test_profile_of_a_near_empty_config_names_the_missing_fields(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    line = one_line_error(run("profile", path), "intermediate_size", "num_hidden_layers", "vocab_size",
+                          "max_position_embeddings")
+    assert "hidden_size," not in line
+
+
+def test_exact_says_what_it_does_before_the_long_trace(monkeypatch):
+    pytest.importorskip("torch")
+    from planner import exact
+    from planner.errors import QfitError
+
+    def stop(*a, **k):
+        raise QfitError("stopped by the test")
+
+    monkeypatch.setattr(exact, "trace_step", stop)
+    r = CliRunner().invoke(cli, ["plan", "tiny-llama", "--gpu", "t4", "--exact"])
+    assert r.exit_code == 2
+    assert r.stderr.index("--exact: tracing the recommended step") < r.stderr.index("stopped by the test")
