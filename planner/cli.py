@@ -433,10 +433,10 @@ def profile_cmd(source, name, out_path, trust_remote_code):
             raise QfitError(f"cannot fetch config.json for '{source}' ({type(exc).__name__}); "
                             "download it and pass the file path") from None
         hf_id, src = source, f"https://huggingface.co/{source}/blob/main/config.json"
-    require_profile_fields(config, src)
     if config.get("auto_map") and not trust_remote_code:
         raise QfitError("this model needs trust_remote_code (its code lives in the model repo); "
                         "pass --trust-remote-code if you trust it")
+    require_profile_fields(config, src)
     config.pop("auto_map", None)
     short = name or (hf_id.split("/")[-1].lower() if hf_id else path.parent.name or "model")
     try:
