@@ -406,7 +406,8 @@ def check_runs_csv(paths: list[str]) -> None:
 def profile_cmd(source, name, out_path, trust_remote_code):
     """Write a model profile for any architecture transformers knows (needs the `train` extra).
 
-    SOURCE is a local config.json (or its folder) or a Hugging Face id (needs network).
+    SOURCE is a local config.json (or its folder) or a Hugging Face id (its config.json from the local
+    Hugging Face cache, else fetched alone from the hub unless HF_HUB_OFFLINE=1).
 
     \b
     Example:
@@ -425,13 +426,9 @@ def profile_cmd(source, name, out_path, trust_remote_code):
         config = read_config_json(path)
         hf_id, src = "", str(path)
     else:
-        try:
-            from huggingface_hub import hf_hub_download
+        from planner.hf_cache import config_json
 
-            config = read_config_json(hf_hub_download(source, "config.json"))
-        except Exception as exc:  # offline, gated, unknown id
-            raise QfitError(f"cannot fetch config.json for '{source}' ({type(exc).__name__}); "
-                            "download it and pass the file path") from None
+        config = read_config_json(config_json(source))  # the local Hugging Face cache first, then the hub
         hf_id, src = source, f"https://huggingface.co/{source}/blob/main/config.json"
     if config.get("auto_map") and not trust_remote_code:
         raise QfitError("this model needs trust_remote_code (its code lives in the model repo); "

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from planner.errors import QfitError
+from planner.hf_cache import config_json, looks_like_hf_id
 from planner.specs import MEMORY_CLASS_FRAC, GpuSpec, LinearSpec, ModelSpec
 from planner.units import looks_like_size, parse_size
 
@@ -120,6 +121,8 @@ def load_model(name_or_path: str) -> ModelSpec:
     if direct.is_file():  # the common case: a short name; parse one file, not the catalog
         return model_from_dict(_load_toml(direct), str(direct))
     stem = _model_index().get(_norm(name_or_path))
+    if stem is None and looks_like_hf_id(name_or_path):  # org/name outside the catalog: its config.json
+        return model_from_config_json(config_json(name_or_path), name=name_or_path, hf_id=name_or_path)
     if stem is None:
         raise ProfileError(f"unknown model '{name_or_path}'.{_did_you_mean(name_or_path, _model_index())} "
                            "(`qfit models` lists all; a path to a config.json works too)")
@@ -156,8 +159,9 @@ def read_json_object(path: Path) -> dict:
     return raw
 
 
-def model_from_config_json(path: Path) -> ModelSpec:
-    """Read a Hugging Face config.json with the standard library and lay out its modules."""
+def model_from_config_json(path: Path, name: str | None = None, hf_id: str = "") -> ModelSpec:
+    """Read a Hugging Face config.json with the standard library and lay out its modules. `name`/`hf_id`: the
+    Hugging Face id it was read for (from the cache: the folder is a commit hash, not a name)."""
     from planner.architectures import KNOWN_MODEL_TYPES, layout
 
     raw = read_json_object(path)
@@ -176,8 +180,8 @@ def model_from_config_json(path: Path) -> ModelSpec:
     if raw["model_type"] == "mixtral" and "num_local_experts" not in raw:
         raise ProfileError(f"{path}: missing field 'num_local_experts'")
     inv = layout(raw)
-    name = raw.get("_name_or_path") or path.parent.name or path.stem
-    return model_from_dict({"name": name, "display_name": name, "source": str(path),
+    name = name or raw.get("_name_or_path") or path.parent.name or path.stem
+    return model_from_dict({"name": name, "display_name": name, "hf_id": hf_id, "source": str(path),
                             "config": raw, "inventory": inv}, str(path))
 
 

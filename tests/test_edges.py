@@ -189,3 +189,78 @@ def test_exact_says_what_it_does_before_the_long_trace(monkeypatch):
     r = CliRunner().invoke(cli, ["plan", "tiny-llama", "--gpu", "t4", "--exact"])
     assert r.exit_code == 2
     assert r.stderr.index("--exact: tracing the recommended step") < r.stderr.index("stopped by the test")
+
+
+# =========================================================================== 3. Hugging Face ids from the local cache
+
+def _fake_hub(tmp_path, monkeypatch, repo_id="acme/tiny-lm", config=None, ref=True):
+    """A Hugging Face cache laid out as huggingface_hub writes it; HF_HUB_CACHE points at it; offline."""
+    cache = tmp_path / "hub"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(config or _llama_config()))
+    if ref:
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return snap / "config.json"
+
+
+@pytest.mark.parametrize("ref", [True, False])
+def test_plan_a_hugging_face_id_from_the_local_cache(tmp_path, monkeypatch, ref):
+    _fake_hub(tmp_path, monkeypatch, ref=ref)
+    r = run("plan", "acme/tiny-lm", "--gpu", "t4", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["model"] == "acme/tiny-lm" and doc["fits"]
+    llama = json.loads(run("plan", "llama-3.2-1b", "--gpu", "t4", "--json").output)
+    assert doc["params"] == llama["params"] and doc["memory"]["needs_bytes"] == llama["memory"]["needs_bytes"]
+    r = run("compare", "acme/tiny-lm", "--gpus", "t4,l4", "--tokens", "1M", "--json")
+    assert r.exit_code == 0 and {o["gpu"] for o in json.loads(r.output)} == {"t4", "l4"}
+
+
+def test_hf_home_is_honoured(tmp_path, monkeypatch):
+    from planner.hf_cache import hub_cache_dir
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
+    assert hub_cache_dir() == tmp_path / "hfhome" / "hub"
+
+
+def test_an_uncached_id_offline_fails_fast_in_one_line(tmp_path, monkeypatch):
+    import time
+
+    _fake_hub(tmp_path, monkeypatch)
+    start = time.perf_counter()
+    r = run("plan", "acme/not-cached", "--gpu", "t4")
+    assert time.perf_counter() - start < 2.0
+    one_line_error(r, "acme/not-cached", "HF_HUB_OFFLINE", "qfit profile")
+    r = run("compare", "acme/not-cached", "--gpus", "t4", "--tokens", "1M", "--json")
+    assert r.exit_code == 2 and "qfit profile" in json.loads(r.output)["error"]
+
+
+def test_plan_of_a_cached_id_stays_light(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    _fake_hub(tmp_path, monkeypatch)
+    code = ("import sys; from planner.cli import cli\n"
+            "try:\n    cli.main(['plan', 'acme/tiny-lm', '--gpu', 't4', '--json'])\nexcept SystemExit:\n    pass\n"
+            "print([m for m in ('huggingface_hub', 'torch', 'transformers') if m in sys.modules], file=sys.stderr)")
+    import os
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr
+
+
+def test_profile_of_a_cached_id(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    _fake_hub(tmp_path, monkeypatch)
+    r = run("profile", "acme/tiny-lm")
+    assert r.exit_code == 0, r.output
+    assert 'hf_id = "acme/tiny-lm"' in r.output
