@@ -207,7 +207,7 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
     if fit_map:
         from planner.fitmap import fit_map_png
 
-        fit_map_png(spec, gpu_spec, req, coeffs, fit_map)
+        fit_map_png(spec, gpu_spec, req, coeffs, fit_map, recommended=result.best)
     exact_text = None
     if exact and result.best is not None:
         exact_text = _exact(spec, result.best, doc, coeffs)

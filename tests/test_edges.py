@@ -264,3 +264,43 @@ def test_profile_of_a_cached_id(tmp_path, monkeypatch):
     r = run("profile", "acme/tiny-lm")
     assert r.exit_code == 0, r.output
     assert 'hf_id = "acme/tiny-lm"' in r.output
+
+
+# =========================================================================== 4. the fit map agrees with the plan
+
+def test_fit_map_cells_share_the_recommended_plan_settings_and_mark_it():
+    from planner.fitmap import fit_map, legend
+
+    coeffs = load_coefficients("t4")
+    model, gpu = load_model("mistral-7b"), load_gpu("t4")
+    best = search(model, gpu, Request(), coeffs).best
+    grid = fit_map(model, gpu, Request(), coeffs, recommended=best)
+    cells = [c for row in grid for c in row if c.shown]
+    assert {c.shown.train.optim for c in cells} == {best.train.optim}  # no silent switch to an 8-bit optimizer
+    assert {c.shown.lora for c in cells} == {best.lora}
+    assert {c.shown.train.compute_dtype for c in cells} == {best.train.compute_dtype}
+    marked = [c for row in grid for c in row if c.recommended]
+    assert len(marked) == 1
+    assert (marked[0].batch_size, marked[0].seq_len) == (best.train.batch_size, best.train.seq_len)
+    assert marked[0].fits  # the plan's own cell fits on the map
+    text = legend(grid, best)
+    assert any("recommended plan" in line for line in text)
+    assert text[-1] == f"every cell: LoRA r{best.lora.rank} {','.join(best.lora.targets)}, {best.train.optim}, fp16, packed"
+
+
+def test_fit_map_axes_gain_the_recommended_sequence_length():
+    from planner.fitmap import fit_map
+
+    coeffs = load_coefficients("l4")
+    model, gpu = load_model("qwen2.5-0.5b"), load_gpu("l4")
+    best = search(model, gpu, Request(seq_len=768), coeffs).best
+    grid = fit_map(model, gpu, Request(seq_len=768), coeffs, recommended=best)
+    assert 768 in [c.seq_len for c in grid[0]]
+    assert sum(c.recommended for row in grid for c in row) == 1
+
+
+def test_fit_map_png_marks_the_recommended_cell(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "map.png"
+    r = run("plan", "mistral-7b", "--gpu", "t4", "--fit-map", out)
+    assert r.exit_code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
