@@ -142,7 +142,9 @@ def plan_options(f):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema in the README).")
 @click.option("--save", type=click.Path(dir_okay=False), help="Also write the plan JSON to this file (for `qfit run --plan`).")
 @click.option("--coefficients", type=click.Path(exists=True, dir_okay=False), help="Use this coefficients file instead of the calibrated one.")
-@click.option("--fit-map", type=click.Path(dir_okay=False), help="Write a PNG heatmap of micro-batch x sequence length: fits or not, GiB per cell.")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Write the fit map: a PNG heatmap of micro-batch x sequence length with the recommended plan's settings, fits or not, GiB per cell (needs matplotlib).")
+@click.option("--fit-map", type=click.Path(dir_okay=False), hidden=True)  # the older name of --plot
 @click.option("--exact", is_flag=True, help="Also trace the recommended step on fake tensors (real transformers + peft + bitsandbytes; needs the train extra) and simulate the CUDA caching allocator over it for peak reserved (~1 s per decoder layer).")
 @click.option("--num-gpus", type=int, default=1, show_default=True,
               help="GPUs of one host. 2+: per-GPU memory under DDP or FSDP (NCCL buffers and FSDP measured on 2 x H200; the notes say whether the coefficients carry that calibration).")
@@ -152,7 +154,7 @@ def plan_options(f):
               help="FSDP: keep parameter, gradient and optimizer shards in CPU memory (default: only if nothing fits without). Less GPU memory, much slower.")
 @click.option("--loading", type=click.Choice(LOADINGS),
               help="FSDP load: full (default, as measured: every rank loads the whole 4-bit model before FSDP shards it); rank0_cpu is refused with the measurement that rules it out for 4-bit models.")
-def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, strategy, cpu_offload, loading, **knobs):
+def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, exact, num_gpus, strategy, cpu_offload, loading, **knobs):
     """Plan a QLoRA fine-tune: peak memory by named term, and the fastest settings that fit.
 
     MODEL is a short name (`qfit models`), a Hugging Face id, or a path to a config.json.
@@ -168,6 +170,10 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
     from planner.reasons import explain
     from planner.report import render_advice, render_no_fit, render_plan
 
+    if plot and fit_map:
+        raise QfitError("give the fit map once: --plot FILE.png (--fit-map is its older name)")
+    map_flag = "--fit-map" if fit_map else "--plot"
+    fit_map = fit_map or plot
     if num_gpus < 1:
         raise QfitError(f"--num-gpus must be a positive integer, got {num_gpus}")
     if num_gpus == 1:
@@ -177,13 +183,13 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
             if value is not None:
                 raise QfitError(f"{flag} needs --num-gpus 2 or more (one GPU has no DDP or FSDP)")
     elif fit_map or exact:
-        raise QfitError("--fit-map and --exact plan one GPU: drop them, or drop --num-gpus")
+        raise QfitError(f"{map_flag} and --exact plan one GPU: drop them, or drop --num-gpus")
     check_output_path(save, "--save")
-    check_output_path(fit_map, "--fit-map")
+    check_output_path(fit_map, map_flag)
     if fit_map:
         from planner.fitmap import require_matplotlib
 
-        require_matplotlib("--fit-map")  # before the work: nothing half-written
+        require_matplotlib(map_flag)  # before the work: nothing half-written
     spec = load_model(model)
     gpu_name = detect_gpu_name() if gpu == "auto" else gpu
     gpu_spec = load_gpu(gpu_name)
@@ -343,7 +349,8 @@ def gpus_cmd(as_json):
 @click.option("--gpu", "gpu", default=None, help="auto: sweep this machine's GPU and write user coefficients for it.")
 @click.option("--model", "target_model", default=None, help="With --gpu auto: also sweep this model (default: a small one only).")
 @click.option("--from-runs", is_flag=True, help="Refit from your own `qfit run` measurements for this GPU.")
-def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, from_runs):
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (what was fitted, where it was written); progress goes to stderr.")
+def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, from_runs, as_json):
     """Fit the memory model's coefficients to measured QLoRA runs.
 
     \b
@@ -351,16 +358,24 @@ def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, fr
       qfit calibrate --refit --report calibration/REPORT.md     # CPU: refit the committed data
       qfit calibrate --gpu auto                                 # on a CUDA machine: sweep, fit, use
     """
+    from planner.documents import calibrate_document
     from planner.refit import calibrate_this_gpu, expand_runs, refit_and_report, refit_from_user_runs
 
+    def progress(message):  # with --json, stdout holds the one document
+        click.echo(message, err=as_json)
+
+    def done(doc: dict, line: str) -> int:
+        click.echo(json.dumps(doc, indent=2) if as_json else line)
+        return 0
+
     if gpu == "auto":
-        path = calibrate_this_gpu(target_model, echo=click.echo)
-        click.echo(f"coefficients for this GPU written to {path}; `qfit plan ... --gpu auto` uses them.")
-        return 0
+        path = calibrate_this_gpu(target_model, echo=progress)
+        line = f"coefficients for this GPU written to {path}; `qfit plan ... --gpu auto` uses them."
+        return done(calibrate_document("gpu_auto", path, summary=line), line)
     if from_runs:
-        path = refit_from_user_runs(echo=click.echo)
-        click.echo(f"coefficients written to {path}")
-        return 0
+        path = refit_from_user_runs(echo=progress)
+        line = f"coefficients written to {path}"
+        return done(calibrate_document("from_runs", path, summary=line), line)
     if not refit:
         raise QfitError("say what to do: --refit (CPU, committed data), --gpu auto (sweep this GPU) or --from-runs")
     paths = expand_runs(runs_glob or str(CALIBRATION_DIR / "runs" / "*.csv"))
@@ -368,8 +383,11 @@ def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, fr
     check_output_path(out_path, "--out")
     check_output_path(report_path, "--report")
     summary = refit_and_report(paths, out_path, report_path)
-    click.echo(summary)
-    return 0
+    from planner.calibration_report import REPORT_FILE
+    from planner.coefficients import FITTED_FILE
+
+    return done(calibrate_document("refit", out_path or FITTED_FILE, report_path or REPORT_FILE, paths, summary),
+                summary)
 
 
 def check_runs_csv(paths: list[str]) -> None:
@@ -403,7 +421,8 @@ def check_runs_csv(paths: list[str]) -> None:
 @click.option("--name", help="Short name for the profile (default: from the file or id).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the profile here (default: print it).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow architectures whose code lives in the model repo (runs that code).")
-def profile_cmd(source, name, out_path, trust_remote_code):
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as one JSON document (its TOML tables as data).")
+def profile_cmd(source, name, out_path, trust_remote_code, as_json):
     """Write a model profile for any architecture transformers knows (needs the `train` extra).
 
     SOURCE is a local config.json (or its folder) or a Hugging Face id (its config.json from the local
@@ -445,6 +464,13 @@ def profile_cmd(source, name, out_path, trust_remote_code):
         raise QfitError(f"transformers cannot build {source}: {first.strip()}") from None
     if out_path:
         write_output(out_path, text, "--out")
+    if as_json:
+        import tomllib
+
+        from planner.documents import profile_document
+
+        click.echo(json.dumps(profile_document(tomllib.loads(text), out_path), indent=2))
+    elif out_path:
         click.echo(f"profile written to {out_path}")
     else:
         click.echo(text, nl=False)

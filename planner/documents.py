@@ -10,6 +10,8 @@ floats, strings, lists and dicts, never GiB.
   compare       `qfit compare --json`: a list of per-GPU options
   error         `{"error": "..."}`: any command's user error under --json
   models, gpus  `qfit models --json`, `qfit gpus --json`: lists of catalog entries
+  calibrate     `qfit calibrate --json`: what was fitted and where it was written
+  profile       `qfit profile --json`: the profile as data (its TOML tables) and where it was written
 """
 
 from __future__ import annotations
@@ -305,6 +307,31 @@ ERROR_KEYS = ("error",)
 MODEL_ENTRY_KEYS = ("name", "hf_id", "params", "layers", "hidden", "vocab", "tied")
 GPU_ENTRY_KEYS = ("name", "display_name", "memory_bytes", "compute_capability", "bf16", "flash_attention_2",
                   "bf16_tflops", "fp16_tflops", "bandwidth_gb_s", "price_usd_per_hour", "price_date")
+
+
+# --------------------------------------------------------------------------- qfit calibrate --json
+
+CALIBRATE_KEYS = ("action", "coefficients_file", "report_file", "runs", "summary")
+CALIBRATE_ACTIONS = ("refit", "gpu_auto", "from_runs")
+
+
+def calibrate_document(action: str, coefficients_file, report_file=None, runs=(), summary: str = "") -> dict:
+    """`qfit calibrate --json`: action (CALIBRATE_ACTIONS), the coefficients file written, the report written
+    (--refit; else null), the run files fitted (--refit; else []), the summary line."""
+    return {"action": action, "coefficients_file": str(coefficients_file),
+            "report_file": str(report_file) if report_file else None, "runs": [str(r) for r in runs],
+            "summary": summary}
+
+
+# --------------------------------------------------------------------------- qfit profile --json
+
+PROFILE_KEYS = ("name", "display_name", "hf_id", "aliases", "source", "config", "inventory", "out")
+
+
+def profile_document(profile: dict, out: str | None) -> dict:
+    """`qfit profile --json`: the profile's TOML as data (name, display_name, hf_id, aliases, source, the
+    [config] and [inventory] tables) and the file it was written to (--out; else null)."""
+    return {**{k: profile.get(k) for k in PROFILE_KEYS if k != "out"}, "out": out}
 
 
 def error_document(message: str) -> dict:

@@ -304,3 +304,31 @@ def test_fit_map_png_marks_the_recommended_cell(tmp_path):
     out = tmp_path / "map.png"
     r = run("plan", "mistral-7b", "--gpu", "t4", "--fit-map", out)
     assert r.exit_code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# =========================================================================== 6. names
+
+def test_compare_takes_gpu_as_a_comma_list_and_gpus_still_works():
+    new = run("compare", "mistral-7b", "--gpu", "t4,l4", "--tokens", "1M", "--json")
+    old = run("compare", "mistral-7b", "--gpus", "t4,l4", "--tokens", "1M", "--json")
+    assert new.exit_code == old.exit_code == 0 and json.loads(new.output) == json.loads(old.output)
+    help_text = run("compare", "--help").output
+    assert "--gpu LIST" in help_text and "--gpus" not in help_text
+
+
+def test_plan_plot_is_the_fit_map_and_fit_map_is_hidden(tmp_path):
+    help_text = run("plan", "--help").output
+    assert "--plot FILE.png" in help_text and "--fit-map" not in help_text
+    for flag in ("--plot", "--fit-map"):  # both check the folder first, under the name given
+        one_line_error(run("plan", "mistral-7b", "--gpu", "t4", flag, tmp_path / "no" / "m.png"), flag)
+
+
+def test_compare_takes_the_plan_options():
+    r = run("compare", "mistral-7b", "--gpu", "t4,l4", "--tokens", "1M", "--rank", "8", "--targets", "attn",
+            "--batch-size", "2", "--seq-len", "1024", "--optim", "paged_adamw_8bit", "--json")
+    assert r.exit_code == 0, r.output
+    for o in json.loads(r.output):
+        s = o["settings"]
+        assert (s["rank"], s["batch_size"], s["seq_len"], s["optim"]) == (8, 2, 1024, "paged_adamw_8bit")
+    one_line_error(run("compare", "mistral-7b", "--tokens", "1M", "--seq-len", "auto"), "--seq-len auto")
+    one_line_error(run("compare", "mistral-7b", "--tokens", "1M", "--rank", "0"), "--rank")
