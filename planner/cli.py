@@ -145,6 +145,9 @@ def plan_options(f):
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Write the fit map: a PNG heatmap of micro-batch x sequence length with the recommended plan's settings, fits or not, GiB per cell (needs matplotlib).")
 @click.option("--fit-map", type=click.Path(dir_okay=False), hidden=True)  # the older name of --plot
+@click.option("--export", "export", nargs=2, type=(click.Choice(("trl", "axolotl", "accelerate")), click.Path(dir_okay=False)),
+              metavar="trl|axolotl|accelerate FILE",
+              help="Also write the recommended plan as that tool's config: trl (`trl sft --config`, YAML or .json), axolotl YAML, accelerate config.")
 @click.option("--exact", is_flag=True, help="Also trace the recommended step on fake tensors (real transformers + peft + bitsandbytes; needs the train extra) and simulate the CUDA caching allocator over it for peak reserved (~1 s per decoder layer).")
 @click.option("--num-gpus", type=int, default=1, show_default=True,
               help="GPUs of one host. 2+: per-GPU memory under DDP or FSDP (NCCL buffers and FSDP measured on 2 x H200; the notes say whether the coefficients carry that calibration).")
@@ -154,7 +157,7 @@ def plan_options(f):
               help="FSDP: keep parameter, gradient and optimizer shards in CPU memory (default: only if nothing fits without). Less GPU memory, much slower.")
 @click.option("--loading", type=click.Choice(LOADINGS),
               help="FSDP load: full (default, as measured: every rank loads the whole 4-bit model before FSDP shards it); rank0_cpu is refused with the measurement that rules it out for 4-bit models.")
-def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, exact, num_gpus, strategy, cpu_offload, loading, **knobs):
+def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, export, exact, num_gpus, strategy, cpu_offload, loading, **knobs):
     """Plan a QLoRA fine-tune: peak memory by named term, and the fastest settings that fit.
 
     MODEL is a short name (`qfit models`), a Hugging Face id, or a path to a config.json.
@@ -184,6 +187,10 @@ def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, exact, num_
                 raise QfitError(f"{flag} needs --num-gpus 2 or more (one GPU has no DDP or FSDP)")
     elif fit_map or exact:
         raise QfitError(f"{map_flag} and --exact plan one GPU: drop them, or drop --num-gpus")
+    export_fmt, export_path = export or (None, None)
+    if export and num_gpus > 1:
+        raise QfitError("--export writes one-GPU plans: drop --num-gpus")
+    check_output_path(export_path, f"--export {export_fmt}")
     check_output_path(save, "--save")
     check_output_path(fit_map, map_flag)
     if fit_map:
@@ -210,6 +217,12 @@ def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, exact, num_
     doc = plan_document(result, spec, coeffs)
     if save:
         write_output(save, json.dumps(doc, indent=2) + "\n", "--save")
+    if export and result.best is None:
+        raise QfitError(f"--export {export_fmt}: nothing fits, so there is no plan to export")
+    if export:
+        from planner.export import export_text
+
+        write_output(export_path, export_text(export_fmt, result.best, export_path), f"--export {export_fmt}")
     if fit_map:
         from planner.fitmap import fit_map_png
 
@@ -231,6 +244,8 @@ def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, exact, num_
             click.echo("\n" + exact_text)
     if save and not as_json:
         click.echo(f"\nplan saved to {save} (use it with `qfit run --plan {save}`)")
+    if export:
+        click.echo(f"{export_fmt} config written to {export_path}", err=as_json)
     return 0 if result.best is not None else 1
 
 

@@ -332,3 +332,81 @@ def test_compare_takes_the_plan_options():
         assert (s["rank"], s["batch_size"], s["seq_len"], s["optim"]) == (8, 2, 1024, "paged_adamw_8bit")
     one_line_error(run("compare", "mistral-7b", "--tokens", "1M", "--seq-len", "auto"), "--seq-len auto")
     one_line_error(run("compare", "mistral-7b", "--tokens", "1M", "--rank", "0"), "--rank")
+
+
+# =========================================================================== 7. --export trl|axolotl|accelerate
+
+def _exported(tmp_path, fmt, gpu="l4", name="cfg.yaml"):
+    path = tmp_path / name
+    r = run("plan", "mistral-7b", "--gpu", gpu, "--export", fmt, path)
+    assert r.exit_code == 0, r.output
+    plan = json.loads(run("plan", "mistral-7b", "--gpu", gpu, "--json").output)["settings"]
+    return path, plan
+
+
+@pytest.mark.parametrize("name", ["trl.yaml", "trl.json"])
+def test_trl_export_loads_into_training_arguments_lora_and_bnb(tmp_path, name):
+    yaml = pytest.importorskip("yaml")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    path, s = _exported(tmp_path, "trl", name=name)
+    doc = json.loads(path.read_text()) if name.endswith(".json") else yaml.safe_load(path.read_text())
+    ta_fields = set(transformers.TrainingArguments.__dataclass_fields__)
+    sft_only = {"max_length", "packing"}
+    model_keys = {"model_name_or_path", "dtype", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
+                  "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
+    assert set(doc) == (set(doc) & ta_fields) | sft_only | model_keys
+    args = transformers.TrainingArguments(**{k: v for k, v in doc.items() if k in ta_fields}, use_cpu=True)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (s["batch_size"], s["grad_accum"])
+    assert args.gradient_checkpointing == s["gradient_checkpointing"] and args.optim.value == s["optim"]
+    assert args.bf16 == (s["compute_dtype"] == "bf16") and args.fp16 == (s["compute_dtype"] == "fp16")
+    assert (doc["max_length"], doc["packing"]) == (s["seq_len"], s["packing"])
+    lora = peft.LoraConfig(r=doc["lora_r"], lora_alpha=doc["lora_alpha"], lora_dropout=doc["lora_dropout"],
+                           target_modules=doc["lora_target_modules"], task_type="CAUSAL_LM")
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (s["rank"], s["alpha"], s["lora_dropout"])
+    assert set(lora.target_modules) == set(s["targets"])
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=doc["load_in_4bit"], bnb_4bit_quant_type=doc["bnb_4bit_quant_type"],
+                                          bnb_4bit_use_double_quant=doc["use_bnb_nested_quant"],
+                                          bnb_4bit_compute_dtype=doc["dtype"])
+    assert bnb.load_in_4bit and bnb.bnb_4bit_use_double_quant == s["double_quant"]
+
+
+def test_trl_export_parses_as_trl_sft_config(tmp_path):
+    trl = pytest.importorskip("trl")
+    from transformers import HfArgumentParser
+
+    path, s = _exported(tmp_path, "trl", name="trl.json")
+    doc = json.loads(path.read_text())
+    sft, model = HfArgumentParser((trl.SFTConfig, trl.ModelConfig)).parse_dict({**doc, "use_cpu": True})
+    assert (sft.per_device_train_batch_size, sft.max_length, model.lora_r) == (s["batch_size"], s["seq_len"], s["rank"])
+
+
+def test_axolotl_export_parses_and_matches(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    path, s = _exported(tmp_path, "axolotl", gpu="t4")
+    doc = yaml.safe_load(path.read_text())
+    assert doc["load_in_4bit"] is True and doc["adapter"] == "qlora"
+    assert (doc["lora_r"], doc["lora_alpha"], doc["lora_dropout"]) == (s["rank"], s["alpha"], s["lora_dropout"])
+    assert doc["lora_target_modules"] == s["targets"]
+    assert (doc["sequence_len"], doc["sample_packing"]) == (s["seq_len"], s["packing"])
+    assert (doc["micro_batch_size"], doc["gradient_accumulation_steps"]) == (s["batch_size"], s["grad_accum"])
+    assert doc["gradient_checkpointing"] == s["gradient_checkpointing"] and doc["optimizer"] == s["optim"]
+    assert (doc["bf16"], doc["fp16"]) == (False, True)  # T4: fp16
+    assert "checkpoints every layer" in path.read_text()  # the plan's partial checkpointing is said, not hidden
+
+
+def test_accelerate_export_loads_as_an_accelerate_config(tmp_path):
+    pytest.importorskip("accelerate")
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path, s = _exported(tmp_path, "accelerate")
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.mixed_precision == s["compute_dtype"] and cfg.num_processes == 1
+
+
+def test_export_errors_are_one_line(tmp_path):
+    one_line_error(run("plan", "mistral-7b", "--gpu", "t4", "--export", "axolotl", tmp_path / "a.json"), "YAML")
+    one_line_error(run("plan", "mistral-7b", "--gpu", "t4", "--export", "trl", tmp_path / "no" / "t.yaml"),
+                   "--export trl", "does not exist")
+    r = run("plan", "llama-3.1-70b", "--gpu", "t4", "--export", "trl", tmp_path / "t.yaml")
+    assert r.exit_code == 2 and "nothing fits" in r.output and not (tmp_path / "t.yaml").exists()
