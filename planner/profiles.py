@@ -122,7 +122,11 @@ def load_model(name_or_path: str) -> ModelSpec:
         return model_from_dict(_load_toml(direct), str(direct))
     stem = _model_index().get(_norm(name_or_path))
     if stem is None and looks_like_hf_id(name_or_path):  # org/name outside the catalog: its config.json
-        return model_from_config_json(config_json(name_or_path), name=name_or_path, hf_id=name_or_path)
+        try:
+            path = config_json(name_or_path)
+        except QfitError as exc:  # a ProfileError, as for any model qfit cannot find
+            raise ProfileError(str(exc)) from None
+        return model_from_config_json(path, name=name_or_path, hf_id=name_or_path)
     if stem is None:
         raise ProfileError(f"unknown model '{name_or_path}'.{_did_you_mean(name_or_path, _model_index())} "
                            "(`qfit models` lists all; a path to a config.json works too)")
