@@ -410,3 +410,9 @@ def test_export_errors_are_one_line(tmp_path):
                    "--export trl", "does not exist")
     r = run("plan", "llama-3.1-70b", "--gpu", "t4", "--export", "trl", tmp_path / "t.yaml")
     assert r.exit_code == 2 and "nothing fits" in r.output and not (tmp_path / "t.yaml").exists()
+
+
+def test_compare_text_says_which_card_lends_a_capacity_its_speed():
+    out = run("compare", "mistral-7b", "--gpu", "24GiB,5000GiB,t4", "--tokens", "1M").output
+    assert "24GiB: speed estimated as for NVIDIA L4 (same memory class)" in out
+    assert "5000GiB: no speed estimate" in out
