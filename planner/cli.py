@@ -20,7 +20,7 @@ from planner.multigpu import (
     choose_multi,
     multigpu_calibrated,
 )
-from planner.profiles import gpu_names, load_gpu, load_model, match_gpu_name, model_names
+from planner.profiles import capacity_gpu, gpu_names, load_gpu, load_model, match_gpu_name, model_names
 from planner.search import Request
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
 
@@ -66,16 +66,16 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def detect_gpu_name() -> str:
-    """The catalog name of GPU 0 via NVML, or a bare capacity when it is not in the catalog."""
+def detect_gpu_spec():
+    """GPU 0 via NVML: its catalog profile, or (not in the catalog) its memory planned like a catalog card of
+    the same memory class (planner.profiles.capacity_gpu), under the name NVML reports."""
     from planner.hardware import detect_gpu
 
     found = detect_gpu()
     if found is None:
         raise QfitError("no NVIDIA GPU found (NVML): pass --gpu NAME or --gpu 24GiB")
     name, total = found
-    spec = match_gpu_name(name)
-    return spec.name if spec else f"{total}B"
+    return match_gpu_name(name) or capacity_gpu(total, f"{total}B", display_name=name)
 
 
 def build_request(seq_len, batch_size, grad_accum, effective_batch, rank, alpha, lora_dropout, targets,
@@ -198,8 +198,7 @@ def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, export, exa
 
         require_matplotlib(map_flag)  # before the work: nothing half-written
     spec = load_model(model)
-    gpu_name = detect_gpu_name() if gpu == "auto" else gpu
-    gpu_spec = load_gpu(gpu_name)
+    gpu_spec = detect_gpu_spec() if gpu == "auto" else load_gpu(gpu)
     req = build_request(**knobs)
     if req.seq_len and req.seq_len > spec.max_position_embeddings:
         raise QfitError(f"--seq-len {req.seq_len} exceeds {spec.display_name}'s max_position_embeddings "

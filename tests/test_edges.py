@@ -416,3 +416,13 @@ def test_compare_text_says_which_card_lends_a_capacity_its_speed():
     out = run("compare", "mistral-7b", "--gpu", "24GiB,5000GiB,t4", "--tokens", "1M").output
     assert "24GiB: speed estimated as for NVIDIA L4 (same memory class)" in out
     assert "5000GiB: no speed estimate" in out
+
+
+def test_plan_gpu_auto_on_an_uncatalogued_gpu_uses_its_memory_class(monkeypatch):
+    from planner import hardware
+
+    monkeypatch.setattr(hardware, "detect_gpu", lambda: ("NVIDIA RTX 4500 Ada", 24 * 1024**3))
+    r = run("plan", "mistral-7b", "--gpu", "auto")
+    assert r.exit_code == 0, r.output
+    assert "on NVIDIA RTX 4500 Ada (24.00 GiB)" in r.output
+    assert "speed estimated as for NVIDIA L4 (same memory class)" in r.output
