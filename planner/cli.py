@@ -12,15 +12,15 @@ from pathlib import Path
 import click
 
 from planner import __version__
-from planner.cli_errors import QfitGroup
-from planner.coefficients import load_coefficients
+from planner.cli_errors import QfitGroup, check_output_path, write_output
+from planner.coefficients import CALIBRATION_DIR, load_coefficients
 from planner.errors import QfitError
 from planner.multigpu import (
     LOADINGS,
     choose_multi,
     multigpu_calibrated,
 )
-from planner.profiles import gpu_names, load_gpu, load_model, match_gpu_name, model_names
+from planner.profiles import capacity_gpu, gpu_names, load_gpu, load_model, match_gpu_name, model_names
 from planner.search import Request
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
 
@@ -66,16 +66,16 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def detect_gpu_name() -> str:
-    """The catalog name of GPU 0 via NVML, or a bare capacity when it is not in the catalog."""
+def detect_gpu_spec():
+    """GPU 0 via NVML: its catalog profile, or (not in the catalog) its memory planned like a catalog card of
+    the same memory class (planner.profiles.capacity_gpu), under the name NVML reports."""
     from planner.hardware import detect_gpu
 
     found = detect_gpu()
     if found is None:
         raise QfitError("no NVIDIA GPU found (NVML): pass --gpu NAME or --gpu 24GiB")
     name, total = found
-    spec = match_gpu_name(name)
-    return spec.name if spec else f"{total}B"
+    return match_gpu_name(name) or capacity_gpu(total, f"{total}B", display_name=name)
 
 
 def build_request(seq_len, batch_size, grad_accum, effective_batch, rank, alpha, lora_dropout, targets,
@@ -142,7 +142,12 @@ def plan_options(f):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema in the README).")
 @click.option("--save", type=click.Path(dir_okay=False), help="Also write the plan JSON to this file (for `qfit run --plan`).")
 @click.option("--coefficients", type=click.Path(exists=True, dir_okay=False), help="Use this coefficients file instead of the calibrated one.")
-@click.option("--fit-map", type=click.Path(dir_okay=False), help="Write a PNG heatmap of micro-batch x sequence length: fits or not, GiB per cell.")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Write the fit map: a PNG heatmap of micro-batch x sequence length with the recommended plan's settings, fits or not, GiB per cell (needs matplotlib).")
+@click.option("--fit-map", type=click.Path(dir_okay=False), hidden=True)  # the older name of --plot
+@click.option("--export", "export", nargs=2, type=(click.Choice(("trl", "axolotl", "accelerate")), click.Path(dir_okay=False)),
+              metavar="trl|axolotl|accelerate FILE",
+              help="Also write the recommended plan as that tool's config: trl (`trl sft --config`, YAML or .json), axolotl YAML, accelerate config.")
 @click.option("--exact", is_flag=True, help="Also trace the recommended step on fake tensors (real transformers + peft + bitsandbytes; needs the train extra) and simulate the CUDA caching allocator over it for peak reserved (~1 s per decoder layer).")
 @click.option("--num-gpus", type=int, default=1, show_default=True,
               help="GPUs of one host. 2+: per-GPU memory under DDP or FSDP (NCCL buffers and FSDP measured on 2 x H200; the notes say whether the coefficients carry that calibration).")
@@ -152,7 +157,7 @@ def plan_options(f):
               help="FSDP: keep parameter, gradient and optimizer shards in CPU memory (default: only if nothing fits without). Less GPU memory, much slower.")
 @click.option("--loading", type=click.Choice(LOADINGS),
               help="FSDP load: full (default, as measured: every rank loads the whole 4-bit model before FSDP shards it); rank0_cpu is refused with the measurement that rules it out for 4-bit models.")
-def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, strategy, cpu_offload, loading, **knobs):
+def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, export, exact, num_gpus, strategy, cpu_offload, loading, **knobs):
     """Plan a QLoRA fine-tune: peak memory by named term, and the fastest settings that fit.
 
     MODEL is a short name (`qfit models`), a Hugging Face id, or a path to a config.json.
@@ -168,6 +173,10 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
     from planner.reasons import explain
     from planner.report import render_advice, render_no_fit, render_plan
 
+    if plot and fit_map:
+        raise QfitError("give the fit map once: --plot FILE.png (--fit-map is its older name)")
+    map_flag = "--fit-map" if fit_map else "--plot"
+    fit_map = fit_map or plot
     if num_gpus < 1:
         raise QfitError(f"--num-gpus must be a positive integer, got {num_gpus}")
     if num_gpus == 1:
@@ -177,10 +186,19 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
             if value is not None:
                 raise QfitError(f"{flag} needs --num-gpus 2 or more (one GPU has no DDP or FSDP)")
     elif fit_map or exact:
-        raise QfitError("--fit-map and --exact plan one GPU: drop them, or drop --num-gpus")
+        raise QfitError(f"{map_flag} and --exact plan one GPU: drop them, or drop --num-gpus")
+    export_fmt, export_path = export or (None, None)
+    if export and num_gpus > 1:
+        raise QfitError("--export writes one-GPU plans: drop --num-gpus")
+    check_output_path(export_path, f"--export {export_fmt}")
+    check_output_path(save, "--save")
+    check_output_path(fit_map, map_flag)
+    if fit_map:
+        from planner.fitmap import require_matplotlib
+
+        require_matplotlib(map_flag)  # before the work: nothing half-written
     spec = load_model(model)
-    gpu_name = detect_gpu_name() if gpu == "auto" else gpu
-    gpu_spec = load_gpu(gpu_name)
+    gpu_spec = detect_gpu_spec() if gpu == "auto" else load_gpu(gpu)
     req = build_request(**knobs)
     if req.seq_len and req.seq_len > spec.max_position_embeddings:
         raise QfitError(f"--seq-len {req.seq_len} exceeds {spec.display_name}'s max_position_embeddings "
@@ -197,11 +215,17 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
     result = explain(spec, gpu_spec, req, coeffs)
     doc = plan_document(result, spec, coeffs)
     if save:
-        Path(save).write_text(json.dumps(doc, indent=2) + "\n")
+        write_output(save, json.dumps(doc, indent=2) + "\n", "--save")
+    if export and result.best is None:
+        raise QfitError(f"--export {export_fmt}: nothing fits, so there is no plan to export")
+    if export:
+        from planner.export import export_text
+
+        write_output(export_path, export_text(export_fmt, result.best, export_path), f"--export {export_fmt}")
     if fit_map:
         from planner.fitmap import fit_map_png
 
-        fit_map_png(spec, gpu_spec, req, coeffs, fit_map)
+        fit_map_png(spec, gpu_spec, req, coeffs, fit_map, recommended=result.best)
     exact_text = None
     if exact and result.best is not None:
         exact_text = _exact(spec, result.best, doc, coeffs)
@@ -219,6 +243,8 @@ def plan_cmd(model, gpu, as_json, save, coefficients, fit_map, exact, num_gpus, 
             click.echo("\n" + exact_text)
     if save and not as_json:
         click.echo(f"\nplan saved to {save} (use it with `qfit run --plan {save}`)")
+    if export:
+        click.echo(f"{export_fmt} config written to {export_path}", err=as_json)
     return 0 if result.best is not None else 1
 
 
@@ -233,7 +259,7 @@ def _plan_multi(spec, gpu_spec, req: Request, coeffs, n: int, strategy, cpu_offl
     advice = None if choice.best else multi_no_fit_advice(spec, gpu_spec, req, coeffs, n, strategy, cpu_offload, loading)
     doc = multi_plan_document(choice, spec, coeffs, advice)
     if save:
-        Path(save).write_text(json.dumps(doc, indent=2) + "\n")
+        write_output(save, json.dumps(doc, indent=2) + "\n", "--save")
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif choice.best is None:
@@ -261,6 +287,9 @@ def _exact(spec, best, doc: dict, coeffs) -> str:
     from planner.report_exact import exact_json, exact_section
 
     device = device_for(best.gpu)
+    # the trace takes ~1 s per decoder layer: say so before the silence (stderr: --json stays one document)
+    click.echo(f"--exact: tracing the recommended step on fake tensors, {spec.num_hidden_layers} decoder layers "
+               f"(about {spec.num_hidden_layers} s)...", err=True)
     # the whole depth: exact allocated bytes with no extrapolation, partial checkpointing as planned,
     # and the allocation log complete for the allocator simulation (peak reserved)
     traced = trace_step(spec, best.lora, best.train, layers=spec.num_hidden_layers, device=device, budget=True)
@@ -327,7 +356,8 @@ def gpus_cmd(as_json):
 
 @cli.command("calibrate")
 @click.option("--refit", is_flag=True, help="Refit the coefficients from measured runs (CPU; no GPU needed).")
-@click.option("--runs", "runs_glob", default="calibration/runs/*.csv", show_default=True, help="Measured runs to fit (glob).")
+@click.option("--runs", "runs_glob", default=None,
+              help="Measured runs to fit (glob; default: the package's calibration/runs/*.csv, from any folder).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Coefficients file to write (default calibration/coefficients.json).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write the report (markdown) here.")
 @click.option("--gpu", "gpu", default=None, help="auto: sweep this machine's GPU and write user coefficients for it.")
@@ -335,7 +365,8 @@ def gpus_cmd(as_json):
 @click.option("--from-runs", is_flag=True, help="Refit from your own `qfit run` measurements for this GPU.")
 @click.option("--minutes", type=float, default=10.0, show_default=True,
               help="With --gpu auto: the time the sweep plans for (memory 40%, step timing the rest).")
-def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, from_runs, minutes):
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (what was fitted, where it was written); progress goes to stderr.")
+def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, from_runs, minutes, as_json):
     """Fit the memory model's coefficients to measured QLoRA runs.
 
     \b
@@ -343,22 +374,60 @@ def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, fr
       qfit calibrate --refit --report calibration/REPORT.md     # CPU: refit the committed data
       qfit calibrate --gpu auto                                 # on a CUDA machine: sweep, fit, use
     """
+    from planner.documents import calibrate_document
     from planner.refit import calibrate_this_gpu, expand_runs, refit_and_report, refit_from_user_runs
 
+    def progress(message):  # with --json, stdout holds the one document
+        click.echo(message, err=as_json)
+
+    def done(doc: dict, line: str) -> int:
+        click.echo(json.dumps(doc, indent=2) if as_json else line)
+        return 0
+
     if gpu == "auto":
-        path = calibrate_this_gpu(target_model, echo=click.echo, minutes=minutes)
-        click.echo(f"coefficients for this GPU written to {path}; `qfit plan ... --gpu auto` uses them.")
-        return 0
+        path = calibrate_this_gpu(target_model, echo=progress, minutes=minutes)
+        line = f"coefficients for this GPU written to {path}; `qfit plan ... --gpu auto` uses them."
+        return done(calibrate_document("gpu_auto", path, summary=line), line)
     if from_runs:
-        path = refit_from_user_runs(echo=click.echo)
-        click.echo(f"coefficients written to {path}")
-        return 0
+        path = refit_from_user_runs(echo=progress)
+        line = f"coefficients written to {path}"
+        return done(calibrate_document("from_runs", path, summary=line), line)
     if not refit:
         raise QfitError("say what to do: --refit (CPU, committed data), --gpu auto (sweep this GPU) or --from-runs")
-    paths = expand_runs(runs_glob)
+    paths = expand_runs(runs_glob or str(CALIBRATION_DIR / "runs" / "*.csv"))
+    check_runs_csv(paths)
+    check_output_path(out_path, "--out")
+    check_output_path(report_path, "--report")
     summary = refit_and_report(paths, out_path, report_path)
-    click.echo(summary)
-    return 0
+    from planner.calibration_report import REPORT_FILE
+    from planner.coefficients import FITTED_FILE
+
+    return done(calibrate_document("refit", out_path or FITTED_FILE, report_path or REPORT_FILE, paths, summary),
+                summary)
+
+
+def check_runs_csv(paths: list[str]) -> None:
+    """Each --runs file must be a CSV with the columns every committed calibration run has (the harness layout):
+    one line naming the file and the missing columns instead of a pandas traceback deep in the fit."""
+    import csv
+
+    committed = sorted((CALIBRATION_DIR / "runs").glob("*.csv"))
+    need = None
+    for path in committed:
+        with path.open(newline="") as fh:
+            header = set(next(csv.reader(fh), []))
+        need = header if need is None else need & header
+    for path in paths:
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), [])
+        except (OSError, UnicodeDecodeError) as exc:
+            raise QfitError(f"--runs {path}: cannot read it as CSV text ({getattr(exc, 'strerror', None) or exc})") from None
+        missing = sorted((need or {"model", "status"}) - set(header))
+        if missing:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise QfitError(f"--runs {path} is not a calibration run file (missing columns: {shown}); give CSVs "
+                            "written by the calibration harness or `qfit run` (calibration/runs/*.csv)")
 
 
 # --------------------------------------------------------------------------- qfit profile
@@ -368,18 +437,21 @@ def calibrate_cmd(refit, runs_glob, out_path, report_path, gpu, target_model, fr
 @click.option("--name", help="Short name for the profile (default: from the file or id).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the profile here (default: print it).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow architectures whose code lives in the model repo (runs that code).")
-def profile_cmd(source, name, out_path, trust_remote_code):
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as one JSON document (its TOML tables as data).")
+def profile_cmd(source, name, out_path, trust_remote_code, as_json):
     """Write a model profile for any architecture transformers knows (needs the `train` extra).
 
-    SOURCE is a local config.json (or its folder) or a Hugging Face id (needs network).
+    SOURCE is a local config.json (or its folder) or a Hugging Face id (its config.json from the local
+    Hugging Face cache, else fetched alone from the hub unless HF_HUB_OFFLINE=1).
 
     \b
     Example:
       qfit profile ./my-model/config.json --name my-model --out profiles/models/my-model.toml
     """
-    from planner.introspect import read_config_json
+    from planner.introspect import read_config_json, require_profile_fields
     from planner.profile_writer import profile_toml
 
+    check_output_path(out_path, "--out")
     path = Path(source)
     if path.is_dir():
         path = path / "config.json"
@@ -389,17 +461,14 @@ def profile_cmd(source, name, out_path, trust_remote_code):
         config = read_config_json(path)
         hf_id, src = "", str(path)
     else:
-        try:
-            from huggingface_hub import hf_hub_download
+        from planner.hf_cache import config_json
 
-            config = read_config_json(hf_hub_download(source, "config.json"))
-        except Exception as exc:  # offline, gated, unknown id
-            raise QfitError(f"cannot fetch config.json for '{source}' ({type(exc).__name__}); "
-                            "download it and pass the file path") from None
+        config = read_config_json(config_json(source))  # the local Hugging Face cache first, then the hub
         hf_id, src = source, f"https://huggingface.co/{source}/blob/main/config.json"
     if config.get("auto_map") and not trust_remote_code:
         raise QfitError("this model needs trust_remote_code (its code lives in the model repo); "
                         "pass --trust-remote-code if you trust it")
+    require_profile_fields(config, src)
     config.pop("auto_map", None)
     short = name or (hf_id.split("/")[-1].lower() if hf_id else path.parent.name or "model")
     try:
@@ -410,7 +479,14 @@ def profile_cmd(source, name, out_path, trust_remote_code):
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise QfitError(f"transformers cannot build {source}: {first.strip()}") from None
     if out_path:
-        Path(out_path).write_text(text)
+        write_output(out_path, text, "--out")
+    if as_json:
+        import tomllib
+
+        from planner.documents import profile_document
+
+        click.echo(json.dumps(profile_document(tomllib.loads(text), out_path), indent=2))
+    elif out_path:
         click.echo(f"profile written to {out_path}")
     else:
         click.echo(text, nl=False)

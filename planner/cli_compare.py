@@ -15,7 +15,8 @@ from pathlib import Path
 
 import click
 
-from planner.cli_errors import QfitCommand
+from planner.cli import build_request, plan_options
+from planner.cli_errors import QfitCommand, check_output_path
 from planner.compare import SORT_KEYS, Workload, compare, workload_from_records
 from planner.errors import QfitError
 from planner.fitmap import require_matplotlib
@@ -54,7 +55,7 @@ def parse_gpus(text: str) -> list:
         return all_gpus()
     names = [t for t in (s.strip() for s in text.split(",")) if t]
     if not names:
-        raise QfitError("--gpus must name at least one GPU (comma-separated) or be 'all'")
+        raise QfitError("--gpu must name at least one GPU (comma-separated) or be 'all'")
     gpus, seen = [], set()
     for n in names:
         gpu = load_gpu(n)  # ProfileError with did-you-mean
@@ -165,9 +166,10 @@ def build_workload(dataset, examples, avg_tokens, tokens, epochs) -> Workload:
 @click.option("--avg-tokens", type=float, metavar="T", help="Average tokens per example.")
 @click.option("--tokens", metavar="N", help="Tokens in one epoch of the dataset (2000000, 2M, 800k).")
 @click.option("--epochs", type=float, metavar="E", help="Passes over the data (default 1); total tokens scale with it.")
-@click.option("--seq-len", type=int, metavar="S", help="Training sequence length (default 512).")
-@click.option("--gpus", default="all", show_default=True, metavar="LIST",
-              help="Comma-separated catalog GPUs (t4,l4,h100-sxm) or 'all'.")
+@click.option("--gpu", "gpus", default="all", show_default=True, metavar="LIST",
+              help="Comma-separated catalog GPUs or capacities (t4,l4,h100-sxm,24GiB) or 'all'.")
+@click.option("--gpus", "gpus_alias", metavar="LIST", hidden=True)  # the older name of --gpu
+@plan_options
 @click.option("--price", "prices", multiple=True, metavar="GPU=USD",
               help="Price per GPU-hour, overriding the profile's indicative price (repeatable).")
 @click.option("--max-hours", type=float, metavar="H", help="Drop GPUs whose estimated wall time exceeds H hours.")
@@ -176,35 +178,41 @@ def build_workload(dataset, examples, avg_tokens, tokens, epochs) -> Workload:
               help="Order of the fitting GPUs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of per-GPU objects (GPUs over the limits are left out).")
 @click.option("--plot", metavar="FILE.png", help="Write a cost-vs-time scatter (needs matplotlib).")
-def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, seq_len, gpus, prices, max_hours,
-                max_cost, sort_by, as_json, plot):
+def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, gpus, gpus_alias, prices, max_hours,
+                max_cost, sort_by, as_json, plot, **knobs):
     """Which GPU, how long, at what cost: the best QLoRA plan on every GPU for one workload.
 
     Time is total tokens / estimated tokens/s (calibrated on H200 runs, other GPUs scaled by
     datasheet ratios); cost is time x price per GPU-hour. GPUs the model does not fit on say why,
     and how many of them an FSDP-sharded run would need (per-GPU memory calibrated on 2 x H200).
 
+    The plan options are `qfit plan`'s: every GPU is planned with them (e.g. --rank 8 --seq-len 1024).
+
     Example: qfit compare mistral-7b --examples 5000 --avg-tokens 350 --epochs 3
     """
     from planner.coefficients import load_coefficients
     from planner.documents import compare_document
     from planner.report_compare import cost_time_png, render_text
-    from planner.search import Request
-
     if plot is not None:
         if not plot.lower().endswith(".png"):
             raise QfitError(f"--plot writes a PNG: give a file name ending in .png, got {plot!r}")
         require_matplotlib("--plot")  # before the work: a missing dependency is one line, exit 2
-    if seq_len is not None and seq_len < 1:
-        raise QfitError(f"--seq-len must be a positive integer, got {seq_len}")
+    if gpus_alias is not None:
+        if gpus != "all":
+            raise QfitError("give the GPUs once: --gpu LIST (--gpus is its older name)")
+        gpus = gpus_alias
+    check_output_path(plot, "--plot")
+    request = build_request(**knobs)
+    if request.seq_len == 0:
+        raise QfitError("--seq-len auto plans one GPU (`qfit plan`); compare GPUs at one length, e.g. --seq-len 1024")
     workload = build_workload(dataset, examples, avg_tokens, tokens, epochs)
     spec = load_model(model)
-    if seq_len and seq_len > spec.max_position_embeddings:
-        raise QfitError(f"--seq-len {seq_len} exceeds {spec.display_name}'s max_position_embeddings "
+    if request.seq_len and request.seq_len > spec.max_position_embeddings:
+        raise QfitError(f"--seq-len {request.seq_len} exceeds {spec.display_name}'s max_position_embeddings "
                         f"({spec.max_position_embeddings})")
     gpu_list = parse_gpus(gpus)
     price_map = parse_prices(prices)
-    result = compare(spec, workload, gpu_list, load_coefficients(), request=Request(seq_len=seq_len),
+    result = compare(spec, workload, gpu_list, load_coefficients(), request=request,
                      prices=price_map, max_hours=max_hours, max_cost=max_cost, sort=sort_by)
     if plot is not None:  # before any output, so that a failure leaves one error and nothing else
         try:

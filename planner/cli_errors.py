@@ -93,3 +93,30 @@ class QfitGroup(OneLineErrors, click.Group):
 
 class QfitCommand(OneLineErrors, click.Command):
     """A command with the same handler when it runs on its own (outside the `qfit` group)."""
+
+
+def check_output_path(path: str | None, flag: str) -> None:
+    """Before any work: the folder of a file a flag will write must exist (a missing one is one line naming the
+    flag and the folder, exit 2, instead of a traceback after the work is done)."""
+    if not path:
+        return
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise QfitError(f"{flag} {path} is a folder: give a file name inside it")
+    folder = p.parent
+    if not folder.is_dir():
+        raise QfitError(f"{flag} {path}: folder {folder} does not exist; create it (mkdir -p {folder}) "
+                        "or choose another path")
+
+
+def write_output(path: str, text: str, flag: str) -> None:
+    """Write a text file a flag asked for; an OS error is one line naming the flag and the file."""
+    from pathlib import Path
+
+    check_output_path(path, flag)
+    try:
+        Path(path).expanduser().write_text(text)
+    except OSError as exc:
+        raise QfitError(f"{flag}: cannot write {path}: {exc.strerror or exc}") from None

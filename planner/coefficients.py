@@ -12,6 +12,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from planner.errors import QfitError
 from planner.profiles import _data_dir
 from planner.specs import Coefficients
 
@@ -30,9 +31,29 @@ def user_coefficients_file(gpu_name: str) -> Path:
     return user_cache_dir() / f"coefficients-{gpu_name}.json"
 
 
+def _read_document(path: str) -> dict:
+    """A coefficients file: a JSON object with "name" and a "values" object of numbers; QfitError naming the
+    file and what to do otherwise."""
+    fix = "pass a file written by `qfit calibrate` (like calibration/coefficients.json)"
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"{exc.msg}, line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise QfitError(f"coefficients file {path} is not valid JSON ({where}): {fix}") from None
+    except OSError as exc:
+        raise QfitError(f"cannot read coefficients file {path}: {exc.strerror}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("values"), dict) or not doc["values"]:
+        raise QfitError(f"coefficients file {path} holds no \"values\" object of coefficients: {fix}")
+    bad = [k for k, v in doc["values"].items() if isinstance(v, bool) or not isinstance(v, (int, float, str))]
+    if bad:
+        raise QfitError(f"coefficients file {path}: value of {bad[0]!r} is not a number: {fix}")
+    doc.setdefault("name", Path(path).stem)
+    return doc
+
+
 @lru_cache(maxsize=8)
 def _read(path: str) -> Coefficients:
-    doc = json.loads(Path(path).read_text())
+    doc = _read_document(path)
     defaults = json.loads(DEFAULTS_FILE.read_text())["values"] if Path(path) != DEFAULTS_FILE else {}
     values = {**defaults, **doc["values"]}  # a fitted file may leave some terms at their defaults
     desc = doc.get("description", "")

@@ -331,7 +331,7 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
     names = {g.name for g in gpus}
     for name, price in prices.items():
         if name not in names:
-            raise QfitError(f"--price names {name}, which is not among the compared GPUs (add it to --gpus)")
+            raise QfitError(f"--price names {name}, which is not among the compared GPUs (add it to --gpu)")
         if not price >= 0 or math.isinf(price):
             raise QfitError(f"--price for {name} must be a non-negative number of USD per hour, got {price}")
     request = request or Request()

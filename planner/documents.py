@@ -10,6 +10,8 @@ floats, strings, lists and dicts, never GiB.
   compare       `qfit compare --json`: a list of per-GPU options
   error         `{"error": "..."}`: any command's user error under --json
   models, gpus  `qfit models --json`, `qfit gpus --json`: lists of catalog entries
+  calibrate     `qfit calibrate --json`: what was fitted and where it was written
+  profile       `qfit profile --json`: the profile as data (its TOML tables) and where it was written
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def _params(model, lora) -> dict:
             "quantized": model.quantized_param_count}
 
 
+def _speed(tokens_per_s: float) -> float | None:
+    """An estimate rounded to 0.1 tokens/s; null when there is none (a GPU without speed facts), never 0.0."""
+    return round(tokens_per_s, 1) if tokens_per_s > 0 else None
+
+
 def advice_document(advice) -> dict | None:
     """planner.reasons.NoFitAdvice -> ADVICE_KEYS (None -> None)."""
     if advice is None:
@@ -63,7 +70,7 @@ def plan_document(result, model, coeffs) -> dict:
 
     def alternative(p) -> dict:
         return {"settings": _settings(p), "needs_bytes": p.memory.needs_bytes,
-                "peak_reserved_bytes": p.memory.peak_reserved_bytes, "tokens_per_s": round(p.tokens_per_s, 1),
+                "peak_reserved_bytes": p.memory.peak_reserved_bytes, "tokens_per_s": _speed(p.tokens_per_s),
                 "fits": p.fits}
 
     mem = best.memory
@@ -84,7 +91,7 @@ def plan_document(result, model, coeffs) -> dict:
             "usable_bytes": best.capacity_bytes,
         },
         "fits": result.best is not None,
-        "tokens_per_s": round(best.tokens_per_s, 1),
+        "tokens_per_s": _speed(best.tokens_per_s),
         "calibration": coeffs.name,
         "notes": list(result.notes),
         "alternatives": [alternative(p) for p in (alternatives(result, best) if result.best else [])],
@@ -204,7 +211,7 @@ def multi_plan_document(choice, model, coeffs, advice=None) -> dict:
 
     def alternative(p) -> dict:
         return {"settings": _settings(p), "global_batch": p.global_batch, "needs_bytes": p.memory.needs_bytes,
-                "tokens_per_s_per_gpu": round(p.tokens_per_s_per_gpu, 1), "fits": p.fits}
+                "tokens_per_s_per_gpu": _speed(p.tokens_per_s_per_gpu), "fits": p.fits}
 
     return {
         "model": model.name,
@@ -220,7 +227,7 @@ def multi_plan_document(choice, model, coeffs, advice=None) -> dict:
         "per_gpu": per_gpu,
         "peak_phase": peak_phase,
         "fits": choice.best is not None,
-        "tokens_per_s_per_gpu": round(best.tokens_per_s_per_gpu, 1),
+        "tokens_per_s_per_gpu": _speed(best.tokens_per_s_per_gpu),
         "calibration": coeffs.name,
         "calibrated": multigpu_calibrated(coeffs),
         "notes": request_notes + memory_notes,
@@ -257,7 +264,7 @@ def compare_option_document(o, c) -> dict:
         "needs_bytes": plan.memory.needs_bytes if plan else small.memory.needs_bytes,
         "capacity_bytes": small.capacity_bytes,
         "memory_bytes": o.gpu.memory_bytes,
-        "tokens_per_s": round(o.tokens_per_s, 1) if plan else None,
+        "tokens_per_s": _speed(o.tokens_per_s) if plan else None,
         "speed_basis": o.speed_basis,
         "speed_error_pct": o.speed_error_pct,
         "total_tokens": c.workload.total_tokens,
@@ -300,6 +307,31 @@ ERROR_KEYS = ("error",)
 MODEL_ENTRY_KEYS = ("name", "hf_id", "params", "layers", "hidden", "vocab", "tied")
 GPU_ENTRY_KEYS = ("name", "display_name", "memory_bytes", "compute_capability", "bf16", "flash_attention_2",
                   "bf16_tflops", "fp16_tflops", "bandwidth_gb_s", "price_usd_per_hour", "price_date")
+
+
+# --------------------------------------------------------------------------- qfit calibrate --json
+
+CALIBRATE_KEYS = ("action", "coefficients_file", "report_file", "runs", "summary")
+CALIBRATE_ACTIONS = ("refit", "gpu_auto", "from_runs")
+
+
+def calibrate_document(action: str, coefficients_file, report_file=None, runs=(), summary: str = "") -> dict:
+    """`qfit calibrate --json`: action (CALIBRATE_ACTIONS), the coefficients file written, the report written
+    (--refit; else null), the run files fitted (--refit; else []), the summary line."""
+    return {"action": action, "coefficients_file": str(coefficients_file),
+            "report_file": str(report_file) if report_file else None, "runs": [str(r) for r in runs],
+            "summary": summary}
+
+
+# --------------------------------------------------------------------------- qfit profile --json
+
+PROFILE_KEYS = ("name", "display_name", "hf_id", "aliases", "source", "config", "inventory", "out")
+
+
+def profile_document(profile: dict, out: str | None) -> dict:
+    """`qfit profile --json`: the profile's TOML as data (name, display_name, hf_id, aliases, source, the
+    [config] and [inventory] tables) and the file it was written to (--out; else null)."""
+    return {**{k: profile.get(k) for k in PROFILE_KEYS if k != "out"}, "out": out}
 
 
 def error_document(message: str) -> dict:

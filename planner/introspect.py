@@ -22,6 +22,12 @@ CONFIG_FIELDS = (
 )
 
 
+# what the memory model needs from a config.json: a profile without them would be filled with transformers'
+# defaults (a "llama" with 4096 hidden, 32 layers) that have nothing to do with the model
+PROFILE_REQUIRED_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "vocab_size", "max_position_embeddings")
+
+
 class IntrospectionError(QfitError):
     """A config transformers cannot build; the message says what to fix."""
 
@@ -108,3 +114,11 @@ def read_config_json(path: str | Path) -> dict:
     if "text_config" in raw and "hidden_size" not in raw:  # multimodal wrappers keep the LM inside
         raw = {**raw["text_config"], "model_type": raw["text_config"].get("model_type", raw.get("model_type"))}
     return {k: raw[k] for k in CONFIG_FIELDS if k in raw}
+
+
+def require_profile_fields(config: dict, source: str) -> None:
+    """IntrospectionError naming every PROFILE_REQUIRED_FIELDS field the config lacks."""
+    missing = [k for k in PROFILE_REQUIRED_FIELDS if k not in config]
+    if missing:
+        raise IntrospectionError(f"{source} lacks {', '.join(missing)}: qfit profile needs the model's own values "
+                                 "(it does not fill them with transformers' defaults); use the model's full config.json")

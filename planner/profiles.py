@@ -7,11 +7,13 @@ import json
 import os
 import sys
 import tomllib
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
 from planner.errors import QfitError
-from planner.specs import GpuSpec, LinearSpec, ModelSpec
+from planner.hf_cache import config_json, looks_like_hf_id
+from planner.specs import MEMORY_CLASS_FRAC, GpuSpec, LinearSpec, ModelSpec
 from planner.units import looks_like_size, parse_size
 
 
@@ -119,6 +121,12 @@ def load_model(name_or_path: str) -> ModelSpec:
     if direct.is_file():  # the common case: a short name; parse one file, not the catalog
         return model_from_dict(_load_toml(direct), str(direct))
     stem = _model_index().get(_norm(name_or_path))
+    if stem is None and looks_like_hf_id(name_or_path):  # org/name outside the catalog: its config.json
+        try:
+            path = config_json(name_or_path)
+        except QfitError as exc:  # a ProfileError, as for any model qfit cannot find
+            raise ProfileError(str(exc)) from None
+        return model_from_config_json(path, name=name_or_path, hf_id=name_or_path)
     if stem is None:
         raise ProfileError(f"unknown model '{name_or_path}'.{_did_you_mean(name_or_path, _model_index())} "
                            "(`qfit models` lists all; a path to a config.json works too)")
@@ -143,9 +151,11 @@ def _load_model_file(path: Path) -> ModelSpec:
 def read_json_object(path: Path) -> dict:
     """A JSON file that must hold an object; ProfileError (one line) otherwise."""
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path} is not a JSON text file (binary content): give the model's config.json") from None
     except OSError as exc:
         raise ProfileError(f"cannot read {path}: {exc.strerror}") from None
     if not isinstance(raw, dict):
@@ -153,8 +163,9 @@ def read_json_object(path: Path) -> dict:
     return raw
 
 
-def model_from_config_json(path: Path) -> ModelSpec:
-    """Read a Hugging Face config.json with the standard library and lay out its modules."""
+def model_from_config_json(path: Path, name: str | None = None, hf_id: str = "") -> ModelSpec:
+    """Read a Hugging Face config.json with the standard library and lay out its modules. `name`/`hf_id`: the
+    Hugging Face id it was read for (from the cache: the folder is a commit hash, not a name)."""
     from planner.architectures import KNOWN_MODEL_TYPES, layout
 
     raw = read_json_object(path)
@@ -173,8 +184,8 @@ def model_from_config_json(path: Path) -> ModelSpec:
     if raw["model_type"] == "mixtral" and "num_local_experts" not in raw:
         raise ProfileError(f"{path}: missing field 'num_local_experts'")
     inv = layout(raw)
-    name = raw.get("_name_or_path") or path.parent.name or path.stem
-    return model_from_dict({"name": name, "display_name": name, "source": str(path),
+    name = name or raw.get("_name_or_path") or path.parent.name or path.stem
+    return model_from_dict({"name": name, "display_name": name, "hf_id": hf_id, "source": str(path),
                             "config": raw, "inventory": inv}, str(path))
 
 
@@ -214,11 +225,13 @@ def gpu_from_dict(doc: dict, origin: str) -> GpuSpec:
 
 def load_gpu(name: str) -> GpuSpec:
     """A catalog name ('t4', 'NVIDIA A100-SXM4-80GB') or a bare capacity ('24GiB', '16GB')."""
+    if name.strip().startswith("-") and looks_like_size(name.strip()[1:]):
+        raise ProfileError(f"--gpu {name}: a capacity must be positive, e.g. 24GiB")
     if looks_like_size(name):
         size = parse_size(name)
         if size <= 0:
             raise ProfileError(f"--gpu {name}: a capacity must be positive, e.g. 24GiB")
-        return GpuSpec.bare_capacity(size, name)
+        return capacity_gpu(size, name)
     direct = PROFILES_DIR / "gpus" / f"{_norm(name)}.toml"
     if direct.is_file():
         return gpu_from_dict(_load_toml(direct), str(direct))
@@ -228,6 +241,26 @@ def load_gpu(name: str) -> GpuSpec:
                            "(`qfit gpus` lists all; a capacity such as 24GiB works too)")
     path, doc = _gpu_docs()[stem]
     return gpu_from_dict(doc, str(path))
+
+
+def memory_class(memory_bytes: int) -> list[GpuSpec]:
+    """Catalog GPUs whose memory is within MEMORY_CLASS_FRAC of `memory_bytes`, slowest first."""
+    near = [g for g in all_gpus() if abs(g.memory_bytes - memory_bytes) <= MEMORY_CLASS_FRAC * memory_bytes]
+    return sorted(near, key=lambda g: (g.bandwidth_gb_s, max(g.bf16_tflops, g.fp16_tflops), g.name))
+
+
+def capacity_gpu(memory_bytes: int, label: str, class_bytes: int | None = None, **facts) -> GpuSpec:
+    """A card known by its memory (`--gpu 24GiB`, or an uncatalogued GPU NVML reports): planned like the
+    slowest catalog card of its memory class (`class_bytes`, default `memory_bytes`), whose speed facts
+    it borrows (speed_proxy names it); with none in the class, no speed facts (tokens/s unknown).
+    `facts` override fields (display_name, bf16, compute_capability: what NVML or torch read)."""
+    spec = GpuSpec.bare_capacity(memory_bytes, label)
+    near = memory_class(class_bytes or memory_bytes)
+    if near:
+        proxy = near[0]
+        spec = replace(spec, bf16_tflops=proxy.bf16_tflops or proxy.fp16_tflops, fp16_tflops=proxy.fp16_tflops,
+                       bandwidth_gb_s=proxy.bandwidth_gb_s, speed_proxy=proxy.display_name)
+    return replace(spec, **facts)
 
 
 def all_gpus() -> list[GpuSpec]:

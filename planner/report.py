@@ -116,7 +116,8 @@ def speed_basis_text(gpu, coeffs: Coefficients) -> str:
     band = f", typical error +/-{err:g}%" if err is not None else ""
     if gpu.name in on:
         return f"speed model fitted on {gpu.name} runs{band}"
-    return f"speed model fitted on {', '.join(on) or 'no'} runs; scaled by this GPU's datasheet"
+    sheet = f"{gpu.speed_proxy}'s datasheet (same memory class)" if gpu.speed_proxy else "this GPU's datasheet"
+    return f"speed model fitted on {', '.join(on) or 'no'} runs; scaled by {sheet}"
 
 
 def render_plan(result: SearchResult, model: ModelSpec, coeffs: Coefficients, gpu_title: str) -> str:

@@ -171,6 +171,18 @@ def speed_note(c: Comparison) -> str:
             f"(TFLOP/s, bandwidth); {band}.")
 
 
+def capacity_notes(c: Comparison) -> list[str]:
+    """One line per GPU given as a bare capacity: the catalog card whose speed it borrows, or none."""
+    out = []
+    for o in c.options + c.excluded:
+        g = o.gpu
+        if g.speed_proxy:
+            out.append(f"{g.name}: speed estimated as for {g.speed_proxy} (same memory class); no price (--price {g.name}=USD)")
+        elif g.source == "given on the command line":
+            out.append(f"{g.name}: no speed estimate (no catalog GPU of its memory class); no price")
+    return out
+
+
 def price_note(c: Comparison) -> str:
     dates = sorted({o.gpu.price_date for o in c.options + c.excluded if o.gpu.price_date and not o.price_given})
     given = [o.gpu.name for o in c.options + c.excluded if o.price_given]
@@ -242,6 +254,7 @@ def render_text(c: Comparison) -> str:
     if c.pareto:
         out.append("* Pareto: no other GPU here is both faster and cheaper.")
     out.append(speed_note(c))
+    out += capacity_notes(c)
     out.append(f"hours = tokens / tokens/s / 3600 with packed sequences (no padding); {price_note(c)}")
     out.append("peak: predicted peak reserved by the allocator; needs: what must fit on the card "
                "(allocator budget + CUDA context + paged optimizer state); both are model estimates.")

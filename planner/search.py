@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from planner.errors import QfitError
 from planner.memory import estimate
-from planner.specs import Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
+from planner.specs import MEMORY_CLASS_FRAC, Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
 from planner.speed import tokens_per_second
 
 DEFAULT_EFFECTIVE_BATCH = 16
@@ -104,6 +104,11 @@ def candidates(model: ModelSpec, gpu: GpuSpec, req: Request) -> tuple[list[tuple
     """(tier, lora, train) for every combination the request leaves open."""
     dtype, note = compute_dtype_for(gpu, req.compute_dtype)
     notes = [note] if note else []
+    if gpu.speed_proxy:
+        notes.append(f"speed estimated as for {gpu.speed_proxy} (same memory class)")
+    elif gpu.bandwidth_gb_s <= 0 and gpu.name != "cpu":
+        notes.append(f"no speed estimate: no catalog GPU has {gpu.name}'s memory (within "
+                     f"{MEMORY_CLASS_FRAC:.0%}); ranked by settings that are faster on any GPU")
     if req.seq_len == 0:
         seqs = [s for s in AUTO_SEQ_LENS if s <= model.max_position_embeddings]
     else:
@@ -155,12 +160,21 @@ def make_plan(model: ModelSpec, gpu: GpuSpec, lora: LoraSettings, train: TrainSe
                 tokens_per_s=tokens_per_second(model, lora, train, gpu, coeffs))
 
 
+def speed_key(tokens_per_s: float, train: TrainSettings, layers: int) -> tuple:
+    """Faster first. Without a speed estimate (a GPU with no speed facts: every plan would tie at 0) the
+    settings that are faster on every GPU: fewer recomputed (checkpointed) layers, then a larger micro-batch."""
+    if tokens_per_s > 0:
+        return (-round(tokens_per_s, 1), 0, 0)
+    return (0.0, train.checkpointed_layers(layers), -train.batch_size)
+
+
 def rank_key(tier: int, plan: Plan) -> tuple:
     """Fitting first; then the LoRA quality tier; longer sequences (auto mode); 32-bit optimizer state
-    before 8-bit (8-bit only when nothing with 32-bit state fits); faster; the preferred optimizer."""
+    before 8-bit (8-bit only when nothing with 32-bit state fits); faster (speed_key); the preferred optimizer."""
     optim_pref = OPTIM_ORDER.index(plan.train.optim) if plan.train.optim in OPTIM_ORDER else 0
     eight_bit = "8bit" in plan.train.optim
-    return (not plan.fits, tier, -plan.train.seq_len, eight_bit, -round(plan.tokens_per_s, 1), optim_pref,
+    return (not plan.fits, tier, -plan.train.seq_len, eight_bit,
+            speed_key(plan.tokens_per_s, plan.train, plan.model.num_hidden_layers), optim_pref,
             plan.memory.needs_bytes)
 
 
@@ -191,6 +205,9 @@ def most_uncheckpointed(plan: Plan, coeffs: Coefficients, memo: dict | None = No
 def search(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, memo: dict | None = None) -> SearchResult:
     if req.optimize not in OPTIMIZE:
         raise QfitError(f"--optimize must be quality or speed, got {req.optimize!r}")
+    if req.rank and req.rank > model.hidden_size:
+        raise QfitError(f"--rank {req.rank} is above {model.display_name}'s hidden size ({model.hidden_size}): "
+                        "a LoRA rank cannot exceed the width it adapts; try 8 to 64")
     cands, notes = candidates(model, gpu, req)
     scored = []
     for tier, lora, train in cands:
@@ -218,8 +235,10 @@ def _partial_plans(scored: list[tuple], coeffs: Coefficients, memo: dict | None)
         t, layers = p.train, p.model.num_hidden_layers
         if not (p.fits and t.gradient_checkpointing and t.uncheckpointed_layers == 0 and layers > 1):
             continue
-        fastest = tokens_per_second(p.model, p.lora, replace(t, uncheckpointed_layers=layers - 1), p.gpu, coeffs)
-        bound = (False, tier, -t.seq_len, "8bit" in t.optim, -round(fastest, 1)) + key[5:-1] + (0,)
+        fastest_train = replace(t, uncheckpointed_layers=layers - 1)
+        fastest = tokens_per_second(p.model, p.lora, fastest_train, p.gpu, coeffs)
+        bound = ((False, tier, -t.seq_len, "8bit" in t.optim, speed_key(fastest, fastest_train, layers))
+                 + key[5:-1] + (0,))
         pool.append((bound, tier, p))
     pool.sort(key=lambda kv: kv[0])
     out = []

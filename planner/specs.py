@@ -121,6 +121,11 @@ class ModelSpec:
         return tuple(lin.name for lin in self.layer_linears)
 
 
+# A bare capacity (`--gpu 24GiB`) borrows the speed facts of a catalog card whose memory is within this fraction
+# of it (24GiB: L4, A10G, RTX 3090/4090; 16GB: T4, V100-16GB); of those, the slowest, so hours are not understated.
+MEMORY_CLASS_FRAC = 0.10
+
+
 @dataclass(frozen=True, slots=True)
 class GpuSpec:
     name: str
@@ -138,6 +143,8 @@ class GpuSpec:
     source: str
     memory_source: str = ""
     aliases: tuple[str, ...] = ()
+    # a bare capacity planned with a catalog card's speed facts: that card's display name ("" otherwise)
+    speed_proxy: str = ""
 
     def tflops(self, compute_dtype: str) -> float:
         return self.bf16_tflops if compute_dtype == "bf16" else self.fp16_tflops

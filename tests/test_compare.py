@@ -290,8 +290,9 @@ def test_compare_never_plans_rank0_cpu_loading(coeffs):
 
 
 def test_bare_capacity_gpu_has_no_time(coeffs):
-    cmp = compare(load_model("qwen2.5-0.5b"), WORKLOAD, [load_gpu("24GiB"), load_gpu("l4")], coeffs)
-    bare = next(o for o in cmp.options if o.gpu.name == "24GiB")
+    # 5000GiB: no catalog card of its memory class lends it speed facts (24GiB would borrow the L4's)
+    cmp = compare(load_model("qwen2.5-0.5b"), WORKLOAD, [load_gpu("5000GiB"), load_gpu("l4")], coeffs)
+    bare = next(o for o in cmp.options if o.gpu.name == "5000GiB")
     assert bare.fits and bare.hours is None and bare.cost_usd is None and not bare.pareto
     assert cmp.options[0].gpu.name == "l4"  # rows with figures first
 

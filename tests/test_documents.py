@@ -137,3 +137,24 @@ def test_exact_document_keys():
     assert tuple(doc["fields"]) == D.EXACT_FIELD_NAMES
     assert all(tuple(v) == D.EXACT_FIELD_KEYS for v in doc["fields"].values())
     assert doc["fields"]["logits"]["traced_bytes"] == 5
+
+
+def test_calibrate_document_keys(tmp_path, monkeypatch):
+    from planner import refit
+
+    monkeypatch.setattr(refit, "refit_and_report", lambda paths, out, report: "fitted N runs")
+    doc = _json("calibrate", "--refit", "--out", str(tmp_path / "c.json"), "--report", str(tmp_path / "r.md"),
+                "--json", code=0)
+    assert tuple(doc) == D.CALIBRATE_KEYS and doc["action"] in D.CALIBRATE_ACTIONS
+    assert doc["coefficients_file"] == str(tmp_path / "c.json") and doc["runs"] and doc["summary"] == "fitted N runs"
+
+
+def test_profile_document_keys(tmp_path):
+    pytest.importorskip("transformers")
+    from planner.profiles import PROFILES_DIR, _load_toml
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(_load_toml(PROFILES_DIR / "models" / "llama-3.2-1b.toml")["config"]))
+    doc = _json("profile", str(cfg), "--name", "mine", "--json", code=0)
+    assert tuple(doc) == D.PROFILE_KEYS and doc["name"] == "mine" and doc["out"] is None
+    assert doc["config"]["hidden_size"] == 2048 and doc["inventory"]["layer_linears"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from planner.coefficients import load_coefficients
 from planner.memory import cuda_context_bytes
-from planner.profiles import ProfileError, load_gpu, match_gpu_name
+from planner.profiles import ProfileError, capacity_gpu, load_gpu, match_gpu_name
 from planner.report import gib_str
 from planner.specs import GpuSpec, Plan
 from planner.train.options import RunError
@@ -93,8 +93,14 @@ def detect_device(multi: bool = False) -> Device:
     if catalog is not None:
         spec = replace(catalog, memory_bytes=free)
     else:
-        spec = replace(GpuSpec.bare_capacity(free, name), display_name=name, bf16=bf16)
-        notes.append(f"{name} is not in qfit's GPU catalog: planning by its free memory alone (no speed estimate)")
+        major, minor = torch.cuda.get_device_capability(0)
+        # planned like a catalog card of its memory class (total memory), for its free memory
+        spec = capacity_gpu(free, name, class_bytes=total, display_name=name, bf16=bf16,
+                            compute_capability=f"{major}.{minor}")
+        speed = (f"speed estimated as for {spec.speed_proxy} (same memory class)" if spec.speed_proxy
+                 else "no speed estimate (no catalog GPU of its memory class)")
+        notes.append(f"{name} (compute capability {major}.{minor}) is not in qfit's GPU catalog: planning by its "
+                     f"free memory; {speed}")
     if total - free > total // 100:
         notes.append(f"{gib_str(total - free)} GiB of the {gib_str(total)} GiB are in use by other processes: "
                      f"planning for the {gib_str(free)} GiB free")

@@ -33,6 +33,19 @@ def read_plan_file(path: str) -> dict:
     need = ("batch_size", "grad_accum", "seq_len", "rank", "targets", "optim", "compute_dtype")
     if not isinstance(settings, dict) or any(k not in settings for k in need):
         raise RunError(f"{path} is not a plan saved by `qfit plan --save` (no settings with {', '.join(need)})")
+    for key in ("batch_size", "grad_accum", "seq_len", "rank", "alpha", "uncheckpointed_layers"):
+        value = settings.get(key)
+        if value is None and key in ("alpha", "uncheckpointed_layers"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "uncheckpointed_layers" else 1):
+            raise RunError(f"--plan {path}: settings.{key} must be a positive whole number, got {value!r}; "
+                           f"save the plan again with `qfit plan MODEL --save {path}` or fix the value")
+    for key in ("optim", "compute_dtype"):
+        if not isinstance(settings[key], str):
+            raise RunError(f"--plan {path}: settings.{key} must be a name, got {settings[key]!r}")
+    targets = settings["targets"]
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        raise RunError(f"--plan {path}: settings.targets must be a module name or a list of them, got {targets!r}")
     return doc
 
 
