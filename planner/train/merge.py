@@ -126,10 +126,9 @@ def merge(run_dir: str, output: str, dtype: str = "bf16", echo=print) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from planner.train.stack import TORCH_DTYPES
-
-    from transformers.utils import logging as hf_logging
 
     t0 = time.perf_counter()
     verbosity = hf_logging.get_verbosity()
