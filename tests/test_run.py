@@ -338,6 +338,7 @@ def test_bad_data_is_reported_before_the_model_loads(cache, demo_dir, tmp_path, 
     (["--demo", "--output", "{o}", "--report-to", "mlflow"], "Invalid value for '--report-to'"),
     (["--demo", "--output", "{o}", "--sample-prompt", " "], "--sample-prompt needs some text"),
     (["--demo", "--output", "{o}", "--num-gpus", "2", "--sample-prompt", "hi"], "--sample-prompt runs on one GPU"),
+    (["--demo", "--output", "{o}", "--num-gpus", "2", "--report-to", "wandb"], "--report-to runs on one GPU"),
     (["--resume", "{o}", "--seed", "3"], "--resume continues a run with its saved settings: drop --seed"),
     (["--resume", "{o}", "--scheduler", "linear"], "drop --scheduler"),
 ])

@@ -121,6 +121,8 @@ class RunOptions:
                            "drop it or --num-gpus")
         if self.sample_prompt is not None and not self.sample_prompt.strip():
             raise RunError("--sample-prompt needs some text, e.g. --sample-prompt 'Name three colors.'")
+        if self.report_to not in (None, "none") and (self.num_gpus or 1) > 1:
+            raise RunError("--report-to runs on one GPU for now (several GPUs log to run_report.json): drop it or --num-gpus")
         if self.sample_prompt is not None and (self.num_gpus or 1) > 1:
             raise RunError("--sample-prompt runs on one GPU for now: drop it or --num-gpus")
         if self.learning_rate is not None and self.learning_rate <= 0:
