@@ -13,6 +13,7 @@ import click
 
 from planner import __version__
 from planner.cli_errors import QfitGroup, check_output_path, write_output
+from planner.cli_merge import merge_cmd
 from planner.coefficients import CALIBRATION_DIR, load_coefficients
 from planner.errors import QfitError
 from planner.multigpu import (
@@ -491,6 +492,9 @@ def profile_cmd(source, name, out_path, trust_remote_code, as_json):
     else:
         click.echo(text, nl=False)
     return 0
+
+
+cli.add_command(merge_cmd)
 
 
 def main() -> None:  # console entry point

@@ -89,6 +89,27 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
               help="Checkpoint every N steps (default: a tenth of the run, at most 500). Example: --save-steps 100")
 @click.option("--learning-rate", type=float, metavar="LR",
               help="Peak learning rate of the cosine schedule (default 2e-4; demo 5e-3). Example: --learning-rate 1e-4")
+@click.option("--warmup", type=float, metavar="X",
+              help="Learning-rate warmup: below 1 a fraction of the steps, else a number of steps (default 0.03; "
+                   "demo 0.05). Example: --warmup 100")
+@click.option("--scheduler", type=click.Choice(("cosine", "linear", "constant")),
+              help="Learning-rate schedule after the warmup (default cosine). Example: --scheduler linear")
+@click.option("--seed", type=int, metavar="N",
+              help="Seed of the LoRA init, data order and validation split (default 42). Example: --seed 7")
+@click.option("--report-to", type=click.Choice(("tensorboard", "wandb", "none")),
+              help="Where the Trainer also logs loss and validation loss (default: tensorboard when installed, "
+                   "else none). Example: --report-to none")
+@click.option("--eval-dataset", metavar="FILE|HF_ID",
+              help="Validation data, read and packed like --dataset. Default: 5% of the training rows (at most "
+                   "200) are held back when there are 100 or more. Example: --eval-dataset data/val.jsonl")
+@click.option("--eval-fraction", type=float, metavar="F",
+              help="Share of the training rows held back for validation (0 disables it). Example: --eval-fraction 0.1")
+@click.option("--eval-steps", type=int, metavar="N",
+              help="Validation loss every N steps and at the end (default: a tenth of the run). Memory: eval runs "
+                   "at the training micro-batch without gradients. Example: --eval-steps 50")
+@click.option("--sample-prompt", metavar="TEXT",
+              help="After training, print a short greedy completion (40 tokens) of TEXT by the tuned model, "
+                   "formatted like the training rows. Example: --sample-prompt 'Name three colors.'")
 @click.option("--padding", type=click.Choice(("longest", "max-length")),
               help="longest (default): each micro-batch padded to its longest row; max-length: every row padded to "
                    "--seq-len, as classic recipes do (same memory, more tokens computed). Example: --padding max-length")
@@ -116,7 +137,8 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
                    "launch command, without training. Example: --num-gpus 2 --dry-run")
 def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, seq_len, effective_batch, batch_size,
             plan_path, rank, alpha, lora_dropout, targets, gradient_checkpointing, uncheckpointed_layers, optim, compute_dtype, fmt,
-            save_steps, learning_rate, padding, packing, optimize, num_gpus, strategy, num_machines, machine_rank, main_process_ip,
+            save_steps, learning_rate, warmup, scheduler, seed, report_to, eval_dataset, eval_fraction, eval_steps,
+            sample_prompt, padding, packing, optimize, num_gpus, strategy, num_machines, machine_rank, main_process_ip,
             main_process_port, dry_run):
     """Fine-tune with QLoRA using the planned settings; an out-of-memory error never loses progress.
 
@@ -136,6 +158,8 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
 
     if resume and output and output != resume:
         raise QfitError(f"--resume {resume} continues the run in that directory: drop --output {output}")
+    if resume and seed is not None:
+        raise QfitError("--resume continues a run with its saved settings: drop --seed")
     if not resume and not output:
         raise QfitError("--output DIR is required (where the adapter and checkpoints go), or --resume DIR")
     try:
@@ -146,6 +170,9 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
             targets=_targets(targets), gradient_checkpointing=gradient_checkpointing,
             uncheckpointed_layers=uncheckpointed_layers, optim=optim,
             compute_dtype=compute_dtype, fmt=fmt, save_steps=save_steps, learning_rate=learning_rate, padding=padding,
+            warmup=warmup, scheduler=scheduler, report_to=report_to, eval_dataset=eval_dataset,
+            eval_fraction=eval_fraction, eval_steps=eval_steps, sample_prompt=sample_prompt,
+            **({"seed": seed} if seed is not None else {}),
             packing=packing, optimize=optimize,
             num_gpus=num_gpus, strategy=strategy, num_machines=num_machines, machine_rank=machine_rank,
             main_process_ip=main_process_ip, main_process_port=main_process_port, dry_run=dry_run)

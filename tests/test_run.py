@@ -324,6 +324,23 @@ def test_bad_data_is_reported_before_the_model_loads(cache, demo_dir, tmp_path, 
      "--uncheckpointed-layers needs checkpointing"),
     (["--demo", "--output", "{o}", "--uncheckpointed-layers", "99"], "decoder layers; for none checkpointed"),
     (["--demo", "--output", "{o}", "--plan", "{o}/none.json"], "drop MODEL, --dataset and --plan"),
+    (["--demo", "--output", "{o}", "--eval-fraction", "0.7"], "--eval-fraction must be from 0"),
+    (["--demo", "--output", "{o}", "--eval-fraction", "0.1", "--eval-dataset", "v.jsonl"],
+     "give --eval-dataset or --eval-fraction, not both"),
+    (["--demo", "--output", "{o}", "--eval-fraction", "0", "--eval-steps", "5"], "--eval-steps needs a validation set"),
+    (["--demo", "--output", "{o}", "--eval-steps", "0"], "--eval-steps must be a positive integer"),
+    (["--demo", "--output", "{o}", "--eval-dataset", "{o}/missing.jsonl"], "no such file"),
+    (["--demo", "--output", "{o}", "--num-gpus", "2", "--eval-fraction", "0.1"], "validation (--eval-dataset"),
+    (["--demo", "--output", "{o}", "--warmup", "-1"], "--warmup must be a fraction of the steps"),
+    (["--demo", "--output", "{o}", "--warmup", "2.5"], "--warmup must be a fraction of the steps"),
+    (["--demo", "--output", "{o}", "--seed", "-1"], "--seed must be an integer from 0"),
+    (["--demo", "--output", "{o}", "--scheduler", "step"], "Invalid value for '--scheduler'"),
+    (["--demo", "--output", "{o}", "--report-to", "mlflow"], "Invalid value for '--report-to'"),
+    (["--demo", "--output", "{o}", "--sample-prompt", " "], "--sample-prompt needs some text"),
+    (["--demo", "--output", "{o}", "--num-gpus", "2", "--sample-prompt", "hi"], "--sample-prompt runs on one GPU"),
+    (["--demo", "--output", "{o}", "--num-gpus", "2", "--report-to", "wandb"], "--report-to runs on one GPU"),
+    (["--resume", "{o}", "--seed", "3"], "--resume continues a run with its saved settings: drop --seed"),
+    (["--resume", "{o}", "--scheduler", "linear"], "drop --scheduler"),
 ])
 def test_user_mistakes_are_one_line_exit_2(cache, tmp_path, no_model_load, args, expect):
     full = tmp_path / "full"
@@ -378,7 +395,8 @@ def test_every_option_has_help_ending_with_an_example():
 
 
 def test_importing_the_command_stays_light():
-    code = ("import sys, planner.cli_run, planner.train.runner, planner.data, planner.demo; "
+    code = ("import sys, planner.cli_run, planner.train.runner, planner.data, planner.demo, planner.cli_merge, "
+            "planner.train.merge, planner.train.watch, planner.train.sample; "
             "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'pandas', 'pynvml', 'tokenizers') "
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -699,3 +717,167 @@ def test_padding_option_on_the_command_line(cache, tmp_path, no_model_load):
     assert res.exit_code == 2 and "Invalid value for '--padding'" in res.stderr
     with pytest.raises(RunError, match="--padding must be one of longest, max-length"):
         RunOptions(output="x", padding="max")
+
+
+# --------------------------------------------------------------------------- validation, memory watch, options
+
+def test_demo_holds_back_a_validation_split_and_records_its_loss(demo_run):
+    import importlib.util
+
+    res, out, report, _ = demo_run
+    ev = report["eval"]
+    assert ev["rows"] == report["data"]["eval"]["rows"] == 12  # 5% of the demo's 240 rows
+    assert [h["step"] for h in ev["history"]] == list(range(12, 121, 12))  # every tenth of the run, the last at the end
+    assert ev["final"] == ev["history"][-1]["eval_loss"] < ev["history"][0]["eval_loss"]
+    assert ev["best"]["eval_loss"] == min(h["eval_loss"] for h in ev["history"])
+    assert ev["batch_size"] == report["in_effect"]["batch_size"] and "no_grad" in ev["memory_note"] and ev["packing"]
+    assert "validation: 12 rows" in res.output and "validation loss: " in res.output
+    # evaluation batches come from their own collator: the training counts are the training rows only
+    eff = report["in_effect"]
+    packed, b = report["data"]["packing"]["packed_rows"], eff["batch_size"]
+    assert eff["grad_accum"] == 1
+    sizes = [min(b, packed - i) for i in range(0, packed, b)] * 120  # micro-batches of each pass over the rows
+    assert report["speed"]["train_padded_tokens"] == sum(sizes[:120]) * eff["seq_len"]
+    tb = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    assert report["training"] == {"scheduler": "cosine", "warmup": 0.05, "seed": 42, "report_to": tb}
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["eval"] == {"dataset": None, "fraction": None, "steps": 12, "rows": 12}
+
+
+def test_demo_records_memory_per_logging_interval(demo_run):
+    _, _, report, _ = demo_run
+    mem = report["memory"]
+    assert [p["step"] for p in mem["per_interval"]] == list(range(1, 121))  # logged every step (120 // 500 -> 1)
+    assert mem["leak_from_step"] is None and report["warnings"] == []
+    if not cuda():
+        assert all(p["peak_allocated_bytes"] is None and p["allocated_bytes"] is None for p in mem["per_interval"])
+        assert "null" in mem["per_interval_note"]
+    else:
+        assert all(p["allocated_bytes"] > 0 for p in mem["per_interval"])
+        assert mem["measured"]["peak_allocated_bytes"] >= max(p["peak_allocated_bytes"] for p in mem["per_interval"])
+
+
+def test_eval_dataset_scheduler_seed_warmup_and_sample_prompt(cache, tmp_path):
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join((ROOT / "planner" / "demo" / "instructions.jsonl").read_text().splitlines(True)[:5]))
+    out = tmp_path / "o"
+    res = CliRunner().invoke(run_cmd, ["--demo", "--output", str(out), "--max-steps", "5", "--eval-dataset", str(val),
+                                       "--eval-steps", "2", "--scheduler", "linear", "--seed", "7", "--warmup", "2",
+                                       "--report-to", "none", "--sample-prompt", "Name three colors."],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "run_report.json").read_text())
+    assert [h["step"] for h in report["eval"]["history"]] == [2, 4, 5]  # every 2 steps, and at the end
+    assert report["data"]["eval"]["rows"] == 5 and report["data"]["examples"] == 240  # nothing held back
+    assert report["in_effect"]["lr_scheduler"].endswith("(linear)") and report["in_effect"]["warmup_steps"] == 2
+    assert report["training"] == {"scheduler": "linear", "warmup": 2.0, "seed": 7, "report_to": "none"}
+    sample = report["sample"]
+    assert sample["prompt"] == "Name three colors." and sample["max_new_tokens"] == 40 and sample["decoding"] == "greedy"
+    assert "### Instruction:\nName three colors." in sample["formatted_prompt"]  # the demo's Alpaca template
+    assert isinstance(sample["completion"], str) and "sample: 'Name three colors.' -> " in res.output
+    assert json.loads((out / "run_config.json").read_text())["eval"]["dataset"] == str(val.resolve())
+
+
+def test_constant_scheduler_keeps_the_warmup_and_eval_can_be_turned_off(cache, tmp_path):
+    res, _ = quiet(RunOptions(output=str(tmp_path / "o"), demo=True, max_steps=2, scheduler="constant",
+                              eval_fraction=0.0, progress=False))
+    assert res.report["in_effect"]["lr_scheduler"].endswith("(constant_with_warmup)")
+    assert res.report["eval"] is None and res.report["data"]["eval"] is None
+
+
+def test_eval_split_size_and_split_are_deterministic():
+    from planner.train.options import eval_split_size
+
+    assert eval_split_size(99, None) == 0  # too few rows to spare any
+    assert eval_split_size(240, None) == 12 and eval_split_size(100_000, None) == 200  # 5%, capped
+    assert eval_split_size(240, 0) == 0 and eval_split_size(240, 0.1) == 24 and eval_split_size(3, 0.01) == 1
+    with pytest.raises(RunError, match="leaves none to train on"):
+        eval_split_size(1, 0.4)
+    train, val = runner.split_eval(list(range(50)), 5, seed=3)
+    assert (train, val) == runner.split_eval(list(range(50)), 5, seed=3)  # --resume gets the same split
+    assert sorted(train + val) == list(range(50)) and len(val) == 5 and val == sorted(val)
+
+
+def test_report_to_an_integration_that_is_not_installed_is_a_run_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb")
+                        else real(name, *a))
+    assert runner.resolve_report_to(None) == "none" and runner.resolve_report_to("none") == "none"
+    for name in ("tensorboard", "wandb"):
+        with pytest.raises(RunError, match=f"--report-to {name}: {name} is not installed"):
+            runner.resolve_report_to(name)
+
+
+# --------------------------------------------------------------------------- qfit merge
+
+def test_merged_model_equals_the_16bit_base_with_the_adapter(demo_run, demo_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from planner.cli import cli
+
+    _, out, _, _ = demo_run
+    merged_dir = tmp_path / "merged"
+    res = CliRunner().invoke(cli, ["merge", str(out), "--output", str(merged_dir)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "memory: base " in res.output and "merged in " in res.output
+    assert not (merged_dir / "adapter_config.json").exists() and (merged_dir / "model.safetensors").is_file()
+    tok = AutoTokenizer.from_pretrained(str(merged_dir))
+    ids = tok(["Name three colors.", "Below is an instruction that describes a task.", "hello world"],
+              return_tensors="pt", padding=True)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.bfloat16).eval()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(demo_dir), dtype=torch.bfloat16),
+                                           str(out)).eval()
+    with torch.no_grad():
+        a = merged(**ids).logits.float()
+        b = peft_model(**ids).logits.float()
+        with peft_model.disable_adapter():
+            base = peft_model(**ids).logits.float()
+    # bf16 keeps 8 significant bits: W + BA rounded once per weight, against W x + B(A x) rounded per product
+    diff, effect = (a - b).abs(), (b - base).abs()
+    assert diff.max().item() < 0.05 * b.abs().max().item(), (diff.max().item(), b.abs().max().item())
+    assert diff.mean().item() < 0.05 * effect.mean().item(), (diff.mean().item(), effect.mean().item())
+
+
+def test_merge_refuses_what_does_not_fit_and_what_is_not_a_finished_run(demo_run, tmp_path, monkeypatch):
+    from planner.cli import cli
+    from planner.train import merge
+
+    _, out, _, _ = demo_run
+    monkeypatch.setattr(merge, "available_memory", lambda: ("cpu", 1000, 2000))
+    res = CliRunner().invoke(cli, ["merge", str(out), "--output", str(tmp_path / "m")])
+    assert res.exit_code == 2 and res.stderr.strip().splitlines()[-1].startswith("error: merging needs ")
+    assert not (tmp_path / "m").exists()
+    unfinished = tmp_path / "run"
+    unfinished.mkdir()
+    (unfinished / "run_config.json").write_text("{}")
+    for args, expect in ((["merge", str(unfinished), "--output", str(tmp_path / "m")], "has no adapter yet"),
+                         (["merge", str(tmp_path), "--output", str(tmp_path / "m")], "is not a qfit run directory"),
+                         (["merge", str(out), "--output", str(out)], "--output must be a new directory"),
+                         (["merge", str(out), "--output", str(tmp_path / "m"), "--dtype", "fp32"],
+                          "Invalid value for '--dtype'")):
+        res = CliRunner().invoke(cli, args)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and expect in lines[0], res.output
+    spec = load_model("mistral-7b")
+    need = merge.merge_memory(spec, "bf16", 0)
+    assert need.base_weights_bytes == 2 * spec.total_param_count
+    assert need.needs_bytes == need.base_weights_bytes + need.layer_bytes
+    assert 0 < need.layer_bytes < need.base_weights_bytes / spec.num_hidden_layers * 1.1
+
+
+def test_merge_help_ends_with_an_example():
+    from planner.cli import cli
+    from planner.cli_merge import merge_cmd
+
+    res = CliRunner().invoke(cli, ["--help"])
+    assert "merge" in res.output
+    res = CliRunner().invoke(cli, ["merge", "--help"])
+    assert res.exit_code == 0 and "qfit merge runs/m7 --output runs/m7-merged" in res.output
+    assert re.search(r"Example:\n\s+qfit merge runs/m7 --output runs/m7-merged\s*$", merge_cmd.help)
+    for opt in merge_cmd.params:
+        if opt.name != "run_dir":
+            assert re.fullmatch(r".*\bExample: \S[^\n]*", opt.help or "", re.S), opt.name

@@ -165,6 +165,7 @@ def run_multi(opts: RunOptions, saved: dict | None, plan_doc: dict | None, src: 
         "max_steps": total_steps, "learning_rate": opts.learning_rate or DEFAULT_LEARNING_RATE,
         "warmup": opts.warmup if opts.warmup is not None else DEFAULT_WARMUP,
         "save_steps": opts.save_steps or auto_save_steps(total_steps), "seed": opts.seed,
+        "scheduler": opts.scheduler or "cosine",
         "padding": opts.padding or "longest",
         "num_gpus": n, "num_machines": machines, "machine_rank": opts.machine_rank or 0,
         "main_process_ip": opts.main_process_ip, "main_process_port": opts.main_process_port or 29500,

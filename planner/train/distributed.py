@@ -47,7 +47,7 @@ from planner.train.oom import is_cuda_oom
 from planner.train.options import LOG_POINTS, one_line
 from planner.train.output import OOM_FILE, RANK_FILE, RUN_CONFIG
 from planner.train.source import load_tokenizer
-from planner.train.trainer_glue import StopFlag, callback_classes, dataset_and_collator
+from planner.train.trainer_glue import SCHEDULER_TYPES, StopFlag, callback_classes, dataset_and_collator
 
 EXIT_OOM = 3  # a rank's exit code after an out-of-memory error (it wrote OOM_FILE)
 DIST_FIELDS = ("strategy", "world_size", "rank_index", "nvml_index", "wrapper", "after_train_allocated_bytes",
@@ -279,7 +279,8 @@ def train_rank(job: dict) -> int:
     stop.install()
     args = training_args(
         str(out), train, strategy, max_steps=config["max_steps"], learning_rate=config["learning_rate"],
-        lr_scheduler_type="cosine", warmup_steps=config["warmup"], max_grad_norm=job["max_grad_norm"],
+        lr_scheduler_type=SCHEDULER_TYPES[config.get("scheduler", "cosine")],
+        warmup_steps=config["warmup"], max_grad_norm=job["max_grad_norm"],
         save_strategy="steps", save_steps=config["save_steps"], save_total_limit=job["save_total_limit"],
         logging_strategy="steps", logging_steps=max(1, config["max_steps"] // LOG_POINTS), report_to=[],
         seed=config["seed"], disable_tqdm=True, include_num_input_tokens_seen="non_padding")

@@ -25,6 +25,15 @@ LOG_POINTS = 500  # about this many loss values logged per run
 # "longest": each micro-batch padded to its longest row (the default); "max-length": every row padded to
 # --seq-len, as classic recipes do with tokenizer(padding="max_length"): same memory, more computed tokens
 PADDINGS = ("longest", "max-length")
+SCHEDULERS = ("cosine", "linear", "constant")  # --scheduler; constant keeps the warmup (constant_with_warmup)
+REPORT_TO = ("tensorboard", "wandb", "none")  # --report-to; default: tensorboard when installed, else none
+# Validation split when neither --eval-dataset nor --eval-fraction is given: 5% of the rows, at most 200, held
+# back from training, and only when the data has at least 100 rows (fewer: every row is needed for training)
+DEFAULT_EVAL_FRACTION = 0.05
+DEFAULT_EVAL_MAX_ROWS = 200
+DEFAULT_EVAL_MIN_ROWS = 100
+AUTO_EVAL_POINTS = 10  # with no --eval-steps: an evaluation every tenth of the run (and one at the end)
+SAMPLE_MAX_NEW_TOKENS = 40  # --sample-prompt: greedy completion length
 
 
 class RunError(QfitError):
@@ -76,16 +85,46 @@ class RunOptions:
     main_process_port: int | None = None
     dry_run: bool = False  # with --num-gpus: plan, write the launch files, print the command; do not train
     seed: int = 42
+    scheduler: str | None = None  # SCHEDULERS; None: cosine
+    report_to: str | None = None  # REPORT_TO; None: tensorboard when installed, else none
+    eval_dataset: str | None = None  # a validation file, tokenized and packed like the training data
+    eval_fraction: float | None = None  # share of the training rows held back (0: no validation); None: default
+    eval_steps: int | None = None  # evaluate every N steps (None: a tenth of the run) and at the end
+    sample_prompt: str | None = None  # after training: a greedy completion of this prompt with the adapter
     progress: bool = True  # the tqdm bar (stderr)
 
     def __post_init__(self) -> None:
         for flag, value in (("--max-steps", self.max_steps), ("--seq-len", self.seq_len),
                             ("--effective-batch", self.effective_batch), ("--batch-size", self.batch_size),
-                            ("--rank", self.rank), ("--alpha", self.alpha), ("--save-steps", self.save_steps)):
+                            ("--rank", self.rank), ("--alpha", self.alpha), ("--save-steps", self.save_steps),
+                            ("--eval-steps", self.eval_steps)):
             if value is not None and value < 1:
                 raise RunError(f"{flag} must be a positive integer, got {value}")
         if self.epochs is not None and self.epochs <= 0:
             raise RunError(f"--epochs must be positive, got {self.epochs}")
+        if self.warmup is not None and (self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup))):
+            raise RunError(f"--warmup must be a fraction of the steps (0 to 1) or a whole number of steps, got {self.warmup}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise RunError(f"--seed must be an integer from 0 to 4294967295, got {self.seed!r}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise RunError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.report_to is not None and self.report_to not in REPORT_TO:
+            raise RunError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.eval_fraction is not None and not 0 <= self.eval_fraction < 0.5:
+            raise RunError(f"--eval-fraction must be from 0 (no validation) to below 0.5, got {self.eval_fraction}")
+        if self.eval_dataset is not None and self.eval_fraction:
+            raise RunError("give --eval-dataset or --eval-fraction, not both")
+        if self.eval_steps is not None and (self.eval_fraction == 0 and self.eval_dataset is None):
+            raise RunError("--eval-steps needs a validation set: drop --eval-fraction 0 or give --eval-dataset")
+        if (self.num_gpus or 1) > 1 and (self.eval_dataset or self.eval_fraction or self.eval_steps):
+            raise RunError("validation (--eval-dataset, --eval-fraction, --eval-steps) runs on one GPU for now: "
+                           "drop it or --num-gpus")
+        if self.sample_prompt is not None and not self.sample_prompt.strip():
+            raise RunError("--sample-prompt needs some text, e.g. --sample-prompt 'Name three colors.'")
+        if self.report_to not in (None, "none") and (self.num_gpus or 1) > 1:
+            raise RunError("--report-to runs on one GPU for now (several GPUs log to run_report.json): drop it or --num-gpus")
+        if self.sample_prompt is not None and (self.num_gpus or 1) > 1:
+            raise RunError("--sample-prompt runs on one GPU for now: drop it or --num-gpus")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise RunError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
@@ -131,7 +170,8 @@ class RunOptions:
 # options that --resume takes from the saved run (giving them again would change the run midway)
 RESUME_FIXED = ("model", "dataset", "demo", "epochs", "max_steps", "seq_len", "effective_batch", "batch_size",
                 "plan_path", "rank", "alpha", "lora_dropout", "targets", "gradient_checkpointing", "optim",
-                "compute_dtype", "fmt", "save_steps", "learning_rate", "warmup", "overwrite", "padding", "packing", "num_gpus",
+                "compute_dtype", "fmt", "save_steps", "learning_rate", "warmup", "overwrite",
+                "scheduler", "eval_dataset", "eval_fraction", "eval_steps", "padding", "packing", "num_gpus",
                 "strategy", "num_machines", "main_process_ip")
 
 
@@ -156,3 +196,19 @@ class PreparedData:
     examples: list  # planner.data tokenized examples, each within seq_len
     info: dict  # run_report.json's "data": source, format, rows, examples, dropped rows, lengths, truncation
     tokenizer: object = None  # the model's tokenizer (planner.train.source.load_tokenizer), set up to pad
+    eval_examples: list = ()  # the validation split (held back from `examples`, or --eval-dataset), within seq_len
+
+
+def eval_split_size(rows: int, fraction: float | None) -> int:
+    """How many of `rows` training examples are held back for validation. fraction None: the default
+    (DEFAULT_EVAL_FRACTION, at most DEFAULT_EVAL_MAX_ROWS, none below DEFAULT_EVAL_MIN_ROWS); 0: none."""
+    if fraction is None:
+        if rows < DEFAULT_EVAL_MIN_ROWS:
+            return 0
+        return min(DEFAULT_EVAL_MAX_ROWS, max(1, round(rows * DEFAULT_EVAL_FRACTION)))
+    if fraction <= 0:
+        return 0
+    n = max(1, round(rows * fraction))
+    if n >= rows:
+        raise RunError(f"--eval-fraction {fraction} of {rows} rows leaves none to train on: lower it")
+    return n

@@ -99,7 +99,10 @@ def resume_options(opts: RunOptions) -> tuple[RunOptions, dict]:
     restored = replace(opts, model=None if saved["demo"] else saved["model"], demo=saved["demo"],
                        dataset=None if saved["demo"] else dataset, fmt=saved["format"], seq_len=saved["seq_len"],
                        max_steps=saved["max_steps"], learning_rate=saved["learning_rate"], warmup=saved["warmup"],
-                       save_steps=saved["save_steps"], seed=saved["seed"],
+                       save_steps=saved["save_steps"], seed=saved["seed"], scheduler=saved.get("scheduler", "cosine"),
+                       eval_dataset=(saved.get("eval") or {}).get("dataset"),
+                       eval_fraction=(saved.get("eval") or {}).get("fraction", 0.0),
+                       eval_steps=(saved.get("eval") or {}).get("steps"),
                        padding=saved.get("padding", "longest"))  # (runs saved before --padding existed: longest)
     return restored, saved
 

@@ -62,7 +62,13 @@ def single_report(s, measured: dict, effect: dict) -> dict:
             "longest_micro_batch_tokens": s.collator.longest,
             "note": ("measured since the last (re)start of training: torch.cuda.max_memory_allocated/reserved" if cuda
                      else "CPU run: no CUDA memory to measure (0); the prediction is for a GPU"),
+            "per_interval": progress.memory,
+            "per_interval_note": ("per logging interval: the peak allocated in it (peaks reset after each) and what "
+                                  "stays allocated after its last step" if cuda else
+                                  "CPU run: each logging interval's step is recorded with null bytes (nothing measured)"),
+            "leak_from_step": next((w["step"] for w in progress.warnings if w["kind"] == "leak"), None),
         },
+        "eval": eval_section(s),
         "speed": {"tokens_per_s": round(tok_s, 1),
                   "padded_tokens_per_s": round(progress.train_padded_tokens / seconds, 1) if seconds else 0.0,
                   "predicted_tokens_per_s": round(plan.tokens_per_s, 1), "train_seconds": round(seconds, 2),
@@ -76,8 +82,31 @@ def single_report(s, measured: dict, effect: dict) -> dict:
         "stopped_by": s.stop.name or None,
         "checkpoint": str(ckpt) if ckpt else None,
         "library_versions": stack.library_versions(),
+        "training": {"scheduler": config.get("scheduler", "cosine"), "warmup": config["warmup"], "seed": config["seed"],
+                     "report_to": config.get("report_to", "none")},
+        "warnings": [w["message"] for w in progress.warnings],
+        "sample": None,
         "notes": notes,
     }
+
+
+def eval_section(s) -> dict | None:
+    """run_report.json's "eval": the validation loss of every evaluation and the final one, and how its memory
+    was planned (None: the run had no validation set)."""
+    ev = s.config.get("eval")
+    if not ev:
+        return None
+    hist = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in s.progress.evals]
+    best = min(hist, key=lambda e: e["eval_loss"]) if hist else None
+    return {"rows": ev["rows"], "source": (s.data_info.get("eval") or {}).get("source"), "every_steps": ev["steps"],
+            "history": hist, "final": hist[-1]["eval_loss"] if hist else None,
+            "best": best, "divergence_from_step": next((w["step"] for w in s.progress.warnings
+                                                        if w["kind"] == "divergence"), None),
+            "batch_size": s.train_settings.batch_size,
+            "memory_note": ("evaluation runs at the training micro-batch (per_device_eval_batch_size = the planned "
+                            "micro-batch) under no_grad, loss only: no gradients, optimizer step or saved activations, "
+                            "so it needs less than the planned training peak"),
+            "packing": bool(s.config.get("packing"))}
 
 
 def completed_lines(s, report: dict) -> list[str]:
@@ -94,6 +123,12 @@ def completed_lines(s, report: dict) -> list[str]:
         lines.append(f"done: {step} steps, loss {loss['first']:.3f} -> {loss['last']:.3f}, {tok_s:,.0f} tokens/s")
     else:
         lines.append(f"done: {step} steps, {tok_s:,.0f} tokens/s")
+    ev = report.get("eval")
+    if ev and ev["history"]:
+        hist = ev["history"]
+        lines.append(f"validation loss: {hist[0]['eval_loss']:.3f} (step {hist[0]['step']}) -> {ev['final']:.3f} "
+                     f"(step {hist[-1]['step']}); best {ev['best']['eval_loss']:.3f} at step {ev['best']['step']}; "
+                     f"{ev['rows']} rows")
     if s.device.kind == "cuda":
         lines.append(f"peak memory: measured {gib_str(measured['peak_allocated_bytes'])} GiB allocated / "
                      f"{gib_str(measured['peak_reserved_bytes'])} GiB reserved; predicted "
@@ -104,7 +139,12 @@ def completed_lines(s, report: dict) -> list[str]:
     if s.oom_events:
         lines.append(f"out-of-memory events: {len(s.oom_events)} (micro-batch now {s.train_settings.batch_size}, "
                      f"effective batch {s.train_settings.effective_batch}); see run_report.json")
+    for w in report.get("warnings") or []:
+        lines.append(w)
+    if report.get("sample"):
+        lines.append(f"sample: {report['sample']['prompt']!r} -> {report['sample']['completion']!r}")
     lines.append(f"adapter: {out} (adapter_config.json, adapter_model.safetensors); report: {out / RUN_REPORT}")
+    lines.append(f"merge it into a 16-bit model with: qfit merge {out} --output {out}-merged")
     lines.append("load it with:")
     lines.append(load_snippet(s.src.ref, out.resolve(), report["in_effect"]["compute_dtype"] or plan.train.compute_dtype))
     return lines

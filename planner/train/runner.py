@@ -30,12 +30,14 @@ from planner.profiles import load_model
 from planner.search import compute_dtype_for, make_plan
 from planner.train.device import detect_device, set_alloc_conf
 from planner.train.options import (
+    AUTO_EVAL_POINTS,
     DEFAULT_LEARNING_RATE,
     DEFAULT_WARMUP,
     PreparedData,
     RunError,
     RunOptions,
     RunResult,
+    eval_split_size,
 )
 from planner.train.output import (
     CONFIG_VERSION,
@@ -83,6 +85,7 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
                            learning_rate=opts.learning_rate or DEMO_RUN["learning_rate"],
                            warmup=DEMO_RUN["warmup"] if opts.warmup is None else opts.warmup)
     check_output(opts)
+    report_to = resolve_report_to(opts.report_to)
     if opts.strategy == "fsdp":  # before the data is read: accelerate runs FSDP on GPUs only
         import torch
 
@@ -159,6 +162,11 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
             echo(f"no packing: micro-batches are padded to their longest row (at most {plan_seq} tokens)")
     total_steps = saved["max_steps"] if saved else planned_steps(items, plan.train.effective_batch, opts.epochs, opts.max_steps)
     save_steps = opts.save_steps or auto_save_steps(total_steps)
+    eval_steps = (opts.eval_steps or max(1, total_steps // AUTO_EVAL_POINTS)) if data.eval_examples else None
+    if data.eval_examples:
+        echo(f"validation: {len(data.eval_examples)} rows ({data.info['eval']['source']}), loss every {eval_steps} "
+             f"steps and at the end, at micro-batch {plan.train.batch_size} without gradients (less memory than a "
+             "training step)")
     out = prepare_output(opts)
     config = saved or {
         "version": CONFIG_VERSION, "model": src.ref, "model_name": src.spec.name, "demo": opts.demo,
@@ -168,7 +176,12 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
         "learning_rate": opts.learning_rate or DEFAULT_LEARNING_RATE, "warmup": opts.warmup if opts.warmup is not None
         else DEFAULT_WARMUP, "save_steps": save_steps, "seed": opts.seed,
         "settings": settings_to_dict(plan.lora, plan.train, resolve_targets(src.spec, plan.lora.targets)),
+        "scheduler": opts.scheduler or "cosine",
+        "eval": {"dataset": str(Path(opts.eval_dataset).resolve()) if opts.eval_dataset and Path(opts.eval_dataset).exists()
+                 else opts.eval_dataset, "fraction": opts.eval_fraction, "steps": eval_steps,
+                 "rows": len(data.eval_examples)} if data.eval_examples else None,
     }
+    config["report_to"] = report_to  # not fixed by --resume: where the logs also go
     if saved and fingerprint(dataset) != saved.get("dataset"):
         echo(f"warning: {Path(dataset).name} changed since the run started (size or time): the data order may differ")
     write_json(out / RUN_CONFIG, config)
@@ -177,7 +190,29 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
 
         write_json(out / PLAN_FILE, plan_file_doc(plan, src.spec, device, plan_json))
     return TrainingSession(opts, out, src, data.tokenizer, data.examples, plan, device, config, data.info, echo,
-                           callbacks).run()
+                           callbacks, eval_examples=data.eval_examples).run()
+
+
+def resolve_report_to(choice: str | None) -> str:
+    """--report-to: what the Trainer also logs to; None: tensorboard when it is installed, else none.
+    A named integration that is not installed is a RunError (before any model is loaded)."""
+    import importlib.util
+
+    if choice is None:
+        return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
+    if choice != "none" and importlib.util.find_spec(choice) is None:
+        raise RunError(f"--report-to {choice}: {choice} is not installed (pip install {choice}), or pass --report-to none")
+    return choice
+
+
+def split_eval(examples: list, n: int, seed: int) -> tuple[list, list]:
+    """(training, validation): n examples drawn with `seed` (the same split on --resume), both in data order."""
+    import random
+
+    if n <= 0:
+        return examples, []
+    held = set(random.Random(seed).sample(range(len(examples)), n))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
 def plan_seq_len(data: PreparedData, packing: bool, padding: str | None) -> int:
@@ -217,7 +252,23 @@ def prepare_data(opts: RunOptions, src: ModelSource, dataset: str, plan_doc: dic
          + (f"; every row is padded to {seq_len} tokens (--padding max-length)" if opts.padding == "max-length" else ""))
     for n in data_notes:
         echo(f"      note: {n}")
+    eval_examples: list = []
+    eval_info = None
+    if opts.eval_dataset:
+        eval_rows, _ = qdata.load_rows(opts.eval_dataset, fmt)  # the training format: same template, same masking
+        eval_examples, _ = qdata.tokenize_rows(eval_rows, fmt, tokenizer)
+        eval_examples, _ = qdata.truncate(eval_examples, seq_len)
+        if not eval_examples:
+            raise qdata.DataError(f"--eval-dataset {opts.eval_dataset}: no row has a response within {seq_len} tokens")
+        eval_info = {"source": Path(opts.eval_dataset).name, "rows": len(eval_rows), "examples": len(eval_examples)}
+    elif (opts.num_gpus or 1) == 1:
+        n_eval = eval_split_size(len(examples), opts.eval_fraction)
+        if n_eval:
+            examples, eval_examples = split_eval(examples, n_eval, opts.seed)
+            eval_info = {"source": f"held back from the {len(examples) + n_eval} training rows, seed {opts.seed}",
+                         "rows": n_eval, "examples": n_eval, "fraction": opts.eval_fraction}
     info = {"source": str(Path(dataset).resolve()) if Path(dataset).exists() else dataset, "format": fmt,
             "rows": len(rows), "examples": len(examples), "dropped_rows": dropped, "lengths": stats.as_dict(),
-            "seq_len": seq_len, "seq_len_from": seq_from, "truncation_rate": round(trunc, 4), "notes": data_notes}
-    return PreparedData(dataset, fmt, seq_len, examples, info, tokenizer)
+            "seq_len": seq_len, "seq_len_from": seq_from, "truncation_rate": round(trunc, 4), "notes": data_notes,
+            "eval": eval_info}
+    return PreparedData(dataset, fmt, seq_len, examples, info, tokenizer, eval_examples)

@@ -118,10 +118,13 @@ class TrainingSession:
     (the settings in effect after any OOM back-off, the OOM events, the measurements)."""
 
     def __init__(self, opts: RunOptions, out: Path, src: ModelSource, tokenizer, examples, plan: Plan, device: Device,
-                 config: dict, data_info: dict, echo, callbacks: tuple = ()):
+                 config: dict, data_info: dict, echo, callbacks: tuple = (), eval_examples=()):
         self.opts, self.out, self.src, self.tokenizer, self.examples = opts, out, src, tokenizer, examples
         self.plan, self.device, self.config, self.data_info = plan, device, config, data_info
         self.echo, self.callbacks = echo, callbacks
+        self.eval_examples = list(eval_examples)  # the validation split; empty: no validation
+        self.eval_data = None  # (dataset, collator) of the validation split, packed like training
+        self.sample: dict | None = None  # --sample-prompt's completion
         self.cuda = device.kind == "cuda"
         self.train_settings: TrainSettings = plan.train  # in effect: changed by the OOM back-off
         self.oom_events: list[dict] = []
@@ -180,6 +183,8 @@ class TrainingSession:
         echo(f"loaded {src.spec.display_name} in 4-bit (NF4{', double quant' if plan.train.double_quant else ''}) "
              f"with LoRA on {', '.join(names)} in {time.perf_counter() - t_load:.1f} s")
         self.dataset, self.collator = dataset_and_collator(self.examples, self.tokenizer.pad_token_id, self.config)
+        if self.eval_examples and self.config.get("eval"):  # same tokenization, packing and collator as training
+            self.eval_data = dataset_and_collator(self.eval_examples, self.tokenizer.pad_token_id, self.config)
         self.checkpoint = last_checkpoint(self.out) if self.opts.resume else None
         if self.checkpoint is not None:
             echo(f"resuming from {self.checkpoint.name} (step {int(self.checkpoint.name.rsplit('-', 1)[-1])} of "
@@ -198,7 +203,7 @@ class TrainingSession:
         out, config, echo, model = self.out, self.config, self.echo, self.model
         stop_cls, progress_cls = callback_classes()
         self._stop_installed = self.stop.install()
-        self.progress = progress_cls(self.collator, self.cuda, self.opts.progress)
+        self.progress = progress_cls(self.collator, self.cuda, self.opts.progress, echo=echo, watch=True)
         initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
         resume_from = str(self.checkpoint) if self.checkpoint is not None else None
         self.resumed_from = resume_from
@@ -207,7 +212,7 @@ class TrainingSession:
         while True:
             cbs = [self.progress, *self.callbacks, stop_cls(self.stop)]  # the stop check last: it sees signals the others caused
             self.trainer = build_trainer(model, self.tokenizer, self.dataset, self.collator, out, self.train_settings,
-                                         config, cbs)
+                                         config, cbs, eval_data=self.eval_data)
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats()
             oom = None
@@ -250,6 +255,9 @@ class TrainingSession:
         if self.cuda:
             measured.update(peak_snapshot(nvml=True))
             measured.setdefault("nvml_used_bytes", 0)
+            # the memory watch resets the peaks at every logging interval: the run's peak is the largest of them
+            measured["peak_allocated_bytes"] = max(measured["peak_allocated_bytes"], self.progress.peak_allocated)
+            measured["peak_reserved_bytes"] = max(measured["peak_reserved_bytes"], self.progress.peak_reserved)
         else:
             measured.update(peak_allocated_bytes=0, peak_reserved_bytes=0)
         effect = settings_in_effect(self.trainer, self.model, self.config["seq_len"])
@@ -269,6 +277,11 @@ class TrainingSession:
         self.model.save_pretrained(str(out))  # adapter_config.json + adapter_model.safetensors
         self.tokenizer.save_pretrained(str(out))
         report["adapter_dir"] = str(out)
+        if self.opts.sample_prompt:
+            from planner.train.sample import generate_sample
+
+            report["sample"] = generate_sample(self.model, self.tokenizer, self.opts.sample_prompt, self.config["format"],
+                                               self.train_settings.compute_dtype)
         calib = (run_report.append_calibration(report, self.plan, self.device, self.config, measured, self.progress,
                                                self.collator) if self.cuda else None)
         report["calibration_row"] = calib

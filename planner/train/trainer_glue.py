@@ -113,27 +113,55 @@ def dataset_and_collator(examples, pad_id: int, config: dict):
     return ExampleDataset(examples), PadCollator(pad_id, pad_to=config["seq_len"] if config.get("padding") == "max-length" else None)
 
 
-def build_trainer(model, tokenizer, dataset, collator, out: Path, train: TrainSettings, config: dict, cbs: list):
-    """The single-GPU Trainer of `qfit run`: the recipe's schedule (cosine, warmup, max_grad_norm 0.3), the
-    saved run's steps and checkpoint interval, qfit's callbacks `cbs` and partial checkpointing if planned."""
-    import importlib.util
+# --scheduler -> transformers' lr_scheduler_type (constant keeps the warmup: plain "constant" would ignore it)
+SCHEDULER_TYPES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
+
+def build_trainer(model, tokenizer, dataset, collator, out: Path, train: TrainSettings, config: dict, cbs: list,
+                  eval_data: tuple | None = None):
+    """The single-GPU Trainer of `qfit run`: the recipe's schedule (--scheduler, cosine by default; warmup,
+    max_grad_norm 0.3), the saved run's steps and checkpoint interval, qfit's callbacks `cbs` and partial
+    checkpointing if planned. eval_data: (dataset, collator) of the validation split (dataset_and_collator, so
+    packed like training), evaluated every config["eval"]["steps"] steps at the training micro-batch under no_grad,
+    loss only (no logits kept)."""
     from transformers import PrinterCallback, Trainer
 
     from planner.train import stack
 
     total = config["max_steps"]
-    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    report_to = config.get("report_to", "none")
+    extra = {}
+    if eval_data is not None:
+        extra = {"eval_strategy": "steps", "eval_steps": config["eval"]["steps"], "prediction_loss_only": True,
+                 "per_device_eval_batch_size": train.batch_size}
     args = stack.training_arguments(
-        str(out), train, max_steps=total, learning_rate=config["learning_rate"], lr_scheduler_type="cosine",
+        str(out), train, max_steps=total, learning_rate=config["learning_rate"],
+        lr_scheduler_type=SCHEDULER_TYPES[config.get("scheduler", "cosine")],
         warmup_steps=config["warmup"], max_grad_norm=MAX_GRAD_NORM, save_strategy="steps",
         save_steps=config["save_steps"], save_total_limit=SAVE_TOTAL_LIMIT, logging_strategy="steps",
-        logging_steps=max(1, total // LOG_POINTS), report_to=["tensorboard"] if tensorboard else [],
-        seed=config["seed"], disable_tqdm=True, include_num_input_tokens_seen="non_padding")
+        logging_steps=max(1, total // LOG_POINTS), report_to=[] if report_to == "none" else [report_to],
+        seed=config["seed"], disable_tqdm=True, include_num_input_tokens_seen="non_padding", **extra)
     if args.n_gpu > 1:
         args._n_gpu = 1  # one GPU: otherwise the Trainer multiplies the micro-batch by the GPU count
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      processing_class=tokenizer, callbacks=[*cbs, *stack.checkpoint_callbacks(train)])
+
+    class QfitTrainer(Trainer):
+        """Evaluation batches come from their own collator, so the training collator counts training tokens only."""
+
+        eval_collator = None
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            if self.eval_collator is None:
+                return super().get_eval_dataloader(eval_dataset)
+            train_collator, self.data_collator = self.data_collator, self.eval_collator
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = train_collator
+
+    trainer = QfitTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                          eval_dataset=eval_data[0] if eval_data else None,
+                          processing_class=tokenizer, callbacks=[*cbs, *stack.checkpoint_callbacks(train)])
+    trainer.eval_collator = eval_data[1] if eval_data else None
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; qfit's own bar shows the loss
     return trainer
 
@@ -173,8 +201,14 @@ def callback_classes() -> tuple[type, type]:
     class ProgressCallback(TrainerCallback):
         """A tqdm bar with loss, tokens/s and GPU memory; also times the steps for the report."""
 
-        def __init__(self, collator: PadCollator, cuda: bool, enabled: bool = True):
+        def __init__(self, collator: PadCollator, cuda: bool, enabled: bool = True, echo=None, watch: bool = False):
             self.collator, self.cuda, self.enabled = collator, cuda, enabled
+            self.echo = echo or (lambda line: None)
+            self.watch = watch  # one GPU: memory per logging interval (peaks reset at each) and the leak check
+            self.evals: list[dict] = []  # {"step", "eval_loss", "train_loss"} per evaluation
+            self.memory: list[dict] = []  # {"step", "peak_allocated_bytes", "allocated_bytes"} per logging interval
+            self.peak_allocated = self.peak_reserved = 0  # the run's peaks across the per-interval resets
+            self.warnings: list[dict] = []  # {"kind": "divergence" | "leak", "step", "message"}
             self.bar = None
             self.loss = None
             self.train_seconds = 0.0
@@ -212,6 +246,9 @@ def callback_classes() -> tuple[type, type]:
             self.train_padded_tokens += pad
             self.steps_run += 1
             self._rate = tok / dt if dt > 0 else 0.0
+            if (args.eval_strategy != "no" and state.global_step >= state.max_steps and args.eval_steps
+                    and state.global_step % args.eval_steps and not any(e["step"] == state.global_step for e in self.evals)):
+                control.should_evaluate = True  # the final validation loss, when the last step is off the interval
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
                 self._postfix()
@@ -220,14 +257,60 @@ def callback_classes() -> tuple[type, type]:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.loss = float(logs["loss"])
+                if self.watch:
+                    self._watch_memory(state.global_step)
                 if self.bar is not None:
                     self._postfix()
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            from planner.train.watch import divergence_step
+
+            if metrics and "eval_loss" in metrics:
+                self.evals.append({"step": state.global_step, "eval_loss": float(metrics["eval_loss"]),
+                                   "train_loss": self.loss})
+                step = divergence_step(self.evals)
+                if step is not None and not any(w["kind"] == "divergence" for w in self.warnings):
+                    best = min(self.evals, key=lambda e: e["eval_loss"])
+                    self._warn("divergence", step, f"warning: validation loss rising since step {step} while training "
+                               f"loss falls (best {best['eval_loss']:.3f} at step {best['step']}, now "
+                               f"{self.evals[-1]['eval_loss']:.3f}): the adapter may be overfitting; the checkpoint "
+                               f"near step {best['step']} may be the better one")
+                if self.bar is not None:
+                    self._postfix()
+            self._mark(state)  # evaluation is not training time
+
+        def _watch_memory(self, step: int):
+            """One logging interval: its peak (then reset) and what stays allocated after the step; the leak check."""
+            from planner.train.watch import leak_step
+
+            if not self.cuda:  # nothing to measure: the steps are recorded with nulls
+                self.memory.append({"step": step, "peak_allocated_bytes": None, "allocated_bytes": None})
+                return
+            import torch
+
+            snap = peak_snapshot(sync=False)
+            self.peak_allocated = max(self.peak_allocated, snap["peak_allocated_bytes"])
+            self.peak_reserved = max(self.peak_reserved, snap["peak_reserved_bytes"])
+            self.memory.append({"step": step, "peak_allocated_bytes": snap["peak_allocated_bytes"],
+                                "allocated_bytes": int(torch.cuda.memory_allocated())})
+            torch.cuda.reset_peak_memory_stats()
+            start = leak_step(self.memory)
+            if start is not None and not any(w["kind"] == "leak" for w in self.warnings):
+                self._warn("leak", start, f"warning: allocated memory after each step has grown since step {start} "
+                           f"({gib_str(self.memory[-1]['allocated_bytes'])} GiB now): something keeps tensors "
+                           "alive (a leak); see memory.per_interval in run_report.json")
+
+        def _warn(self, kind: str, step: int, message: str):
+            self.warnings.append({"kind": kind, "step": step, "message": message})
+            self.echo(message)
 
         def on_save(self, args, state, control, **kwargs):
             self._mark(state)  # saving is not training time
 
         def _postfix(self):
             parts = {"loss": f"{self.loss:.3f}" if self.loss is not None else "-", "tok/s": f"{self._rate:,.0f}"}
+            if self.evals:
+                parts["val"] = f"{self.evals[-1]['eval_loss']:.3f}"
             if self.cuda:
                 import torch
 
