@@ -7,7 +7,10 @@ the standard library, click and light planner modules only: torch is imported wh
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -132,6 +135,11 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
 @click.option("--main-process-ip", metavar="IP", help="Node 0's address. Example: --main-process-ip 10.0.0.1")
 @click.option("--main-process-port", type=click.IntRange(1, 65535), metavar="PORT",
               help="Node 0's rendezvous port (default 29500). Example: --main-process-port 29501")
+@click.option("--gpu", "gpu", metavar="NAME",
+              help="Plan for this catalog GPU and cap the allocator to its memory on the (bigger) GPU found: what the "
+                   "run would do on that card (QFIT_EMULATE_GPU). Example: --gpu t4")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print run_report.json on stdout at the end; progress goes to stderr. Example: --json")
 @click.option("--dry-run", is_flag=True,
               help="With --num-gpus: plan, write accelerate_config.json and job.json to --output and print the "
                    "launch command, without training. Example: --num-gpus 2 --dry-run")
@@ -139,7 +147,7 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
             plan_path, rank, alpha, lora_dropout, targets, gradient_checkpointing, uncheckpointed_layers, optim, compute_dtype, fmt,
             save_steps, learning_rate, warmup, scheduler, seed, report_to, eval_dataset, eval_fraction, eval_steps,
             sample_prompt, padding, packing, optimize, num_gpus, strategy, num_machines, machine_rank, main_process_ip,
-            main_process_port, dry_run):
+            main_process_port, gpu, as_json, dry_run):
     """Fine-tune with QLoRA using the planned settings; an out-of-memory error never loses progress.
 
     Plans for the GPU found (its free memory), prints the plan, trains (4-bit NF4 base, LoRA,
@@ -162,6 +170,12 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
         raise QfitError("--resume continues a run with its saved settings: drop --seed")
     if not resume and not output:
         raise QfitError("--output DIR is required (where the adapter and checkpoints go), or --resume DIR")
+    if gpu:
+        from planner.profiles import load_gpu
+
+        load_gpu(gpu)  # an unknown name is one line, before anything loads
+        os.environ["QFIT_EMULATE_GPU"] = gpu  # planner.train.device reads it
+    echo = (lambda m: click.echo(m, err=True)) if as_json else click.echo  # with --json stdout holds the report
     try:
         opts = runner.RunOptions(
             output=resume or output, model=model, dataset=dataset, demo=demo, overwrite=overwrite,
@@ -176,14 +190,31 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
             packing=packing, optimize=optimize,
             num_gpus=num_gpus, strategy=strategy, num_machines=num_machines, machine_rank=machine_rank,
             main_process_ip=main_process_ip, main_process_port=main_process_port, dry_run=dry_run)
-        result = runner.run(opts, echo=click.echo)
+        result = runner.run(opts, echo=echo)
     except runner.RunError as exc:  # a QfitError once planner.train.runner subclasses it; one line either way
         raise QfitError(str(exc)) from None
     except click.BadParameter as exc:  # raised by the runner, after parsing: one line without the --help pointer
         raise QfitError(exc.format_message()) from None
     except KeyboardInterrupt:
-        click.echo("\ninterrupted before training started: nothing was saved", err=True)
+        click.echo("\n" + interrupted_line(resume or output), err=True)
         sys.exit(EXIT_INTERRUPTED)
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2))
     if result.exit_code:
         sys.exit(result.exit_code)
     return 0
+
+
+def interrupted_line(output: str | None) -> str:
+    """What a Ctrl-C that stopped qfit at once (before training, or a second one during it) left on disk."""
+    from planner.train.output import last_checkpoint
+
+    ckpt = last_checkpoint(Path(output)) if output and Path(output).is_dir() else None
+    if ckpt is None:
+        return "interrupted: no checkpoint was saved yet"
+    report = Path(output) / "run_report.json"
+    if not report.exists():  # the session had no time to write its own
+        report.write_text(json.dumps({"status": "interrupted", "stopped_by": "a second SIGINT", "checkpoint": str(ckpt),
+                                      "resume": f"qfit run --resume {output}"}, indent=2) + "\n")
+    return (f"interrupted at once (a second Ctrl-C): the current step was not saved; the last checkpoint is {ckpt}; "
+            f"continue with: qfit run --resume {output}")
