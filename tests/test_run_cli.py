@@ -38,3 +38,21 @@ def test_a_second_ctrl_c_names_the_last_checkpoint_and_leaves_a_report(tmp_path)
     rep = json.loads((out / "run_report.json").read_text())
     assert rep["status"] == "interrupted" and rep["checkpoint"].endswith("checkpoint-4")
     assert interrupted_line(str(tmp_path / "nothing")) == "interrupted: no checkpoint was saved yet"
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path):
+    import pytest
+
+    from planner.train.options import RunError
+    from planner.train.output import check_checkpoint
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")  # a truncated header
+    with pytest.raises(RunError, match="checkpoint .*checkpoint-4 is damaged .*delete that folder"):
+        check_checkpoint(ckpt)
+    (ckpt / "adapter_model.safetensors").unlink()
+    (ckpt / "trainer_state.json").write_text("{not json")
+    with pytest.raises(RunError, match="is damaged"):
+        check_checkpoint(ckpt)

@@ -40,6 +40,25 @@ def last_checkpoint(output: Path) -> Path | None:
     return best
 
 
+def check_checkpoint(ckpt: Path) -> None:
+    """A RunError naming the checkpoint when its files cannot be read (a truncated adapter, a broken
+    trainer_state.json), before the Trainer tries and fails with a traceback."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+        weights = ckpt / "adapter_model.safetensors"
+        if weights.is_file():
+            with safe_open(str(weights), framework="pt") as fh:
+                for name in fh.keys():
+                    fh.get_slice(name)
+    except Exception as exc:  # any damage: the message says which file and what to do
+        raise RunError(f"checkpoint {ckpt} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): delete "
+                       f"that folder to resume from the one before it, or start over with --overwrite") from None
+
+
 def check_output(opts: RunOptions) -> Path:
     """Refuse an output directory in use (before anything slow happens); nothing is deleted here."""
     out = Path(opts.output).expanduser()

@@ -28,7 +28,7 @@ from planner.train.device import Device, cap_for_emulation
 from planner.train.measure import nvml_used, peak_snapshot
 from planner.train.oom import NoSmallerSettings, explain, is_cuda_oom, next_settings
 from planner.train.options import RunError, RunOptions, RunResult, one_line
-from planner.train.output import RUN_CONFIG, RUN_REPORT, last_checkpoint, write_json
+from planner.train.output import RUN_CONFIG, RUN_REPORT, check_checkpoint, last_checkpoint, write_json
 from planner.train.source import ModelSource
 from planner.train.trainer_glue import (
     StopFlag,
@@ -187,6 +187,7 @@ class TrainingSession:
             self.eval_data = dataset_and_collator(self.eval_examples, self.tokenizer.pad_token_id, self.config)
         self.checkpoint = last_checkpoint(self.out) if self.opts.resume else None
         if self.checkpoint is not None:
+            check_checkpoint(self.checkpoint)
             echo(f"resuming from {self.checkpoint.name} (step {int(self.checkpoint.name.rsplit('-', 1)[-1])} of "
                  f"{self.config['max_steps']})")
         elif self.cuda:
