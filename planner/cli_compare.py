@@ -170,6 +170,8 @@ def build_workload(dataset, examples, avg_tokens, tokens, epochs) -> Workload:
               help="Comma-separated catalog GPUs or capacities (t4,l4,h100-sxm,24GiB) or 'all'.")
 @click.option("--gpus", "gpus_alias", metavar="LIST", hidden=True)  # the older name of --gpu
 @plan_options
+@click.option("--num-gpus", type=int, default=1, show_default=True, metavar="N",
+              help="Hold the GPU count fixed: plan every GPU kind on N of them, as `qfit plan --num-gpus N` does.")
 @click.option("--price", "prices", multiple=True, metavar="GPU=USD",
               help="Price per GPU-hour, overriding the profile's indicative price (repeatable).")
 @click.option("--max-hours", type=float, metavar="H", help="Drop GPUs whose estimated wall time exceeds H hours.")
@@ -178,7 +180,7 @@ def build_workload(dataset, examples, avg_tokens, tokens, epochs) -> Workload:
               help="Order of the fitting GPUs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of per-GPU objects (GPUs over the limits are left out).")
 @click.option("--plot", metavar="FILE.png", help="Write a cost-vs-time scatter (needs matplotlib).")
-def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, gpus, gpus_alias, prices, max_hours,
+def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, gpus, gpus_alias, num_gpus, prices, max_hours,
                 max_cost, sort_by, as_json, plot, **knobs):
     """Which GPU, how long, at what cost: the best QLoRA plan on every GPU for one workload.
 
@@ -202,6 +204,8 @@ def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, gpus, gpus
             raise QfitError("give the GPUs once: --gpu LIST (--gpus is its older name)")
         gpus = gpus_alias
     check_output_path(plot, "--plot")
+    if num_gpus < 1:
+        raise QfitError(f"--num-gpus must be a positive integer, got {num_gpus}")
     request = build_request(**knobs)
     if request.seq_len == 0:
         raise QfitError("--seq-len auto plans one GPU (`qfit plan`); compare GPUs at one length, e.g. --seq-len 1024")
@@ -213,7 +217,7 @@ def compare_cmd(model, dataset, examples, avg_tokens, tokens, epochs, gpus, gpus
     gpu_list = parse_gpus(gpus)
     price_map = parse_prices(prices)
     result = compare(spec, workload, gpu_list, load_coefficients(), request=request,
-                     prices=price_map, max_hours=max_hours, max_cost=max_cost, sort=sort_by)
+                     prices=price_map, max_hours=max_hours, max_cost=max_cost, sort=sort_by, num_gpus=num_gpus)
     if plot is not None:  # before any output, so that a failure leaves one error and nothing else
         try:
             cost_time_png(result, plot)

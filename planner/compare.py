@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from planner.errors import QfitError
-from planner.multigpu import FSDP_OPTIM, FsdpMemory, fewest_gpus, fsdp_per_gpu, multigpu_calibrated
+from planner.multigpu import FSDP_OPTIM, FsdpMemory, MultiPlan, choose_multi, fewest_gpus, fsdp_per_gpu, multigpu_calibrated
 from planner.search import Request, SearchResult, search, smallest
 from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
 
@@ -228,8 +228,8 @@ class GpuOption:
     """One GPU's row. Bytes are int; hours and USD are floats (None when unknown)."""
 
     gpu: GpuSpec
-    plan: Plan | None  # the best fitting plan (planner.search's pick); None: does not fit
-    smallest: Plan  # the candidate that needs least memory (what 'does not fit' compares)
+    plan: Plan | MultiPlan | None  # the best fitting plan (planner.search's pick, per rank when count > 1); None: does not fit
+    smallest: Plan | MultiPlan  # the candidate that needs least memory (what 'does not fit' compares)
     price_usd_per_hour: float | None
     price_given: bool  # True when --price overrode the profile's price
     speed_basis: str  # SPEED_CALIBRATED, SPEED_DATASHEET or SPEED_NONE
@@ -240,6 +240,8 @@ class GpuOption:
     multi_gpu: MultiGpuEstimate | None = None  # only for a GPU the model does not fit on
     multi_gpu_max: MultiGpuEstimate | None = None  # the same on max(MULTI_GPU_COUNTS) GPUs, for those rows
     notes: tuple[str, ...] = ()  # what the search changed (bf16 -> fp16, ...)
+    count: int = 1  # GPUs of this kind (--num-gpus); hours are wall hours, cost = hours x count x price
+    strategy: str | None = None  # "ddp" or "fsdp" when count > 1 (planner.multigpu.choose_multi's choice)
 
     @property
     def fits(self) -> bool:
@@ -247,7 +249,23 @@ class GpuOption:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.plan.tokens_per_s if self.plan else 0.0
+        """Tokens/s of the whole run: one GPU's estimate, or count x one rank's (communication not modelled)."""
+        if not self.plan:
+            return 0.0
+        if self.count > 1:
+            return self.count * self.plan.tokens_per_s_per_gpu
+        return self.plan.tokens_per_s
+
+    @property
+    def peak_reserved_bytes(self) -> int | None:
+        """The plan's predicted peak reserved (per GPU); None when it does not fit, and under FSDP (its model
+        predicts what each GPU needs, not the allocator's reserve)."""
+        if not self.plan:
+            return None
+        mem = self.plan.memory
+        if self.count == 1:
+            return mem.peak_reserved_bytes
+        return mem.single.peak_reserved_bytes + mem.grad_buckets if self.strategy == "ddp" else None
 
     @property
     def hours_range(self) -> tuple[float, float] | None:
@@ -259,8 +277,10 @@ class GpuOption:
 
     @property
     def largest_term(self) -> tuple[str, int]:
-        """(MemoryBreakdown field, bytes) of the largest term in the smallest configuration."""
-        return max(self.smallest.memory.components().items(), key=lambda kv: kv[1])
+        """(memory field, bytes) of the largest term in the smallest configuration (per GPU when count > 1)."""
+        mem = self.smallest.memory
+        components = mem.single.components() if self.strategy == "ddp" else mem.components()
+        return max(components.items(), key=lambda kv: kv[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +295,7 @@ class Comparison:
     max_cost: float | None
     speed_calibrated_on: tuple[str, ...]
     speed_error_pct: float | None
+    num_gpus: int = 1
 
     @property
     def fitting(self) -> tuple[GpuOption, ...]:
@@ -314,14 +335,35 @@ def _sort_key(sort: str):
     return key
 
 
+def _multi_row(model: ModelSpec, gpu: GpuSpec, workload: Workload, request: Request, coeffs: Coefficients, n: int,
+               prices: Mapping[str, float], calibrated_on: Sequence[str], err: float | None) -> GpuOption:
+    """One GPU kind's row on n of them: `qfit plan --num-gpus n`'s choice (planner.multigpu.choose_multi)."""
+    choice = choose_multi(model, gpu, request, coeffs, n)
+    best = choice.best
+    small = min(choice.plans, key=lambda p: p.memory.needs_bytes)
+    price = prices.get(gpu.name, gpu.price_usd_per_hour)
+    row = GpuOption(gpu=gpu, plan=best, smallest=small, price_usd_per_hour=price, price_given=gpu.name in prices,
+                    speed_basis=speed_basis(gpu, calibrated_on), speed_error_pct=err, hours=None, cost_usd=None,
+                    notes=tuple(dict.fromkeys((best or small).notes)), count=n, strategy=choice.strategy)
+    if best is None:
+        return row
+    hours = wall_hours(workload.total_tokens, row.tokens_per_s)
+    return replace(row, hours=hours, cost_usd=cost_usd(hours, None if price is None else price * n))
+
+
 def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeffs: Coefficients,
             request: Request | None = None, prices: Mapping[str, float] | None = None,
             max_hours: float | None = None, max_cost: float | None = None, sort: str = "cost",
-            calibrated_on: Sequence[str] | None = None) -> Comparison:
+            calibrated_on: Sequence[str] | None = None, num_gpus: int = 1) -> Comparison:
     """Every GPU's best plan, time and cost for one workload; see the module docstring.
 
     prices: GPU name -> USD per GPU-hour, overriding the profile's price.
+    num_gpus: hold the GPU count fixed (`--num-gpus N`): every GPU kind is planned as `qfit plan --num-gpus N`
+    plans it (planner.multigpu.choose_multi: DDP when it fits, else FSDP, CPU offload last), tokens/s is N x one
+    rank's estimate (communication is not modelled, so this is an upper bound), cost = hours x N x price.
     """
+    if num_gpus < 1:
+        raise QfitError(f"--num-gpus must be a positive integer, got {num_gpus}")
     if sort not in SORT_KEYS:
         raise QfitError(f"--sort must be cost or time, got {sort!r}")
     for flag, limit in (("--max-hours", max_hours), ("--max-cost", max_cost)):
@@ -338,10 +380,13 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
     err = speed_error_pct(coeffs)
     if calibrated_on is None:
         calibrated_on = speed_calibrated_on(coeffs)
-    results = search_all(model, gpus, request, coeffs)
+    results = search_all(model, gpus, request, coeffs) if num_gpus == 1 else {}
 
     rows = []
     for gpu in gpus:
+        if num_gpus > 1:
+            rows.append(_multi_row(model, gpu, workload, request, coeffs, num_gpus, prices, calibrated_on, err))
+            continue
         res = results[gpu.name]
         price = prices.get(gpu.name, gpu.price_usd_per_hour)
         best = res.best
@@ -374,5 +419,5 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
         model=model, workload=workload, request=request,
         options=tuple(kept) + tuple(o for o in rows if not o.fits),
         excluded=tuple(sorted(excluded, key=_sort_key(sort))), sort=sort, max_hours=max_hours,
-        max_cost=max_cost, speed_calibrated_on=tuple(calibrated_on), speed_error_pct=err,
+        max_cost=max_cost, speed_calibrated_on=tuple(calibrated_on), speed_error_pct=err, num_gpus=num_gpus,
     )

@@ -242,7 +242,7 @@ def multi_plan_document(choice, model, coeffs, advice=None) -> dict:
 COMPARE_OPTION_KEYS = ("gpu", "display_name", "fits", "settings", "peak_reserved_bytes", "needs_bytes", "capacity_bytes",
                        "memory_bytes", "tokens_per_s", "speed_basis", "speed_error_pct", "total_tokens",
                        "tokens_approximate", "hours", "hours_range", "price_usd_per_hour", "price_basis", "cost_usd",
-                       "pareto", "memory_basis", "reason", "smallest", "multi_gpu", "notes")
+                       "pareto", "memory_basis", "reason", "smallest", "multi_gpu", "num_gpus", "strategy", "notes")
 COMPARE_SMALLEST_KEYS = ("settings", "needs_bytes", "largest_term", "largest_term_bytes")  # null when it fits
 COMPARE_MULTI_GPU_KEYS = ("count", "per_gpu_needs_bytes", "sharded_bytes", "shard_bytes", "replicated_bytes",
                           "gathered_layer_bytes", "capacity_bytes", "peak_phase", "basis")  # null when it fits
@@ -260,7 +260,7 @@ def compare_option_document(o, c) -> dict:
         "display_name": o.gpu.display_name,
         "fits": o.fits,
         "settings": _settings(plan) if plan else None,
-        "peak_reserved_bytes": plan.memory.peak_reserved_bytes if plan else None,
+        "peak_reserved_bytes": o.peak_reserved_bytes,
         "needs_bytes": plan.memory.needs_bytes if plan else small.memory.needs_bytes,
         "capacity_bytes": small.capacity_bytes,
         "memory_bytes": o.gpu.memory_bytes,
@@ -282,6 +282,8 @@ def compare_option_document(o, c) -> dict:
             "needs_bytes": small.memory.needs_bytes, "largest_term": term, "largest_term_bytes": term_bytes,
         },
         "multi_gpu": None,
+        "num_gpus": o.count,
+        "strategy": o.strategy,
         "notes": list(o.notes),
     }
     if not o.fits and o.multi_gpu is not None:

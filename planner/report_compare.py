@@ -106,8 +106,28 @@ def multi_gpu_str(o: GpuOption) -> str:
             f"per GPU of {gib_str(m.capacity_bytes)} usable; qfit plan --num-gpus {m.count} for the plan)")
 
 
+def _multi_peak_words(s) -> str:
+    """'the load phase sets the peak (...); ' when FSDP's load phase, not training, is the larger need."""
+    if getattr(s.memory, "peak_phase", "") != "load":
+        return ""
+    return (f"the load phase sets the peak ({gib_str(s.memory.load_needs_bytes)} GiB: every GPU loads the whole 4-bit "
+            "model before sharding); ")
+
+
+def _multi_reason(o: GpuOption) -> str:
+    """Why n GPUs of a kind (--num-gpus n) do not fit, in one line."""
+    s = o.smallest
+    term, term_bytes = o.largest_term
+    return (f"on {o.count} x {o.gpu.name} ({o.strategy.upper()}), the smallest configuration ({config_str(s)}) needs "
+            f"{gib_str(s.memory.needs_bytes)} GiB per GPU; the card has {gib_str(o.gpu.memory_bytes)} GiB "
+            f"({gib_str(s.capacity_bytes)} usable); {_multi_peak_words(s)}largest term: {term.replace('_', ' ')} "
+            f"{gib_str(term_bytes)} GiB. qfit plan MODEL --gpu {o.gpu.name} --num-gpus {o.count} shows the plan and what would fit.")
+
+
 def reason_str(o: GpuOption) -> str:
     """Why a GPU does not fit, in one line."""
+    if o.count > 1:
+        return _multi_reason(o)
     s = o.smallest
     term, term_bytes = o.largest_term
     return (f"smallest configuration ({config_str(s)}) needs {gib_str(s.memory.needs_bytes)} GiB; the card has "
@@ -134,6 +154,9 @@ def short_reason_str(o: GpuOption) -> str:
 def not_fitting_lines(c: Comparison) -> list[str]:
     """One line per GPU that does not fit, saying why; the smallest configuration once when shared."""
     rows = c.not_fitting
+    if c.num_gpus > 1:
+        width = max(len(o.gpu.name) for o in rows)
+        return ["Does not fit:"] + [f"  {o.gpu.name:<{width}}  {_multi_reason(o)}" for o in rows]
     configs = {config_str(o.smallest) for o in rows}
     width = max(len(o.gpu.name) for o in rows)
     if len(configs) == 1:
@@ -186,7 +209,7 @@ def capacity_notes(c: Comparison) -> list[str]:
 def price_note(c: Comparison) -> str:
     dates = sorted({o.gpu.price_date for o in c.options + c.excluded if o.gpu.price_date and not o.price_given})
     given = [o.gpu.name for o in c.options + c.excluded if o.price_given]
-    text = "USD = hours x price per GPU-hour"
+    text = "USD = hours x price per GPU-hour" if c.num_gpus == 1 else f"USD = hours x {c.num_gpus} x price per GPU-hour"
     if dates:
         text += f"; profile prices are indicative on-demand prices as of {', '.join(dates)}"
     if given:
@@ -200,11 +223,12 @@ def table_rows(c: Comparison) -> list[list[str]]:
     rows = []
     for o in c.options:
         p = o.plan or o.smallest
+        peak = o.peak_reserved_bytes
         rows.append([
             "*" if o.pareto else "", o.gpu.name,
             "yes" if o.fits else "no",
-            plan_str(o.plan) if o.plan else "-",
-            gib_str(o.plan.memory.peak_reserved_bytes) if o.plan else "-",
+            (f"{o.strategy}: " if o.count > 1 and o.plan else "") + (plan_str(o.plan) if o.plan else "-"),
+            gib_str(peak) if peak is not None else "-",
             f"{gib_str(p.memory.needs_bytes)} / {gib_str(o.gpu.memory_bytes)}",
             tps_str(o), hours_str(o.hours), price_str(o), usd_str(o.cost_usd),
         ])
@@ -213,6 +237,14 @@ def table_rows(c: Comparison) -> list[list[str]]:
 
 HEADERS = ["", "GPU", "fits", "plan (micro x accum, ckpt, LoRA)", "peak GiB", "needs / card GiB",
            "tokens/s", "hours", "USD/h", "USD"]
+
+
+def headers(c: Comparison) -> list[str]:
+    """HEADERS; with --num-gpus N the memory columns are per GPU and the plan is per rank."""
+    if c.num_gpus == 1:
+        return HEADERS
+    return ["", "GPU", "fits", "plan per rank (strategy: micro x accum, ckpt, LoRA)", "peak/GPU GiB",
+            "needs/GPU / card GiB", f"tokens/s ({c.num_gpus} GPUs)", "hours", "USD/h per GPU", "USD"]
 
 
 def bar_chart(c: Comparison, metric: str | None = None, width: int = BAR_WIDTH) -> str:
@@ -239,7 +271,7 @@ def render_text(c: Comparison) -> str:
     m = c.model
     seq = c.request.seq_len or DEFAULT_SEQ_LEN
     out = [f"qfit compare: {m.display_name} ({m.total_param_count / 1e9:.2f} B params), "
-           f"{workload_str(c)}, seq {seq}"]
+           f"{workload_str(c)}, seq {seq}" + (f", {c.num_gpus} GPUs of each kind" if c.num_gpus > 1 else "")]
     if c.workload.approximate:
         out.append("tokens: approximate, 1 token per 4 characters of the dataset's text fields (no tokenizer).")
     limits = []
@@ -249,11 +281,16 @@ def render_text(c: Comparison) -> str:
         limits.append(f"--max-cost {c.max_cost:g}")
     out.append(f"sorted by {'cost' if c.sort == 'cost' else 'time'}" + (f"; limits: {', '.join(limits)}" if limits else ""))
     out.append("")
-    out.append(tabulate(table_rows(c), headers=HEADERS, disable_numparse=True))
+    out.append(tabulate(table_rows(c), headers=headers(c), disable_numparse=True))
     out.append("")
     if c.pareto:
         out.append("* Pareto: no other GPU here is both faster and cheaper.")
     out.append(speed_note(c))
+    if c.num_gpus > 1:
+        out.append(f"{c.num_gpus} GPUs: each kind planned as `qfit plan --num-gpus {c.num_gpus}` plans it (DDP when it fits, "
+                   f"else FSDP); tokens/s = {c.num_gpus} x one rank's estimate, communication not modelled (an upper "
+                   f"bound, lower for FSDP's per-layer all-gathers); USD = hours x {c.num_gpus} x price per GPU-hour; "
+                   "peak/GPU is shown for DDP only (FSDP's model predicts what each GPU needs).")
     out += capacity_notes(c)
     out.append(f"hours = tokens / tokens/s / 3600 with packed sequences (no padding); {price_note(c)}")
     out.append("peak: predicted peak reserved by the allocator; needs: what must fit on the card "

@@ -531,3 +531,56 @@ def test_wired_into_qfit():
     # as `qfit plan`: exit 1 when no GPU fits
     res = CliRunner().invoke(cli_mod.cli, ["compare", "llama-3.1-70b", "--tokens", "1M", "--gpus", "t4,rtx4090"])
     assert res.exit_code == 1 and "Does not fit" in res.stdout
+
+
+# --------------------------------------------------------------------------- --num-gpus N: the count held fixed
+
+def test_num_gpus_rows_are_plan_num_gpus_choices(coeffs):
+    """With --num-gpus 2 every row is `qfit plan --num-gpus 2`'s choice (planner.multigpu.choose_multi): the same
+    strategy and per-rank settings; tokens/s is 2 x one rank's; cost = hours x 2 x price."""
+    from planner.multigpu import choose_multi
+    model = load_model("mistral-7b")
+    gpus = [load_gpu(n) for n in ("t4", "rtx4090", "h100-sxm")]
+    c = compare(model, WORKLOAD, gpus, coeffs, num_gpus=2)
+    assert c.num_gpus == 2 and len(c.options) == 3
+    for o in c.options:
+        choice = choose_multi(model, o.gpu, Request(), coeffs, 2)
+        assert o.count == 2 and o.strategy == choice.strategy
+        assert o.fits == (choice.best is not None)
+        if o.fits:
+            assert o.plan == choice.best
+            assert o.tokens_per_s == pytest.approx(2 * choice.best.tokens_per_s_per_gpu)
+            assert o.hours == pytest.approx(WORKLOAD.total_tokens / o.tokens_per_s / 3600)
+            assert o.cost_usd == pytest.approx(o.hours * 2 * o.gpu.price_usd_per_hour)
+
+
+def test_num_gpus_halves_the_hours_of_a_ddp_run(coeffs):
+    """Mistral-7B fits one H100: on two (DDP, each rank half the effective batch) the wall time is at most
+    the one-GPU time, and never below half of it (one rank's speed does not grow with the split batch)."""
+    model, gpu = load_model("mistral-7b"), load_gpu("h100-sxm")
+    one = compare(model, WORKLOAD, [gpu], coeffs).options[0]
+    two = compare(model, WORKLOAD, [gpu], coeffs, num_gpus=2).options[0]
+    assert two.strategy == "ddp" and two.plan.train.effective_batch * 2 == one.plan.train.effective_batch
+    assert one.hours / 2 * 0.999 <= two.hours <= one.hours * 1.001
+
+
+def test_num_gpus_not_fitting_says_why_per_gpu(coeffs):
+    """Llama-3.1-70B on 2 x T4 does not fit: the row names the count, the strategy and the per-GPU need."""
+    from planner.report_compare import reason_str, render_text
+    c = compare(load_model("llama-3.1-70b"), WORKLOAD, [load_gpu("t4")], coeffs, num_gpus=2)
+    o = c.options[0]
+    assert not o.fits and o.hours is None and o.cost_usd is None and o.peak_reserved_bytes is None
+    assert o.smallest.memory.needs_bytes > o.smallest.capacity_bytes
+    line = reason_str(o)
+    assert line.startswith("on 2 x t4 (FSDP)") and "per GPU" in line
+    assert "2 GPUs of each kind" in render_text(c)
+
+
+def test_num_gpus_cli(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(compare_cmd, ["mistral-7b", "--tokens", "2M", "--gpu", "rtx4090", "--num-gpus", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output)[0]
+    assert row["num_gpus"] == 2 and row["strategy"] in ("ddp", "fsdp") and row["fits"]
+    res = runner.invoke(compare_cmd, ["mistral-7b", "--tokens", "2M", "--num-gpus", "0"])
+    assert res.exit_code == 2 and "--num-gpus must be a positive integer" in res.output
