@@ -30,3 +30,23 @@ def test_tiny_sweep_writes_one_row_per_configuration(tmp_path):
     assert float(full["computed_tokens_per_step"]) == 2 * 64
     assert float(packed["computed_tokens_per_step"]) == 2 * 128  # packed rows: one static shape
     assert float(padded["real_tokens_per_step"]) < float(padded["computed_tokens_per_step"])  # padding computed
+
+
+def test_published_speed_readings():
+    """benchmarks/published_speed.py: the padded reading's shape is a real padding of the rows (mean micro-batch
+    length between the mean row and the cutoff, a non-padding share in (0, 1)), and every reading is estimated."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "published_speed.py"
+    spec = importlib.util.spec_from_file_location("published_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+    sys.modules["published_speed"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    mean_len, share = mod.padded_shape(4, 1024)
+    assert 114 < mean_len < 1024 and 0.3 < share < 1.0
+    assert mod.padded_shape(1, 1024)[1] == 1.0  # one row per micro-batch: no padding
+    from planner.coefficients import load_coefficients
+    rows = mod.estimates(mod.FIGURES[0], load_coefficients())
+    assert len(rows) == 2 * 2 * 3 and all(r["estimate_tokens_per_s"] > 0 for r in rows)
