@@ -50,3 +50,19 @@ def test_published_speed_readings():
     from planner.coefficients import load_coefficients
     rows = mod.estimates(mod.FIGURES[0], load_coefficients())
     assert len(rows) == 2 * 2 * 3 and all(r["estimate_tokens_per_s"] > 0 for r in rows)
+
+
+def test_steps_for_covers_the_asked_time():
+    """--min-timed-seconds: a short step (Qwen2.5-0.5B, 1 x 512) runs more steps than a long one (Qwen2.5-14B,
+    4 x 4096), never fewer than the grid's, never more than MAX_STEPS; 0 keeps the grid's count; an unknown GPU
+    (no datasheet to estimate from) keeps it too."""
+    from planner.profiles import load_model
+    short = throughput.normalize({"model": "qwen2.5-0.5b", "batch_size": 1, "seq_len": 512, "rank": 8, "steps": 6})
+    long = throughput.normalize({"model": "qwen2.5-14b", "batch_size": 4, "seq_len": 4096, "rank": 8, "steps": 6,
+                                 "data": "packed"})
+    name = "NVIDIA H100 80GB HBM3"
+    n_short = throughput.steps_for(short, load_model("qwen2.5-0.5b"), name, 5.0)
+    n_long = throughput.steps_for(long, load_model("qwen2.5-14b"), name, 5.0)
+    assert 6 <= n_long < n_short <= throughput.MAX_STEPS
+    assert throughput.steps_for(short, load_model("qwen2.5-0.5b"), name, 0.0) == 6
+    assert throughput.steps_for(short, load_model("qwen2.5-0.5b"), "cpu", 5.0) == 6

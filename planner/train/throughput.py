@@ -9,7 +9,8 @@ preparation, LoRA, the planned checkpointing and optimizer) on one of three kind
   padded  alpaca-like rows, each micro-batch padded to its longest row (what qfit run did before packing)
 
 Every optimizer step is timed (synchronized). The first `warmup` steps are dropped, the rest kept; the row
-gives their median, min and max, so the run-to-run spread is in the data. Peak allocated and reserved
+gives their median, min and max, so the run-to-run spread is in the data. `--min-timed-seconds T` runs each
+configuration long enough that its timed steps last about T seconds (steps_for), so short steps get many samples. Peak allocated and reserved
 memory of the configuration are recorded too (raw bytes). One CSV row per configuration; an OOM is a row.
 
 Each model group runs in a fresh child process (the same reason as harness.py: a model dropped earlier in a
@@ -95,6 +96,28 @@ def normalize(raw: dict) -> dict:
     return cfg
 
 
+MAX_STEPS = 60  # no configuration runs more optimizer steps than this, whatever --min-timed-seconds asks
+
+
+def steps_for(cfg: dict, spec, gpu_name: str, min_timed_s: float) -> int:
+    """Optimizer steps for one configuration: the grid's `steps`, or more so that the timed steps (after the warmup)
+    last about min_timed_s by the speed model's estimate for this GPU (short CPU-bound steps vary by 10-20% from
+    step to step: a one-second window of them does not measure their median). Capped at MAX_STEPS."""
+    if min_timed_s <= 0:
+        return cfg["steps"]
+    from planner.coefficients import load_coefficients
+    from planner.profiles import match_gpu_name
+    from planner.speed import features, has_speed_model, step_seconds
+
+    gpu, coeffs = match_gpu_name(gpu_name), load_coefficients()
+    if gpu is None or not has_speed_model(coeffs) or gpu.tflops(cfg["compute_dtype"]) <= 0:
+        return cfg["steps"]
+    lora, train = settings_from_dict(cfg, lora_dropout=0.05, packing=cfg["data"] != "full")
+    predicted = step_seconds(features(spec, lora, train, gpu), coeffs)
+    want = cfg["warmup"] + -(-min_timed_s // max(predicted, 1e-3))
+    return int(min(MAX_STEPS, max(cfg["steps"], want)))
+
+
 def measure(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> dict:
     from peft import get_peft_model
     from transformers import Trainer
@@ -156,7 +179,7 @@ def _environment() -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def sweep_group(configs: list[dict], out: Path, workdir: Path, deadline: float) -> None:
+def sweep_group(configs: list[dict], out: Path, workdir: Path, deadline: float, min_timed_s: float = 0.0) -> None:
     from planner.train.harness import model_path, profile_fields
 
     env = _environment()
@@ -179,6 +202,7 @@ def sweep_group(configs: list[dict], out: Path, workdir: Path, deadline: float) 
             if time.time() > deadline:
                 print("[speed] time limit reached", flush=True)
                 break
+            cfg = {**cfg, "steps": steps_for(cfg, spec, env["gpu_name"], min_timed_s)}
             row = measure(base, spec, cfg, env, after_load, tmp)
             w.writerow(row)
             fh.flush()
@@ -199,6 +223,9 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=540.0, help="seconds; no configuration starts after it")
     ap.add_argument("--models", default="", help="comma-separated: only these model groups, in this order")
     ap.add_argument("--one-process", action="store_true")
+    ap.add_argument("--min-timed-seconds", type=float, default=0.0,
+                    help="run each configuration long enough that its timed steps last about this long (by the speed "
+                         f"model's estimate; at most {MAX_STEPS} steps); 0: the grid's steps")
     args = ap.parse_args(argv)
     deadline = time.time() + args.time_limit
     configs = [normalize(c) for c in json.loads(Path(args.grid).read_text())]
@@ -211,7 +238,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if args.one_process:
         for k in order:
-            sweep_group(groups[k], Path(args.out), workdir, deadline)
+            sweep_group(groups[k], Path(args.out), workdir, deadline, args.min_timed_seconds)
         return 0
     rc = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +251,8 @@ def main(argv=None) -> int:
             path.write_text(json.dumps(groups[k]))
             print(f"[speed] group {i + 1}/{len(order)}: {k} ({len(groups[k])} configurations)", flush=True)
             cmd = [sys.executable, "-m", "planner.train.throughput", "--grid", str(path), "--out", args.out,
-                   "--workdir", args.workdir, "--time-limit", str(left), "--one-process"]
+                   "--workdir", args.workdir, "--time-limit", str(left), "--one-process",
+                   "--min-timed-seconds", str(args.min_timed_seconds)]
             rc = subprocess.run(cmd, check=False, env=os.environ).returncode or rc
             for p in workdir.glob(f"{k[0]}-*"):  # free /dev/shm for the next model
                 subprocess.run(["rm", "-rf", str(p)], check=False)
