@@ -25,7 +25,7 @@ def test_measure_sweep_two_cpu_processes(tmp_path):
 
 def test_qfit_run_demo_on_two_cpu_processes(tmp_path):
     """`qfit run --demo --num-gpus 2` on the CPU: accelerate starts 2 gloo processes, the Trainer wraps the
-    4-bit model in DDP, rank 0 saves one standard PEFT adapter, and the report has both ranks."""
+    4-bit model in DDP over packed rows, rank 0 saves one standard PEFT adapter, and the report has both ranks."""
     import json
 
     from click.testing import CliRunner
@@ -38,6 +38,12 @@ def test_qfit_run_demo_on_two_cpu_processes(tmp_path):
     report = json.loads((out / "run_report.json").read_text())
     assert report["status"] == "completed" and report["num_gpus"] == 2 and report["strategy"] == "ddp"
     assert report["steps"]["completed"] == 6
+    # the demo's rows are shorter than the sequence: packed by default on several processes too, every rank's
+    # micro-batches counted (non-padding tokens at most the computed ones, and most of them with packing)
+    sp = report["speed"]
+    assert sp["packing"] is True and report["planned"]["packing"] is True
+    assert 0.8 * sp["train_padded_tokens"] <= sp["train_tokens"] <= sp["train_padded_tokens"]
+    assert "packing:" in res.output
     s = report["planned"]
     assert report["global_batch"] == 2 * s["batch_size"] * s["grad_accum"]
     assert [r["rank"] for r in report["memory"]["measured_per_rank"]] == [0, 1]

@@ -49,7 +49,14 @@ from planner.train.output import (
     prepare_output,
     write_json,
 )
-from planner.train.planning import auto_save_steps, build_request, planned_steps
+from planner.train.planning import (
+    auto_save_steps,
+    build_request,
+    choose_packing,
+    plan_seq_len,
+    planned_steps,
+    training_items,
+)
 from planner.train.run_report import multi_report
 from planner.train.source import ModelSource
 
@@ -132,13 +139,15 @@ def run_multi(opts: RunOptions, saved: dict | None, plan_doc: dict | None, src: 
     device = detect_device(multi=True)
     for note in device.notes:
         echo(f"note: {note}")
+    packing = choose_packing(opts, saved, data.examples, data.seq_len)
+    plan_seq = plan_seq_len(data.examples, data.seq_len, packing, opts.padding)
     if saved is not None:
         strategy = saved["strategy"]
         lora, train = settings_from_dict(saved["settings"])
         settings = saved["settings"]
         predicted = saved.get("predicted_per_gpu", {})
     else:
-        req, req_notes = build_request(opts, plan_doc, data.seq_len)
+        req, req_notes = build_request(opts, plan_doc, plan_seq, packing)
         for note in req_notes:
             echo(f"note: {note}")
         plan, tried = _plan_multi(src.spec, device, req, world, opts.strategy, cpu)
@@ -156,7 +165,8 @@ def run_multi(opts: RunOptions, saved: dict | None, plan_doc: dict | None, src: 
              f"{train.optim} · {train.compute_dtype}")
         echo(f"      per GPU needs {gib_str(mem.needs_bytes)} GiB of {gib_str(device.spec.memory_bytes)} GiB "
              f"({next((x for x in plan.notes if 'calibrat' in x), 'estimate')})")
-    total_steps = saved["max_steps"] if saved else planned_steps(len(data.examples), world * train.effective_batch,
+    items = training_items(data, packing, opts.padding, plan_seq, echo)
+    total_steps = saved["max_steps"] if saved else planned_steps(items, world * train.effective_batch,
                                                                  opts.epochs, opts.max_steps)
     out = prepare_output(opts)
     config = saved or {
@@ -166,7 +176,7 @@ def run_multi(opts: RunOptions, saved: dict | None, plan_doc: dict | None, src: 
         "warmup": opts.warmup if opts.warmup is not None else DEFAULT_WARMUP,
         "save_steps": opts.save_steps or auto_save_steps(total_steps), "seed": opts.seed,
         "scheduler": opts.scheduler or "cosine",
-        "padding": opts.padding or "longest",
+        "padding": opts.padding or "longest", "packing": packing,
         "num_gpus": n, "num_machines": machines, "machine_rank": opts.machine_rank or 0,
         "main_process_ip": opts.main_process_ip, "main_process_port": opts.main_process_port or 29500,
         "strategy": strategy, "settings": settings, "predicted_per_gpu": predicted,

@@ -272,7 +272,7 @@ def train_rank(job: dict) -> int:
         measured["load_peak_allocated_bytes"] = peak_snapshot(sync=False)["peak_allocated_bytes"]
         measured["after_load_allocated_bytes"] = torch.cuda.memory_allocated()
     model = get_peft_model(model, stack.lora_config(lora, lora.targets))  # run_config holds the resolved names
-    dataset, collator = dataset_and_collator(examples, tokenizer.pad_token_id, config)  # run_multi does not pack yet
+    dataset, collator = dataset_and_collator(examples, tokenizer.pad_token_id, config)  # packed rows when config['packing']
     _, progress_cls = callback_classes()
     progress = progress_cls(collator, cuda, enabled=rank == 0 and job.get("progress", True))
     stop = StopFlag()

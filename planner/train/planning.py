@@ -189,3 +189,40 @@ def plan_file_doc(plan: Plan, spec: ModelSpec, device: Device, plan_json) -> dic
     doc["device"] = {"kind": device.kind, "name": device.name, "total_bytes": device.total_bytes,
                      "free_bytes": device.free_bytes}
     return doc
+
+
+# --------------------------------------------------------------------------- packing (one GPU and several)
+
+def choose_packing(opts: RunOptions, saved: dict | None, examples: list, seq_len: int) -> bool:
+    """--packing/--no-packing, the resumed run's choice, or on by default when some row is shorter than the
+    sequence (rows then fill rows of seq_len tokens); never with --padding max-length."""
+    if saved is not None:
+        return bool(saved.get("packing", False))
+    if opts.packing is not None:
+        return opts.packing
+    return opts.padding != "max-length" and any(len(e) < seq_len for e in examples)
+
+
+def plan_seq_len(examples: list, seq_len: int, packing: bool, padding: str | None) -> int:
+    """The sequence length the memory plan is made for: packed rows are exactly seq_len long; unpacked micro-batches
+    are padded to their longest row, so the worst one is micro-batch x the longest row (not the rounded seq_len);
+    --padding max-length pads every row to seq_len."""
+    if packing or padding == "max-length":
+        return seq_len
+    return min(seq_len, max(len(e) for e in examples))
+
+
+def training_items(data, packing: bool, padding: str | None, plan_seq: int, echo) -> int:
+    """Rows the Trainer iterates over (packed rows, or examples), saying what packing did; with packing the
+    statistics go into data.info["packing"] (run_report.json)."""
+    if not packing:
+        if padding != "max-length":
+            echo(f"no packing: micro-batches are padded to their longest row (at most {plan_seq} tokens)")
+        return len(data.examples)
+    from planner.packing import PackedDataset
+
+    stats = PackedDataset(data.examples, data.seq_len).stats()
+    data.info["packing"] = stats.as_dict()
+    echo(f"packing: {stats.rows} rows into {stats.packed_rows} rows of {stats.seq_len} tokens "
+         f"({stats.fill:.1%} real tokens, the rest padding)")
+    return stats.packed_rows

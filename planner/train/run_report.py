@@ -244,6 +244,7 @@ def multi_report(out: Path, config: dict, ranks: list[dict], device, events: lis
     r0 = next((r for r in ranks if r["rank"] == 0), ranks[0] if ranks else {})
     secs = r0.get("train_seconds") or 0.0
     tokens = sum(r.get("tokens", 0) for r in ranks)
+    padded = sum(r.get("padded_tokens", 0) for r in ranks)
     report = {
         "status": "completed" if completed else "interrupted",
         "model": {"name": config["model_name"], "source": config["model"]},
@@ -256,7 +257,10 @@ def multi_report(out: Path, config: dict, ranks: list[dict], device, events: lis
                    "note": "per rank: torch.cuda.max_memory_allocated/reserved since training (re)started; "
                            "load peak since the process started"},
         "speed": {"tokens_per_s": round(tokens / secs, 1) if secs else 0.0, "train_seconds": round(secs, 2),
-                  "note": "non-padding tokens of all ranks over rank 0's training time"},
+                  "padded_tokens_per_s": round(padded / secs, 1) if secs else 0.0,
+                  "train_tokens": tokens, "train_padded_tokens": padded, "packing": bool(config.get("packing")),
+                  "note": "tokens of all ranks over rank 0's training time; train_tokens: non-padding, "
+                          "train_padded_tokens: computed (padding included)"},
         "steps": {"planned": config["max_steps"], "completed": min((r["steps"] for r in ranks), default=0)},
         "oom_events": events,
         "loss": {"history": r0.get("loss", [])},

@@ -56,11 +56,14 @@ from planner.train.planning import (
     check_against_model,
     check_new_run,
     check_plan_model,
+    choose_packing,
     plan_file_doc,
     plan_lines,
     plan_run,
+    plan_seq_len,
     planned_steps,
     read_plan_file,
+    training_items,
 )
 from planner.train.session import TrainingSession
 from planner.train.source import ModelSource, load_tokenizer, resolve_model
@@ -114,13 +117,8 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
         return run_multi(opts, saved, plan_doc, src, data, echo)
 
     # --- packing: on by default when rows are shorter than the sequence (they fill rows of seq_len tokens)
-    if saved is not None:
-        packing = bool(saved.get("packing", False))
-    elif opts.packing is not None:
-        packing = opts.packing
-    else:
-        packing = opts.padding != "max-length" and any(len(e) < data.seq_len for e in data.examples)
-    plan_seq = plan_seq_len(data, packing, opts.padding)
+    packing = choose_packing(opts, saved, data.examples, data.seq_len)
+    plan_seq = plan_seq_len(data.examples, data.seq_len, packing, opts.padding)
 
     # --- device and plan
     settings = (saved or plan_doc or {}).get("settings", {})
@@ -148,18 +146,7 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print, callbacks: tuple 
     for line in plan_lines(plan, device):
         echo(line)
 
-    if packing:
-        from planner.packing import PackedDataset
-
-        stats = PackedDataset(data.examples, data.seq_len).stats()
-        data.info["packing"] = stats.as_dict()
-        echo(f"packing: {stats.rows} rows into {stats.packed_rows} rows of {stats.seq_len} tokens "
-             f"({stats.fill:.1%} real tokens, the rest padding)")
-        items = stats.packed_rows
-    else:
-        items = len(data.examples)
-        if opts.padding != "max-length":
-            echo(f"no packing: micro-batches are padded to their longest row (at most {plan_seq} tokens)")
+    items = training_items(data, packing, opts.padding, plan_seq, echo)
     total_steps = saved["max_steps"] if saved else planned_steps(items, plan.train.effective_batch, opts.epochs, opts.max_steps)
     save_steps = opts.save_steps or auto_save_steps(total_steps)
     eval_steps = (opts.eval_steps or max(1, total_steps // AUTO_EVAL_POINTS)) if data.eval_examples else None
@@ -213,15 +200,6 @@ def split_eval(examples: list, n: int, seed: int) -> tuple[list, list]:
         return examples, []
     held = set(random.Random(seed).sample(range(len(examples)), n))
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
-
-
-def plan_seq_len(data: PreparedData, packing: bool, padding: str | None) -> int:
-    """The sequence length the memory plan is made for: packed rows are exactly seq_len long; unpacked micro-batches
-    are padded to their longest row, so the worst one is micro-batch x the longest row (not the rounded seq_len);
-    --padding max-length pads every row to seq_len."""
-    if packing or padding == "max-length":
-        return data.seq_len
-    return min(data.seq_len, max(len(e) for e in data.examples))
 
 
 def prepare_data(opts: RunOptions, src: ModelSource, dataset: str, plan_doc: dict | None, echo) -> PreparedData:
