@@ -155,6 +155,7 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
 
 DEFAULT_SWEEP_MODEL = "mistral-7b"  # a common size class, built locally with random weights
 MEMORY_SHARE = 0.4  # of --minutes: the memory sweep (harness, both allocators); the rest times steps
+USER_SWEEP_TIMED_S = 2.0  # each speed configuration timed for about this long: short steps vary 10-20% step to step
 
 
 def calibrate_this_gpu(target_model: str | None, echo=print, minutes: float = 10.0) -> Path:
@@ -195,7 +196,8 @@ def calibrate_this_gpu(target_model: str | None, echo=print, minutes: float = 10
     left = max(60.0, t_end - time.time())
     echo(f"[2/3] speed: timing steps of {target_model or DEFAULT_SWEEP_MODEL} (random weights), at most {left / 60:.1f} min ...")
     subprocess.run([sys.executable, "-m", "planner.train.throughput", "--grid", str(speed_grid), "--out", str(speed_csv),
-                    "--workdir", str(cache / "models"), "--time-limit", str(left - 30)],
+                    "--workdir", str(cache / "models"), "--time-limit", str(left - 30),
+                    "--min-timed-seconds", str(USER_SWEEP_TIMED_S)],
                    env=dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True"), check=True)
     echo("[3/3] fitting what the sweep can identify, each change held out configuration by configuration ...")
     from planner import guard
