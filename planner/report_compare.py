@@ -92,18 +92,26 @@ def _basis(m) -> str:
 
 
 def _load_why(m) -> str:
-    """When FSDP's load phase (the whole 4-bit model + the new shards, measured) sets the peak, say so."""
+    """When FSDP's load phase sets the peak, say so."""
     return ", load phase" if m.peak_phase == "load" else ""
+
+
+def _how(m) -> str:
+    return "FSDP + CPU offload" if m.cpu_offload else "FSDP"
+
+
+def _ram(m) -> str:
+    return f", CPU RAM {gib_str(m.cpu_ram_bytes)} GiB per node"
 
 
 def multi_gpu_str(o: GpuOption) -> str:
     m = o.multi_gpu
     if m is None:
         n_max, top = max(MULTI_GPU_COUNTS), o.multi_gpu_max
-        return (f"Not even {n_max} x {o.gpu.name} with FSDP sharding would fit "
+        return (f"Not even {n_max} x {o.gpu.name} with FSDP sharding and CPU offload would fit "
                 f"({_basis(top)}{gib_str(top.per_gpu_needs_bytes)} GiB per GPU{_load_why(top)})")
-    return (f"{m.count} x {o.gpu.name} with FSDP sharding would fit ({_basis(m)}{gib_str(m.per_gpu_needs_bytes)} GiB "
-            f"per GPU of {gib_str(m.capacity_bytes)} usable; qfit plan --num-gpus {m.count} for the plan)")
+    return (f"{m.count} x {o.gpu.name} with {_how(m)} sharding would fit ({_basis(m)}{gib_str(m.per_gpu_needs_bytes)} GiB "
+            f"per GPU of {gib_str(m.capacity_bytes)} usable{_ram(m)}; qfit plan --num-gpus {m.count} for the plan)")
 
 
 def reason_str(o: GpuOption) -> str:
@@ -122,10 +130,11 @@ def short_reason_str(o: GpuOption) -> str:
     m = o.multi_gpu
     if m is None:
         top = o.multi_gpu_max
-        multi = (f"not even {max(MULTI_GPU_COUNTS)} x {o.gpu.name} with FSDP ({_basis(top)}"
+        multi = (f"not even {max(MULTI_GPU_COUNTS)} x {o.gpu.name} with FSDP + CPU offload ({_basis(top)}"
                  f"{gib_str(top.per_gpu_needs_bytes)} GiB per GPU{_load_why(top)})")
     else:
-        multi = f"{m.count} x {o.gpu.name} with FSDP would fit ({_basis(m)}{gib_str(m.per_gpu_needs_bytes)} GiB per GPU)"
+        multi = (f"{m.count} x {o.gpu.name} with {_how(m)} would fit ({_basis(m)}{gib_str(m.per_gpu_needs_bytes)} GiB "
+                 f"per GPU{_ram(m)})")
     return (f"needs {gib_str(s.memory.needs_bytes)} GiB, the card {gib_str(o.gpu.memory_bytes)} GiB "
             f"({gib_str(s.capacity_bytes)} usable); largest term: {component_labels(s)[term]} "
             f"{gib_str(term_bytes)} GiB; {multi}.")
@@ -144,8 +153,8 @@ def not_fitting_lines(c: Comparison) -> list[str]:
     calibrated = all((o.multi_gpu or o.multi_gpu_max).calibrated for o in rows)
     lines.append(f"  (FSDP{' (calibrated on 2 x H200)' if calibrated else ' estimate'}: 4-bit base, constants, "
                  "bf16/fp16 unquantized weights, LoRA and AdamW state sharded over the GPUs, two gathered layers and "
-                 "the root unit, activations per GPU; every GPU first loads the whole 4-bit model and FSDP's wrap "
-                 "adds its shards (measured). qfit plan MODEL --gpu GPU --num-gpus N gives the full plan.)")
+                 "the root unit, activations per GPU; the model loaded shard by shard (estimate, not measured on GPUs), "
+                 "CPU offload only when no count fits without it. qfit plan MODEL --gpu GPU --num-gpus N gives the full plan.)")
     return lines
 
 
