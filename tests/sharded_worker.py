@@ -3,7 +3,8 @@
 For every checkpoint named on the command line, each rank loads it with the sharded loader (FSDP2 over gloo,
 LoRA r8 on q_proj/v_proj, seed 0), runs one forward and backward on the batch the test wrote, and saves to
 OUT/<tag>-rank<r>.pt: the logits, the loss, the full (all-gathered) LoRA gradients, this rank's local shard
-sizes, and the loader's facts. Not a test module (no test_ prefix).
+sizes, and the loader's facts; then one AdamW step (lr 1e-2) and the loss after it, and rank 0 saves the adapter to
+OUT/<tag>-adapter (save_adapter: only the LoRA weights are gathered). Not a test module (no test_ prefix).
 """
 
 import sys
@@ -15,7 +16,7 @@ def main(out_dir: str, cpu_offload: str, *checkpoints: str) -> None:
     import torch.distributed as dist
     from peft import LoraConfig
 
-    from planner.train.sharded_load import load_sharded
+    from planner.train.sharded_load import load_sharded, save_adapter
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -32,8 +33,15 @@ def main(out_dir: str, cpu_offload: str, *checkpoints: str) -> None:
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         local = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
         trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        # one optimizer step on the sharded LoRA (torch AdamW, as the FSDP recipe), then the loss again
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            after = model(input_ids=ids, labels=ids).loss
+        save_adapter(model, out / f"{tag}-adapter", rank)
         torch.save({"logits": res.logits.detach(), "loss": res.loss.detach(), "grads": grads, "local": local,
-                    "trainable": trainable, "stats": stats, "wrapper": type(model).__name__},
+                    "trainable": trainable, "stats": stats, "wrapper": type(model).__name__, "after_step": after},
                    out / f"{tag}-rank{rank}.pt")
         del model, res
     dist.barrier()

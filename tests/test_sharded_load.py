@@ -168,3 +168,23 @@ def test_two_gloo_processes_match_from_pretrained(checkpoints, tmp_path, cpu_off
         assert [r["local"][q] for r in ranks] == [(2048, 1), (2048, 1)]
         lora_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
         assert [r["local"][lora_a] for r in ranks] == [(4, 128), (4, 128)]
+        # the same AdamW step on the reference gives the same loss after it
+        if tag == "bf16":
+            opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+            opt.step()
+            with torch.no_grad():
+                stepped = ref(input_ids=ids, labels=ids).loss.item()
+            assert stepped < want.loss.item()
+        for got in ranks:
+            assert got["after_step"].item() == pytest.approx(stepped, abs=1e-4)
+        # rank 0 saved one standard PEFT adapter, with the stepped LoRA weights, loadable on the reference
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        adapter = tmp_path / f"{tag}-adapter"
+        assert (adapter / "adapter_config.json").is_file()
+        saved = load_file(adapter / "adapter_model.safetensors")
+        assert len(saved) == 8 and all(v.dtype == torch.float32 for v in saved.values())
+        loaded = PeftModel.from_pretrained(reference(full), str(adapter)).train()
+        with torch.no_grad():
+            assert loaded(input_ids=ids, labels=ids).loss.item() == pytest.approx(stepped, abs=1e-4)

@@ -307,3 +307,23 @@ def _output_weight_name(slots, model) -> str | None:
         if any(m is out for m, _ in holders):
             return name
     return None
+
+
+def gather_adapter(model) -> dict[str, torch.Tensor]:
+    """The LoRA weights whole (FSDP2's DTensor shards all-gathered; every rank must call it), on the CPU, by the
+    model's parameter names. Only the adapter is gathered: never the 4-bit base (Trainer's FULL_STATE_DICT would
+    gather every parameter of the model onto rank 0's CPU)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def save_adapter(model, out_dir: str | os.PathLike, rank: int) -> None:
+    """One standard PEFT adapter (adapter_config.json + adapter_model.safetensors) from rank 0; every rank gathers."""
+    state = gather_adapter(model)
+    if rank == 0:
+        peft_model = getattr(model, "module", model)
+        peft_model.save_pretrained(str(out_dir), state_dict=state)
