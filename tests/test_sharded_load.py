@@ -188,3 +188,38 @@ def test_two_gloo_processes_match_from_pretrained(checkpoints, tmp_path, cpu_off
         loaded = PeftModel.from_pretrained(reference(full), str(adapter)).train()
         with torch.no_grad():
             assert loaded(input_ids=ids, labels=ids).loss.item() == pytest.approx(stepped, abs=1e-4)
+
+
+def test_run_plans_fsdp_with_sharded_loading_and_offload_for_70b_on_two_4090s():
+    """`qfit run --num-gpus 2` plans what `qfit plan --num-gpus 2` shows: for Llama-3.1-70B on RTX 4090s DDP and FSDP
+    without offload do not fit, FSDP with CPU offload and the sharded loader does (the parent's planning, no launch)."""
+    from types import SimpleNamespace
+
+    from planner.multigpu import choose_multi
+    from planner.profiles import load_gpu, load_model
+    from planner.search import Request
+    from planner.train.dist_run import _plan_multi
+
+    spec, gpu = load_model("llama-3.1-70b"), load_gpu("rtx4090")
+    plan, tried = _plan_multi(spec, SimpleNamespace(spec=gpu), Request(), 2, None, cpu=False)
+    assert (plan.strategy, plan.memory.loading, plan.memory.cpu_offload) == ("fsdp", "sharded", True)
+    assert [t.split(":")[0] for t in tried] == ["ddp", "fsdp"]
+    from planner.coefficients import load_coefficients
+
+    assert plan.memory == choose_multi(spec, gpu, Request(), load_coefficients("rtx4090"), 2).best.memory
+    from planner.train.options import RunError
+
+    with pytest.raises(RunError, match="does not fit"):
+        _plan_multi(spec, SimpleNamespace(spec=gpu), Request(), 2, None, cpu=False, loading="full")
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({"num_gpus": 2, "strategy": "ddp", "loading": "full"}, "--loading is FSDP's"),
+    ({"loading": "sharded"}, "--loading needs --num-gpus 2"),
+    ({"num_gpus": 2, "loading": "meta"}, "--loading must be sharded or full"),
+])
+def test_run_loading_option_is_checked(kw, fragment, tmp_path):
+    from planner.train.options import RunError, RunOptions
+
+    with pytest.raises(RunError, match=fragment):
+        RunOptions(output=str(tmp_path / "x"), demo=True, **kw)
