@@ -43,6 +43,19 @@ def checkpoints(tmp_path_factory):
     return full, pre
 
 
+@pytest.fixture(scope="module")
+def prequantized_uint8(checkpoints, tmp_path_factory):
+    """The same model saved by bitsandbytes with its default quant storage (uint8), as most 4-bit checkpoints are."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    full, _ = checkpoints
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    path = tmp_path_factory.mktemp("sharded") / "prequantized-uint8"
+    AutoModelForCausalLM.from_pretrained(str(full), quantization_config=bnb, dtype=torch.bfloat16).save_pretrained(path)
+    return path
+
+
 def reference(path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -87,18 +100,23 @@ def test_packed_shape_is_what_bitsandbytes_writes():
         assert tuple(q.shape) == packed_shape(out_f * in_f, torch.bfloat16)
 
 
-def test_one_process_matches_from_pretrained(checkpoints):
-    """World of one: the same NF4 bits in every Linear4bit, the same logits and loss, for both checkpoint kinds."""
+def test_one_process_matches_from_pretrained(checkpoints, prequantized_uint8):
+    """World of one: the same NF4 bits in every Linear4bit, the same logits and loss, for the bf16 checkpoint and the
+    pre-quantized ones (bf16 and uint8 quant storage)."""
+    from safetensors import safe_open
+
     from planner.train.sharded_load import largest_tensor_bytes, load_sharded
 
     full, pre = checkpoints
+    with safe_open(str(prequantized_uint8 / "model.safetensors"), "pt") as fh:
+        assert fh.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.uint8
     ids = batch()
     ref = reference(full).train()
     with torch.no_grad():
         want = ref(input_ids=ids, labels=ids)
     ref_packed = _packed(ref)
     assert len(ref_packed) == 2 * 7  # 2 layers x 7 linears, lm_head stays bf16
-    for path in (full, pre):
+    for path in (full, pre, prequantized_uint8):
         stats = {}
         model = load_sharded(str(path), None, double_quant=True, stats=stats).train()
         got_packed = _packed(model)
@@ -223,3 +241,24 @@ def test_run_loading_option_is_checked(kw, fragment, tmp_path):
 
     with pytest.raises(RunError, match=fragment):
         RunOptions(output=str(tmp_path / "x"), demo=True, **kw)
+
+
+def test_the_70b_benchmark_builder_writes_what_the_loader_reads(tmp_path):
+    """benchmarks/fsdp_70b.py build, on tiny-llama and the CPU: one file per decoder layer plus an index; its
+    pre-quantized (nf4) checkpoint and its bf16 one load to the same 4-bit model (same logits)."""
+    import importlib.util
+
+    from planner.train.sharded_load import load_sharded, safetensors_files
+
+    spec = importlib.util.spec_from_file_location("fsdp_70b", REPO / "benchmarks" / "fsdp_70b.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    logits = []
+    for fmt in ("nf4", "bf16"):
+        d = tmp_path / fmt
+        assert bench.main(["build", "--dir", str(d), "--model", "tiny-llama", "--device", "cpu", "--format", fmt]) == 0
+        assert len(safetensors_files(d)) == 4  # embedding, 2 layers, norm + lm_head
+        model = load_sharded(str(d), None).train()
+        with torch.no_grad():
+            logits.append(model(input_ids=batch()).logits)
+    assert torch.equal(logits[0], logits[1])

@@ -267,7 +267,8 @@ def load_sharded(path: str, lora_config=None, *, compute_dtype: torch.dtype = to
                     prefix = key + "."
                     qs_keys = [k for k in keys if k.startswith(prefix) and k in quant_parts]
                     if qs_keys:  # a pre-quantized bitsandbytes checkpoint: packed uint8 (or storage-typed) + its state
-                        packed = full.to(device).contiguous().view(torch.uint8).view(compute_dtype)
+                        # stored as uint8 (bitsandbytes' default) or in the storage dtype: the same bytes either way
+                        packed = full.to(device).reshape(-1).view(torch.uint8).view(compute_dtype).reshape(-1, 1)
                         qs = QuantState.from_dict({k[len(prefix):]: fh.get_tensor(k) for k in qs_keys}, device=device)
                     else:
                         packed, qs = quantize(full.to(device), compute_dtype, double_quant)
