@@ -26,7 +26,9 @@ def main(out_dir: str, cpu_offload: str, *checkpoints: str) -> None:
         tag = Path(ckpt).name
         cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
         stats: dict = {}
-        model = load_sharded(ckpt, cfg, double_quant=True, cpu_offload=cpu_offload == "1", stats=stats, lora_seed=0)
+        # checkpointing on in the on-device case (recompute changes no number), off with offload: both paths run
+        model = load_sharded(ckpt, cfg, double_quant=True, cpu_offload=cpu_offload == "1", stats=stats, lora_seed=0,
+                             gradient_checkpointing=cpu_offload == "0")
         model.train()
         res = model(input_ids=ids, labels=ids)
         res.loss.backward()

@@ -186,6 +186,15 @@ def test_two_gloo_processes_match_from_pretrained(checkpoints, tmp_path, cpu_off
         assert [r["local"][q] for r in ranks] == [(2048, 1), (2048, 1)]
         lora_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
         assert [r["local"][lora_a] for r in ranks] == [(4, 128), (4, 128)]
+        # the planner's shard term: each rank holds half of the 4-bit packs (2 values a byte, bf16 storage)
+        from planner.memory import quantized_weights_bytes
+        from planner.multigpu import largest_checkpoint_tensor_bytes
+        from planner.profiles import load_model
+
+        spec = load_model("tiny-llama")
+        packed = [sum(2 * shape[0] for shape in r["local"].values() if len(shape) == 2 and shape[1] == 1) for r in ranks]
+        assert packed[0] == packed[1] and sum(packed) == quantized_weights_bytes(spec)
+        assert all(r["stats"]["largest_read_bytes"] == largest_checkpoint_tensor_bytes(spec) for r in ranks)
         # the same AdamW step on the reference gives the same loss after it
         if tag == "bf16":
             opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)

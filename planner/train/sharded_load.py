@@ -89,7 +89,7 @@ def _is_prequantized(config) -> bool:
     if q is None:
         return False
     q = q if isinstance(q, dict) else q.to_dict()
-    return bool(q.get("load_in_4bit")) or q.get("quant_method") == "bitsandbytes" and q.get("_load_in_4bit", False)
+    return bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
 
 
 def build_meta_model(path: str, compute_dtype: torch.dtype, double_quant: bool):
@@ -186,11 +186,11 @@ def quantize(weight: torch.Tensor, compute_dtype: torch.dtype, double_quant: boo
                            quant_type="nf4", quant_storage=compute_dtype)
 
 
-def lora_full_init(model, seed: int) -> dict[str, torch.Tensor]:
-    """peft's default LoRA init as full fp32 tensors from a seeded generator, by parameter name (sorted, so every rank
-    and a reference model draw the same numbers): lora_A kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), lora_B 0."""
+def iter_lora_full_init(model, seed: int):
+    """peft's default LoRA init as full fp32 tensors from a seeded generator, one at a time, by parameter name (sorted,
+    so every rank and a reference model draw the same numbers): lora_A kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)),
+    lora_B zeros. One tensor at a time: a rank never holds the whole adapter unsharded."""
     gen = torch.Generator().manual_seed(seed)
-    out = {}
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if "lora_" not in name:
             continue
@@ -198,14 +198,18 @@ def lora_full_init(model, seed: int) -> dict[str, torch.Tensor]:
         if ".lora_A." in name:
             bound = 1 / math.sqrt(p.shape[1])
             full.uniform_(-bound, bound, generator=gen)
-        out[name] = full
-    return out
+        yield name, full
+
+
+def lora_full_init(model, seed: int) -> dict[str, torch.Tensor]:
+    """iter_lora_full_init as a dict (for a reference model, which holds its adapter whole anyway)."""
+    return dict(iter_lora_full_init(model, seed))
 
 
 def _init_lora(model, rank: int, world: int, device, seed: int) -> None:
-    """Every rank computes the same full LoRA tensors (lora_full_init) and keeps its chunk: no broadcast needed."""
+    """Every rank computes the same full LoRA tensors (iter_lora_full_init) and keeps its chunk: no broadcast needed."""
     modules = dict(model.named_modules())
-    for name, full in lora_full_init(model, seed).items():
+    for name, full in iter_lora_full_init(model, seed):
         mname, _, pname = name.rpartition(".")
         module = modules[mname]
         like = getattr(module, pname)
