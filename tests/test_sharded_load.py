@@ -271,3 +271,33 @@ def test_the_70b_benchmark_builder_writes_what_the_loader_reads(tmp_path):
         with torch.no_grad():
             logits.append(model(input_ids=batch()).logits)
     assert torch.equal(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("store_lm_head", [False, True], ids=["embedding-only", "both-names"])
+def test_tied_embeddings_load_as_one_parameter(tmp_path, store_lm_head):
+    """tie_word_embeddings (Qwen2.5-0.5B, Gemma): the checkpoint stores the embedding (and sometimes the lm_head under
+    its own name too); the loaded model keeps one shared parameter and matches from_pretrained."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from planner import demo
+    from planner.train import stack
+    from planner.train.sharded_load import load_sharded
+
+    torch.manual_seed(0)
+    cfg = stack.hf_config({**demo.profile_config(), "tie_word_embeddings": True})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    model.save_pretrained(tmp_path)
+    if store_lm_head:
+        tensors = load_file(tmp_path / "model.safetensors")
+        assert "lm_head.weight" not in tensors
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    got = load_sharded(str(tmp_path), None).train()
+    assert got.lm_head.weight is got.model.embed_tokens.weight
+    ids = batch()
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=ids).logits, reference(tmp_path).train()(input_ids=ids).logits)

@@ -95,7 +95,7 @@ def _is_prequantized(config) -> bool:
 def build_meta_model(path: str, compute_dtype: torch.dtype, double_quant: bool):
     """The causal LM from its config: parameters on meta, buffers real; Linear4bit in place of quantized linears.
 
-    Returns (model, config, quantized names): the checkpoint keys of the 4-bit weights."""
+    Returns (model, config, the checkpoint keys of the 4-bit weights, double_quant: a pre-quantized checkpoint's own)."""
     import bitsandbytes as bnb
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -108,6 +108,7 @@ def build_meta_model(path: str, compute_dtype: torch.dtype, double_quant: bool):
     config.use_cache = False
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    model.tie_weights()  # under init_empty_weights from_config leaves tied embeddings as two parameters
     skip = {id(model.get_output_embeddings())}
     quantized = []
     for name, module in list(model.named_modules()):
@@ -142,17 +143,17 @@ def decoder_layers(model) -> list[nn.Module]:
 
 
 def _param_slots(model) -> dict[str, list[tuple[nn.Module, str]]]:
-    """checkpoint name -> every (module, attribute) holding that parameter (tied weights share one)."""
+    """checkpoint name -> every (module, attribute) holding that parameter. Tied weights share one list, under each of
+    their names (a checkpoint may store the embedding, the lm_head, or both)."""
     by_id: dict[int, list[tuple[nn.Module, str]]] = {}
-    names: dict[int, str] = {}
+    out: dict[str, list[tuple[nn.Module, str]]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
-            key = id(p)
-            by_id.setdefault(key, [])
-            if (module, pname) not in by_id[key]:
-                by_id[key].append((module, pname))
-            names.setdefault(key, f"{mname}.{pname}" if mname else pname)
-    return {names[k]: v for k, v in by_id.items()}
+            holders = by_id.setdefault(id(p), [])
+            if not any(m is module and a == pname for m, a in holders):
+                holders.append((module, pname))
+            out[f"{mname}.{pname}" if mname else pname] = holders
+    return out
 
 
 def _local_chunk(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -286,10 +287,8 @@ def load_sharded(path: str, lora_config=None, *, compute_dtype: torch.dtype = to
                     local = _local_chunk(full.to(compute_dtype), rank, world).to(shard_device)
                 del full
                 _set_sharded(slots[key], like, local, requires_grad=False)
-                seen.add(key)
-    missing = [k for k in slots if k not in seen and "lora_" not in k]
-    tied = getattr(config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k == _output_weight_name(slots, model))]
+                seen.add(id(slots[key]))
+    missing = [k for k, holders in slots.items() if id(holders) not in seen]
     if missing:
         raise ShardedLoadError(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
     if lora_config is not None:
@@ -304,14 +303,6 @@ def load_sharded(path: str, lora_config=None, *, compute_dtype: torch.dtype = to
         if device.type == "cuda":
             stats["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return model
-
-
-def _output_weight_name(slots, model) -> str | None:
-    out = model.get_output_embeddings()
-    for name, holders in slots.items():
-        if any(m is out for m, _ in holders):
-            return name
-    return None
 
 
 def gather_adapter(model) -> dict[str, torch.Tensor]:
