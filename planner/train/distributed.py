@@ -136,7 +136,7 @@ def measure_one(job: dict, cfg: dict, env: dict, outdir: str) -> dict:
     row["run_id"] = (f"{strategy}{world}|{job['model']}|{train.compute_dtype}|dq{int(train.double_quant)}|"
                      f"b{train.batch_size}x{train.grad_accum}|s{train.seq_len}|ckpt{int(train.gradient_checkpointing)}|"
                      f"r{lora.rank}|{cfg['targets']}|{train.optim}|{env['alloc_conf'] or 'default'}|cap{row['budget_bytes']}"
-                     + ("|ramload" if cfg.get("ram_efficient") else ""))
+                     + ("|ramload" if cfg.get("ram_efficient") else "") + ("|sharded" if cfg.get("loading") == "sharded" else ""))
     if cuda:
         total = torch.cuda.get_device_properties(local_rank).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, row["budget_bytes"] / total) if row["budget_bytes"] else 1.0,
@@ -144,19 +144,30 @@ def measure_one(job: dict, cfg: dict, env: dict, outdir: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model = trainer = None
     try:
-        model = load_for_strategy(job["model_path"], strategy, train.compute_dtype, train.double_quant, local_rank,
-                                  train.gradient_checkpointing)
+        sharded = strategy == "fsdp" and cfg.get("loading") == "sharded"
+        if sharded:  # planner.train.sharded_load: LoRA added and the model under fully_shard before the weights stream in
+            from planner.train.sharded_load import load_sharded
+
+            model = load_sharded(job["model_path"], stack.lora_config(lora, resolve_targets(spec, lora.targets)),
+                                 compute_dtype=stack.TORCH_DTYPES[train.compute_dtype], double_quant=train.double_quant,
+                                 gradient_checkpointing=train.gradient_checkpointing)
+        else:
+            model = load_for_strategy(job["model_path"], strategy, train.compute_dtype, train.double_quant, local_rank,
+                                      train.gradient_checkpointing)
         if cuda:
             row["load_peak_allocated_bytes"] = peak_snapshot(sync=False)["peak_allocated_bytes"]
             row["after_load_allocated_bytes"] = torch.cuda.memory_allocated()
-        model = get_peft_model(model, stack.lora_config(lora, resolve_targets(spec, lora.targets)))
+        if not sharded:
+            model = get_peft_model(model, stack.lora_config(lora, resolve_targets(spec, lora.targets)))
         if cuda:
             row["after_wrap_allocated_bytes"] = torch.cuda.memory_allocated()
         steps = int(job.get("steps", 2))
         ds = stack.FixedLengthDataset(train.batch_size * train.grad_accum * steps * world, train.seq_len,
                                       spec.vocab_size, seed=rank)
         timer = stack.StepTimer()
-        args = training_args(outdir, train, strategy, max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant")
+        # the sharded loader turned checkpointing on before fully_shard: the Trainer must not wrap the layers again
+        args = training_args(outdir, replace(train, gradient_checkpointing=False) if sharded else train, strategy,
+                             max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant")
         trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer])
         if cuda:
             torch.cuda.synchronize()
