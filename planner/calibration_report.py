@@ -512,7 +512,9 @@ def multigpu_section(coeffs) -> list[str]:
         st = rep["planned"]
         lora, train = settings_from_dict(st)
         model = load_model("mistral-7b" if rep["model"]["name"].startswith("mistral-7b") else rep["model"]["name"])
-        now = peak_allocated_per_gpu(per_gpu(rep["strategy"], model, lora, train, coeffs, rep["num_gpus"]))
+        # the loading the run used: runs before --loading sharded loaded the whole model first ("full")
+        how = {"loading": pred.get("loading", "full")} if rep["strategy"] == "fsdp" else {}
+        now = peak_allocated_per_gpu(per_gpu(rep["strategy"], model, lora, train, coeffs, rep["num_gpus"], **how))
         meas0 = rep["memory"]["measured_per_rank"][0]["peak_allocated_bytes"]
         ranks = ", ".join(f"rank {r['rank']} {gib_str(r['peak_allocated_bytes'])} GiB" for r in rep["memory"]["measured_per_rank"])
         lines.append("")

@@ -157,7 +157,7 @@ def plan_options(f):
 @click.option("--cpu-offload/--no-cpu-offload", default=None,
               help="FSDP: keep parameter, gradient and optimizer shards in CPU memory (default: only if nothing fits without). Less GPU memory, much slower.")
 @click.option("--loading", type=click.Choice(LOADINGS),
-              help="FSDP load: full (default, as measured: every rank loads the whole 4-bit model before FSDP shards it); rank0_cpu is refused with the measurement that rules it out for 4-bit models.")
+              help="FSDP load: sharded (default: built on meta, sharded, the checkpoint streamed tensor by tensor; estimate); full (measured: every rank loads the whole 4-bit model before FSDP shards it); rank0_cpu is refused with the measurement that rules it out for 4-bit models.")
 def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, export, exact, num_gpus, strategy, cpu_offload, loading, **knobs):
     """Plan a QLoRA fine-tune: peak memory by named term, and the fastest settings that fit.
 

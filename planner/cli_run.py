@@ -128,6 +128,10 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
 @click.option("--strategy", type=click.Choice(("ddp", "fsdp")),
               help="With --num-gpus: ddp (every GPU holds the whole 4-bit model; fastest) or fsdp (the model is "
                    "sharded; for models one GPU cannot hold). Default: ddp when it fits. Example: --strategy fsdp")
+@click.option("--loading", type=click.Choice(("sharded", "full")),
+              help="FSDP's load: sharded (default: built on meta, sharded, the checkpoint streamed tensor by tensor and "
+                   "quantized per rank; never the whole model on a GPU) or full (transformers loads the whole 4-bit model "
+                   "on every GPU, then FSDP shards it). Example: --loading full")
 @click.option("--num-machines", type=click.IntRange(min=1), metavar="N",
               help="Nodes in a multi-node run; run the same command on each with its own --machine-rank. "
                    "Example: --num-machines 2 --machine-rank 0 --main-process-ip 10.0.0.1")
@@ -146,7 +150,7 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
 def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, seq_len, effective_batch, batch_size,
             plan_path, rank, alpha, lora_dropout, targets, gradient_checkpointing, uncheckpointed_layers, optim, compute_dtype, fmt,
             save_steps, learning_rate, warmup, scheduler, seed, report_to, eval_dataset, eval_fraction, eval_steps,
-            sample_prompt, padding, packing, optimize, num_gpus, strategy, num_machines, machine_rank, main_process_ip,
+            sample_prompt, padding, packing, optimize, num_gpus, strategy, loading, num_machines, machine_rank, main_process_ip,
             main_process_port, gpu, as_json, dry_run):
     """Fine-tune with QLoRA using the planned settings; an out-of-memory error never loses progress.
 
@@ -188,7 +192,7 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
             eval_fraction=eval_fraction, eval_steps=eval_steps, sample_prompt=sample_prompt,
             **({"seed": seed} if seed is not None else {}),
             packing=packing, optimize=optimize,
-            num_gpus=num_gpus, strategy=strategy, num_machines=num_machines, machine_rank=machine_rank,
+            num_gpus=num_gpus, strategy=strategy, loading=loading, num_machines=num_machines, machine_rank=machine_rank,
             main_process_ip=main_process_ip, main_process_port=main_process_port, dry_run=dry_run)
         result = runner.run(opts, echo=echo)
     except runner.RunError as exc:  # a QfitError once planner.train.runner subclasses it; one line either way

@@ -25,7 +25,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from planner.errors import QfitError
-from planner.multigpu import FSDP_OPTIM, FsdpMemory, MultiPlan, choose_multi, fewest_gpus, fsdp_per_gpu, multigpu_calibrated
+from planner.multigpu import (
+    DEFAULT_LOADING,
+    FSDP_OPTIM,
+    FsdpMemory,
+    MultiPlan,
+    choose_multi,
+    fewest_gpus,
+    fsdp_per_gpu,
+    multigpu_calibrated,
+)
 from planner.search import Request, SearchResult, search, smallest
 from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
 
@@ -162,7 +171,8 @@ class MultiGpuEstimate:
     The numbers come from planner.multigpu.fsdp_per_gpu (the single source of the FSDP model; see
     its docstring for the facts modelled), for the smallest single-GPU configuration's LoRA and
     batch settings with the optimizer switched to adamw_torch (bitsandbytes' optimizers do not
-    work under FSDP2), every rank loading the whole 4-bit model (FSDP_LOADING, as measured).
+    work under FSDP2), loaded shard by shard (FSDP_LOADING = "sharded", planner.train.sharded_load; an estimate),
+    with CPU offload when no count fits without it (cpu_offload; cpu_ram_bytes is then the node's host memory).
     The training phase reads
       training_needs = shard + replicated + gathered_layer, where
       shard          = this GPU's 1/N of the 4-bit base, constants, compute-dtype unquantized
@@ -170,9 +180,8 @@ class MultiGpuEstimate:
       gathered_layer = two decoder layers all-gathered (current + prefetch) and the root unit
                        (embeddings, lm_head, final norm) in the compute dtype;
       replicated     = per-rank activations, logits, allocator slack, FSDP margin, CUDA context, NCCL buffers.
-    per_gpu_needs_bytes is the max of that and the load phase (memory.load_needs_bytes: the whole 4-bit
-    model and LoRA plus their 1/N shards, measured at FSDP's wrap), which often sets the peak: then more
-    GPUs help little. calibrated: the coefficients carry the 2 x H200 multi-GPU calibration.
+    per_gpu_needs_bytes is the max of that and the load phase (memory.load_needs_bytes: the rank's shards, the
+    whole quant_state and one tensor being quantized). calibrated: the coefficients carry the 2 x H200 multi-GPU calibration.
     Communication time and the speed of a sharded run are not modelled.
     """
 
@@ -190,21 +199,30 @@ class MultiGpuEstimate:
     def peak_phase(self) -> str:
         return self.memory.peak_phase
 
+    @property
+    def cpu_offload(self) -> bool:
+        return self.memory.cpu_offload
 
-# Measured on 2 x H200: every rank loads the whole 4-bit model; accelerate's fsdp_cpu_ram_efficient_loading
-# ("rank0_cpu") does not change that for a bitsandbytes model, and planner.multigpu refuses it.
-FSDP_LOADING = "full"
+    @property
+    def cpu_ram_bytes(self) -> int:
+        """Host memory of the node (planner.multigpu.CpuRam): offloaded shards and the loaders' read buffers."""
+        return self.memory.cpu_ram.total_bytes
 
 
-def fsdp_per_gpu_bytes(plan: Plan, count: int, coeffs: Coefficients) -> MultiGpuEstimate:
+# what `qfit plan --num-gpus` and `qfit run --strategy fsdp` do: the sharded loader (planner.train.sharded_load). The
+# measured whole-model-first load ("full") stays in `qfit plan --loading full`; "rank0_cpu" is refused there.
+FSDP_LOADING = DEFAULT_LOADING
+
+
+def fsdp_per_gpu_bytes(plan: Plan, count: int, coeffs: Coefficients, cpu_offload: bool = False) -> MultiGpuEstimate:
     """The per-GPU memory above for one plan (normally the smallest single-GPU configuration)."""
     train = replace(plan.train, optim=FSDP_OPTIM)
-    mem = fsdp_per_gpu(plan.model, plan.lora, train, coeffs, count, loading=FSDP_LOADING)
+    mem = fsdp_per_gpu(plan.model, plan.lora, train, coeffs, count, cpu_offload=cpu_offload, loading=FSDP_LOADING)
     shard_fields = ("quantized_weights", "quant_constants", "unquantized_weights", "lora_params", "lora_grads",
                     "optimizer_state")
     shard = sum(getattr(mem, f) for f in shard_fields)
     whole = fsdp_per_gpu(plan.model, plan.lora, train, coeffs, 1, loading=FSDP_LOADING)
-    sharded = sum(getattr(whole, f) for f in shard_fields)
+    sharded = sum(getattr(whole, f) for f in shard_fields if f != "quant_constants" or FSDP_LOADING != "sharded")
     gathered = mem.gathered_layers + mem.gathered_root
     replicated = mem.training_needs_bytes - shard - gathered
     return MultiGpuEstimate(count=count, per_gpu_needs_bytes=mem.needs_bytes, sharded_bytes=sharded,
@@ -213,12 +231,12 @@ def fsdp_per_gpu_bytes(plan: Plan, count: int, coeffs: Coefficients) -> MultiGpu
 
 
 def smallest_multi_gpu(plan: Plan, req: Request, coeffs: Coefficients) -> MultiGpuEstimate | None:
-    """The fewest GPUs (2..8) of plan.gpu on which FSDP without CPU offload fits (planner.multigpu.fewest_gpus,
-    the one count search `qfit plan` uses too), with the per-GPU memory of `plan` (the smallest single-GPU
-    configuration of `req`) on that many; None if even 8 do not fit."""
-    found = fewest_gpus(plan.model, plan.gpu, req, coeffs, strategy="fsdp", cpu_offload=False,
+    """The fewest GPUs (2..8) of plan.gpu on which FSDP fits, without CPU offload first, then with it
+    (planner.multigpu.fewest_gpus, the one count search `qfit plan` uses too), with the per-GPU memory of `plan` (the
+    smallest single-GPU configuration of `req`) on that many; None if even 8 do not fit."""
+    found = fewest_gpus(plan.model, plan.gpu, req, coeffs, strategy="fsdp", cpu_offload=None,
                         loading=FSDP_LOADING, start=min(MULTI_GPU_COUNTS), max_n=max(MULTI_GPU_COUNTS))
-    return None if found is None else fsdp_per_gpu_bytes(plan, found[0], coeffs)
+    return None if found is None else fsdp_per_gpu_bytes(plan, found[0], coeffs, cpu_offload=found[2])
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -341,6 +359,10 @@ def _multi_row(model: ModelSpec, gpu: GpuSpec, workload: Workload, request: Requ
     choice = choose_multi(model, gpu, request, coeffs, n)
     best = choice.best
     small = min(choice.plans, key=lambda p: p.memory.needs_bytes)
+    if best is None and choice.strategy == "fsdp" and not choice.cpu_offload and request.optim in (None, FSDP_OPTIM):
+        # nothing fits: say what the least memory would need, CPU offload included
+        offloaded = choose_multi(model, gpu, request, coeffs, n, "fsdp", cpu_offload=True)
+        small = min((small, *offloaded.plans), key=lambda p: p.memory.needs_bytes)
     price = prices.get(gpu.name, gpu.price_usd_per_hour)
     row = GpuOption(gpu=gpu, plan=best, smallest=small, price_usd_per_hour=price, price_given=gpu.name in prices,
                     speed_basis=speed_basis(gpu, calibrated_on), speed_error_pct=err, hours=None, cost_usd=None,
@@ -397,7 +419,7 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
             speed_basis=speed_basis(gpu, calibrated_on), speed_error_pct=err, hours=hours,
             cost_usd=cost_usd(hours, price) if best else None,
             multi_gpu=None if best else smallest_multi_gpu(small, request, coeffs),
-            multi_gpu_max=None if best else fsdp_per_gpu_bytes(small, max(MULTI_GPU_COUNTS), coeffs),
+            multi_gpu_max=None if best else fsdp_per_gpu_bytes(small, max(MULTI_GPU_COUNTS), coeffs, cpu_offload=True),
             notes=res.notes,
         ))
 

@@ -162,9 +162,15 @@ def exact_document(res, breakdown, traced_uncheckpointed_layers: int | None = No
 # --------------------------------------------------------------------------- qfit plan --num-gpus N --json
 
 MULTI_PLAN_KEYS = ("model", "gpu", "num_gpus", "strategy", "strategy_reason", "cpu_offload", "loading", "settings",
-                   "global_batch", "params", "per_gpu", "peak_phase", "fits", "tokens_per_s_per_gpu", "calibration",
+                   "global_batch", "params", "per_gpu", "load_phase", "cpu_ram_per_node", "peak_phase", "fits", "tokens_per_s_per_gpu", "calibration",
                    "calibrated", "notes", "alternatives", "reasons", "advice")
 MULTI_ALTERNATIVE_KEYS = ("settings", "global_batch", "needs_bytes", "tokens_per_s_per_gpu", "fits")
+# load_phase (FSDP; null under DDP): f"{term}_bytes" for the loading's named terms (planner.multigpu.fsdp_per_gpu)
+LOAD_PHASE_KEYS = {"sharded": ("shards_bytes", "quant_state_bytes", "one_tensor_bytes"),
+                   "full": ("whole_model_bytes", "shards_bytes")}
+# cpu_ram_per_node (FSDP; null under DDP): planner.multigpu.CpuRam's terms, then the total
+CPU_RAM_KEYS = ("offloaded_params_bytes", "offloaded_grads_bytes", "offloaded_optimizer_bytes", "read_buffers_bytes",
+                "total_bytes")
 # per_gpu: f"{row}_bytes" for every memory row of the strategy (planner.report.multi_components), then these
 PER_GPU_TAIL_KEYS = {"ddp": ("peak_allocated_bytes", "single_gpu_needs_bytes", "needs_bytes", "gpu_capacity_bytes",
                              "usable_bytes"),
@@ -225,6 +231,9 @@ def multi_plan_document(choice, model, coeffs, advice=None) -> dict:
         "global_batch": best.global_batch,
         "params": _params(model, best.lora),
         "per_gpu": per_gpu,
+        "load_phase": ({f"{k}_bytes": v for k, v in mem.load_terms} if choice.strategy == "fsdp" else None),
+        "cpu_ram_per_node": ({**{f"{k}_bytes": v for k, v in mem.cpu_ram.components().items()},
+                              "total_bytes": mem.cpu_ram.total_bytes} if choice.strategy == "fsdp" else None),
         "peak_phase": peak_phase,
         "fits": choice.best is not None,
         "tokens_per_s_per_gpu": _speed(best.tokens_per_s_per_gpu),
@@ -245,7 +254,8 @@ COMPARE_OPTION_KEYS = ("gpu", "display_name", "fits", "settings", "peak_reserved
                        "pareto", "memory_basis", "reason", "smallest", "multi_gpu", "num_gpus", "strategy", "notes")
 COMPARE_SMALLEST_KEYS = ("settings", "needs_bytes", "largest_term", "largest_term_bytes")  # null when it fits
 COMPARE_MULTI_GPU_KEYS = ("count", "per_gpu_needs_bytes", "sharded_bytes", "shard_bytes", "replicated_bytes",
-                          "gathered_layer_bytes", "capacity_bytes", "peak_phase", "basis")  # null when it fits
+                          "gathered_layer_bytes", "capacity_bytes", "peak_phase", "loading", "cpu_offload",
+                          "cpu_ram_bytes", "basis")  # null when it fits
 
 
 def compare_option_document(o, c) -> dict:
@@ -291,7 +301,8 @@ def compare_option_document(o, c) -> dict:
         d["multi_gpu"] = {
             "count": m.count, "per_gpu_needs_bytes": m.per_gpu_needs_bytes, "sharded_bytes": m.sharded_bytes,
             "shard_bytes": m.shard_bytes, "replicated_bytes": m.replicated_bytes, "gathered_layer_bytes": m.gathered_layer_bytes,
-            "capacity_bytes": m.capacity_bytes, "peak_phase": m.peak_phase,
+            "capacity_bytes": m.capacity_bytes, "peak_phase": m.peak_phase, "loading": m.memory.loading,
+            "cpu_offload": m.cpu_offload, "cpu_ram_bytes": m.cpu_ram_bytes,
             "basis": ("FSDP-sharded 4-bit base, calibrated on 2 x H200" if m.calibrated
                       else "estimate: FSDP-sharded 4-bit base, not calibrated on multi-GPU runs"),
         }

@@ -8,7 +8,11 @@ term is an unmeasured assumption and every number here is an estimate (the notes
 - ddp_per_gpu: every rank holds the whole single-GPU breakdown (planner.memory.estimate) plus DDP's
   gradient buckets plus NCCL's buffers.
 - fsdp_per_gpu: the FSDP-QLoRA recipe (4-bit base sharded 1/N, bnb_4bit_quant_storage = compute
-  dtype, no fp32 upcast), with a load phase and a training phase; see its docstring.
+  dtype, no fp32 upcast), with a load phase and a training phase; see its docstring. Two loadings:
+  "sharded" (planner.train.sharded_load: built on meta, sharded, the checkpoint streamed tensor by tensor;
+  the default, an estimate not yet measured on GPUs) and "full" (transformers loads the whole 4-bit model on
+  every rank, then FSDP shards it; measured on 2 x H200).
+- cpu_ram_per_node: the host memory one node needs (offloaded shards, pinned; the loaders' read buffers).
 - plan_multi / best_multi: planner.search's candidates and ranking order, per rank.
 - choose_multi: `qfit plan --num-gpus N`'s choice of DDP or FSDP (and CPU offload), as a MultiChoice.
 - fewest_gpus: the one "how many of these GPUs" search (`qfit plan` advice and `qfit compare`).
@@ -20,7 +24,9 @@ from dataclasses import dataclass, replace
 
 from planner.errors import QfitError
 from planner.memory import (
+    DQ_BLOCKSIZE,
     FP32,
+    NF4_BLOCKSIZE,
     alloc,
     allocator_reserve_bytes,
     cuda_context_bytes,
@@ -49,7 +55,9 @@ from planner.speed import tokens_per_second
 from planner.units import DTYPE_BYTES, MiB
 
 STRATEGIES = ("ddp", "fsdp")
-LOADINGS = ("full", "rank0_cpu")
+LOADINGS = ("sharded", "full", "rank0_cpu")
+DEFAULT_LOADING = "sharded"  # what `qfit plan --num-gpus` and `qfit run --num-gpus --strategy fsdp` use unless --loading
+CHECKPOINT_DTYPE = "bf16"  # the planner's assumption for the checkpoint's full-precision tensors (Llama, Mistral, Qwen ship bf16)
 # torch/nn/parallel/distributed.py: DistributedDataParallel(bucket_cap_mb=25); the first bucket is
 # capped at 1 MiB (dist._DEFAULT_FIRST_BUCKET_BYTES).
 DDP_BUCKET_CAP_BYTES = 25 * MiB
@@ -65,6 +73,11 @@ FSDP_OPTIM_REASON = ("bitsandbytes' 32-bit, 8-bit and paged optimizers do not wo
 ESTIMATE_NOTE = "estimate: multi-GPU memory is not calibrated (single-GPU coefficients reused per rank)"
 CALIBRATED_NOTE = ("multi-GPU memory calibrated on 2 x H200 (calibration/multigpu): NCCL buffers measured, "
                    "FSDP with its measured margin; see calibration/REPORT.md for the per-rank errors")
+SHARDED_NOTE = ("load phase (--loading sharded, planner.train.sharded_load): built on the meta device, sharded, then the "
+                "checkpoint streamed one tensor at a time, each rank quantizing it and keeping its 1/N chunk; estimate, "
+                "not yet measured on GPUs (checked on the CPU: same logits as from_pretrained)")
+FULL_NOTE = ("load phase (--loading full): every rank loads the whole 4-bit model, and FSDP's wrap holds it beside the "
+             "new shards (measured: whole + 1/N at the wrap)")
 RANK0_CPU_MEASURED = ("--loading rank0_cpu is not what happens to a 4-bit model: measured on 2 x H200 (transformers 5.17, "
                       "accelerate 1.15), fsdp_cpu_ram_efficient_loading left each rank's load peak unchanged (Mistral-7B: "
                       "3.94 GiB on both ranks either way), because transformers loads a bitsandbytes-quantized checkpoint "
@@ -178,6 +191,8 @@ class FsdpMemory:
     needs_bytes: int
     cpu_offload: bool = False
     loading: str = "full"
+    load_terms: tuple[tuple[str, int], ...] = ()  # the load phase's named allocated terms (they sum to load_allocated)
+    cpu_ram: CpuRam | None = None  # host memory of the node (all n ranks)
     notes: tuple[str, ...] = ()
 
     ALLOCATED_FIELDS = (
@@ -196,6 +211,70 @@ class FsdpMemory:
 
 def _shard(total: int, n: int) -> int:
     return -(-total // n)
+
+
+@dataclass(frozen=True, slots=True)
+class CpuRam:
+    """Host memory one node needs for an FSDP run of n ranks on it, beyond each process's own baseline. Bytes (int).
+
+    Not counted: the page cache of the memory-mapped checkpoint (safetensors safe_open; the kernel reclaims it) and
+    each Python process's baseline (interpreter, torch, CUDA host allocations: not modelled)."""
+
+    offloaded_params: int  # CPUOffloadPolicy: every rank's parameter shards, pinned (4-bit base, unquantized, LoRA)
+    offloaded_grads: int  # the LoRA gradient shards (fp32), pinned
+    offloaded_optimizer: int  # AdamW's two fp32 moments of the LoRA shards (the optimizer steps on the CPU)
+    read_buffers: int  # every rank reads one checkpoint tensor whole into CPU memory at a time: n x the largest
+
+    FIELDS = ("offloaded_params", "offloaded_grads", "offloaded_optimizer", "read_buffers")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(getattr(self, f) for f in self.FIELDS)
+
+    def components(self) -> dict[str, int]:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+def largest_checkpoint_tensor_bytes(model: ModelSpec) -> int:
+    """The largest tensor of a full-precision checkpoint, CHECKPOINT_DTYPE (bf16) assumed: the embedding, the lm_head
+    or the largest decoder linear (Llama-3.1-70B: the 128,256 x 8,192 embedding, 2.0 GiB)."""
+    largest = max([model.embed_params, model.lm_head_params] + [lin.weight_count for lin in model.layer_linears])
+    return DTYPE_BYTES[CHECKPOINT_DTYPE] * largest
+
+
+def nf4_pack_bytes(weight_count: int, double_quant: bool) -> tuple[int, int]:
+    """(packed NF4 weight, its quant_state) of one tensor as bitsandbytes.functional.quantize_4bit allocates them:
+    two values a byte; one fp32 absmax a 64-block, which double quant turns into uint8 + one fp32 absmax a 256-block."""
+    blocks = -(-weight_count // NF4_BLOCKSIZE)
+    packed = alloc(-(-weight_count // 2))
+    if double_quant:
+        return packed, alloc(blocks) + alloc(FP32 * -(-blocks // DQ_BLOCKSIZE)) + alloc(FP32 * blocks)
+    return packed, alloc(FP32 * blocks)
+
+
+def sharded_load_transient_bytes(model: ModelSpec, train: TrainSettings, n: int) -> int:
+    """The largest one-tensor transient of the sharded loader on a GPU (planner.train.sharded_load): the decoder linear
+    read whole in the compute dtype, its NF4 pack and quant_state (with double quant the fp32 absmax exists until it
+    is quantized, so all three count), and the rank's 1/n chunk copied out of the pack before the rest is freed.
+    Unquantized tensors (embeddings, lm_head, norms) are chunked on the CPU: only their shard reaches the GPU."""
+    best = 0
+    for lin in model.layer_linears:
+        k = lin.weight_count
+        packed, state = nf4_pack_bytes(k, train.double_quant)
+        best = max(best, alloc(DTYPE_BYTES[train.compute_dtype] * k) + packed + state + alloc(_shard(-(-k // 2), n)))
+    return best
+
+
+def cpu_ram_per_node(model: ModelSpec, lora: LoraSettings, train: TrainSettings, n: int, cpu_offload: bool) -> CpuRam:
+    """CPU RAM of one node with n ranks: CPUOffloadPolicy's shards of all n ranks (together the whole 4-bit model, the
+    unquantized weights in the compute dtype, the LoRA weights, gradients and AdamW moments in fp32), and each rank's
+    read buffer (the loader reads one checkpoint tensor whole before keeping its chunk)."""
+    numels = _numels(model, lora)
+    lora_fp32 = sum(FP32 * k for k in numels)
+    offload = 1 if cpu_offload else 0
+    params = quantized_weights_bytes(model) + fsdp_unquantized_bytes(model, train) + lora_fp32
+    return CpuRam(offloaded_params=offload * params, offloaded_grads=offload * lora_fp32,
+                  offloaded_optimizer=offload * 2 * lora_fp32, read_buffers=n * largest_checkpoint_tensor_bytes(model))
 
 
 def fsdp_unquantized_bytes(model: ModelSpec, train: TrainSettings) -> int:
@@ -241,6 +320,11 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
        weights + LoRA) + their 1/N shards. loading="rank0_cpu" (accelerate's
        fsdp_cpu_ram_efficient_loading) raises ValueError(RANK0_CPU_MEASURED): measured, it does not
        lower the load peak of a bitsandbytes 4-bit model (transformers loads it whole on every rank).
+       loading="sharded" (planner.train.sharded_load; an estimate, not measured on GPUs): the model is built on the
+       meta device and sharded first, then the checkpoint is streamed one tensor at a time, so the load peak is the
+       rank's shards (none on the GPU with cpu_offload) + the whole quant_state (kept on every rank: the all-gathered
+       weight is dequantized with it) + one tensor's transient (sharded_load_transient_bytes). In training, too, the
+       quant_state is whole on every rank (quant_constants = the whole model's, not 1/N).
     7. bitsandbytes' 32-bit, 8-bit and paged optimizers do not work under FSDP2: only adamw_torch
        (ValueError otherwise, with the reason).
     8. NCCL buffers outside the allocator (nccl_buffer_bytes), counted in both phases (the
@@ -264,9 +348,10 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
     c_full = quant_constants_bytes(model, train.double_quant)
     u_full = fsdp_unquantized_bytes(model, train)
     on_gpu = 0 if cpu_offload else 1
+    sharded = loading == "sharded"
     shards = {
         "quantized_weights": on_gpu * _shard(q_full, n),
-        "quant_constants": on_gpu * _shard(c_full, n),
+        "quant_constants": c_full if sharded else on_gpu * _shard(c_full, n),
         "unquantized_weights": on_gpu * _shard(u_full, n),
         "gathered_layers": FSDP_GATHERED_LAYERS * fsdp_layer_bytes(model, lora, train),
         "gathered_root": fsdp_root_bytes(model, train),
@@ -300,23 +385,30 @@ def fsdp_per_gpu(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coe
     margin = int(fsdp_margin_frac(coeffs) * sum(terms.values()))
     training_needs = required + ctx + nccl
 
-    # Load and wrap (measured on 2 x H200, calibration/multigpu): every rank loads the whole 4-bit model, peft adds
-    # the whole LoRA, and FSDP2's fully_shard allocates each rank's shards while the whole tensors are still
-    # held, so the wrap peaks at whole + shard (Llama-2-13B r64 at seq 4096: 11.46 GiB predicted this way, 11.43 GiB measured).
-    lora_full = lora_params_bytes(numels)
-    load_alloc = (q_full + c_full + u_full + lora_full + _shard(q_full, n) + _shard(c_full, n) + _shard(u_full, n)
-                  + sum(alloc(_shard(FP32 * k, n)) for k in numels))
+    lora_shards = sum(alloc(_shard(FP32 * k, n)) for k in numels)
+    if sharded:
+        load_terms = (("shards", on_gpu * (_shard(q_full, n) + _shard(u_full, n) + lora_shards)),
+                      ("quant_state", c_full),
+                      ("one_tensor", sharded_load_transient_bytes(model, train, n)))
+    else:
+        # Load and wrap (measured on 2 x H200, calibration/multigpu): every rank loads the whole 4-bit model, peft adds
+        # the whole LoRA, and FSDP2's fully_shard allocates each rank's shards while the whole tensors are still
+        # held, so the wrap peaks at whole + shard (Llama-2-13B r64 at seq 4096: 11.46 GiB predicted this way, 11.43 GiB measured).
+        load_terms = (("whole_model", q_full + c_full + u_full + lora_params_bytes(numels)),
+                      ("shards", _shard(q_full, n) + _shard(c_full, n) + _shard(u_full, n) + lora_shards))
+    load_alloc = sum(v for _, v in load_terms)
     load_needs = required_budget_bytes(load_alloc, 0, train, coeffs) + ctx + nccl
     peak_phase = "load" if load_needs > training_needs else "training"
-    notes = [calibration_note(coeffs), f"optimizer {FSDP_OPTIM}: {FSDP_OPTIM_REASON}"]
-    notes.append("load phase: every rank loads the whole 4-bit model, and FSDP's wrap holds it beside the new shards "
-                 "(measured: whole + 1/N at the wrap)")
+    notes = [calibration_note(coeffs), f"optimizer {FSDP_OPTIM}: {FSDP_OPTIM_REASON}", SHARDED_NOTE if sharded else FULL_NOTE]
+    if sharded:
+        notes.append("quant_state (absmax and double-quant constants) is kept whole on every GPU, not sharded")
     if cpu_offload:
         notes.append("cpu_offload: parameter, gradient and optimizer shards live in CPU memory")
+    cpu_ram = cpu_ram_per_node(model, lora, train, n, cpu_offload)
     return FsdpMemory(n=n, **terms, allocator_reserve=reserve, cuda_context=ctx, nccl_buffer=nccl, calibration_margin=margin,
                       load_allocated=load_alloc, load_needs_bytes=load_needs, training_needs_bytes=training_needs, peak_phase=peak_phase,
                       needs_bytes=max(load_needs, training_needs), cpu_offload=cpu_offload, loading=loading,
-                      notes=tuple(notes))
+                      load_terms=load_terms, cpu_ram=cpu_ram, notes=tuple(notes))
 
 
 def peak_allocated_per_gpu(mem: DdpMemory | FsdpMemory) -> int:
@@ -357,8 +449,8 @@ def per_gpu(strategy: str, model: ModelSpec, lora: LoraSettings, train: TrainSet
             n: int, **fsdp_kw) -> DdpMemory | FsdpMemory:
     if strategy == "ddp":
         return ddp_per_gpu(model, lora, train, coeffs, n)
-    if strategy == "fsdp":
-        return fsdp_per_gpu(model, lora, train, coeffs, n, **fsdp_kw)
+    if strategy == "fsdp":  # the plan's loading: sharded unless asked (fsdp_per_gpu alone keeps the measured "full")
+        return fsdp_per_gpu(model, lora, train, coeffs, n, **{"loading": DEFAULT_LOADING, **fsdp_kw})
     raise QfitError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
 
 
@@ -440,8 +532,8 @@ def choose_multi(model, gpu, req: Request, coeffs, n: int, strategy: str | None 
                  cpu_offload: bool | None = None, loading: str | None = None) -> MultiChoice:
     """--strategy auto: DDP when a DDP plan fits (each rank keeps the whole model: no per-layer all-gather,
     faster), else FSDP. --cpu-offload unset: off, on only when no FSDP plan fits without it (like
-    --gradient-checkpointing, a value the user does not fix is searched). --loading unset: full
-    (measured: a 4-bit checkpoint loads whole on every rank, see planner.multigpu.RANK0_CPU_MEASURED)."""
+    --gradient-checkpointing, a value the user does not fix is searched). --loading unset: sharded
+    (planner.train.sharded_load, what `qfit run --strategy fsdp` does); full is the measured whole-model-first path."""
     asked = strategy or "auto"
     if asked == "ddp" and cpu_offload:
         raise QfitError("--cpu-offload is FSDP's (DDP keeps the whole model on every GPU): use --strategy fsdp or auto")
@@ -449,7 +541,7 @@ def choose_multi(model, gpu, req: Request, coeffs, n: int, strategy: str | None 
         raise QfitError("--loading is FSDP's (under DDP every rank loads the whole model): use --strategy fsdp or auto")
     if loading == "rank0_cpu":
         raise QfitError(RANK0_CPU_MEASURED)
-    loading = loading or "full"
+    loading = loading or DEFAULT_LOADING
     ddp_min = None
     if asked in ("auto", "ddp") and not cpu_offload:
         ddp = plan_multi(model, gpu, req, coeffs, n, "ddp")
@@ -496,7 +588,7 @@ def fewest_gpus(model, gpu, req: Request, coeffs, strategy: str | None = None, c
     FSDP with CPU offload). Searches only least_memory_request(req): a few ms."""
     low = least_memory_request(req)
     asked = strategy or "auto"
-    loading = loading or "full"
+    loading = loading or DEFAULT_LOADING
     fsdp_ok = asked != "ddp" and req.optim in (None, FSDP_OPTIM)
     offloads = (False, True) if cpu_offload is None else (cpu_offload,)
     for n in range(start, max_n + 1):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from planner.multigpu import FSDP_OPTIM, fewest_gpus, least_memory_request, plan_multi
+from planner.multigpu import DEFAULT_LOADING, FSDP_OPTIM, fewest_gpus, least_memory_request, plan_multi
 from planner.profiles import all_gpus
 from planner.search import (
     AUTO_SEQ_LENS,
@@ -89,12 +89,14 @@ def larger_gpu(model: ModelSpec, req: Request, coeffs: Coefficients, gpu: GpuSpe
 
 
 def load_phase_limit(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, strategy: str | None = None,
-                     cpu_offload: bool | None = None, max_n: int = MAX_GPUS) -> tuple[int, int] | None:
-    """(load needs, usable bytes) when FSDP's load phase alone exceeds the card even on max_n GPUs (every rank
-    first loads the whole 4-bit model: measured), which is why no count fits; None otherwise."""
-    if (strategy or "auto") == "ddp" or req.optim not in (None, FSDP_OPTIM):
+                     cpu_offload: bool | None = None, max_n: int = MAX_GPUS, loading: str | None = None) -> tuple[int, int] | None:
+    """(load needs, usable bytes) when FSDP's whole-model-first load (--loading full: every rank first loads the whole
+    4-bit model, measured) alone exceeds the card even on max_n GPUs, which is why no count fits; None otherwise
+    (the sharded loader's load phase is never that limit: it holds one tensor beyond the shards)."""
+    if (strategy or "auto") == "ddp" or req.optim not in (None, FSDP_OPTIM) or (loading or DEFAULT_LOADING) != "full":
         return None
-    plans = plan_multi(model, gpu, least_memory_request(req), coeffs, max_n, "fsdp", cpu_offload=bool(cpu_offload))
+    plans = plan_multi(model, gpu, least_memory_request(req), coeffs, max_n, "fsdp", cpu_offload=bool(cpu_offload),
+                       loading="full")
     load = min(p.memory.load_needs_bytes for p in plans)
     return (load, plans[0].capacity_bytes) if load > plans[0].capacity_bytes else None
 
@@ -120,7 +122,7 @@ def multi_no_fit_advice(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Co
     found = fewest_gpus(model, gpu, req, coeffs, strategy, cpu_offload, loading, start=n + 1, max_n=MAX_GPUS)
     if found is not None:
         return NoFitAdvice(larger_gpu=None, seq_len=None, fewest_gpus=found)
-    limit = load_phase_limit(model, gpu, req, coeffs, strategy, cpu_offload)
+    limit = load_phase_limit(model, gpu, req, coeffs, strategy, cpu_offload, loading=loading)
     return NoFitAdvice(larger_gpu=larger_gpu(model, req, coeffs, gpu), seq_len=None, fewest_gpus=None,
                        load_needs_bytes=limit[0] if limit else None, usable_bytes=limit[1] if limit else None)
 
@@ -140,7 +142,7 @@ def multi_why(choice) -> tuple[str, ...]:
     best = choice.best
     comps, labels, largest = multi_components(best), multi_component_labels(best), _largest(best)
     why = [f"largest term: {labels[largest]}, {gib_str(comps[largest])} GiB."]
-    if choice.strategy == "fsdp" and best.memory.peak_phase == "load":
+    if choice.strategy == "fsdp" and best.memory.peak_phase == "load" and best.memory.loading == "full":
         why.append(f"the load phase sets the peak ({gib_str(best.memory.load_needs_bytes)} GiB per GPU, training "
                    f"{gib_str(best.memory.training_needs_bytes)} GiB)"
                    + ": every rank first loads the whole 4-bit model (measured; transformers loads a quantized "

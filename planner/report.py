@@ -222,7 +222,15 @@ def render_multi_advice(advice, model_arg: str, gpu, fixed: bool, calibrated: bo
 
 STRATEGY_TITLES = {"ddp": "DDP", "fsdp": "FSDP2 full shard"}
 # "rank0_cpu" never reaches a plan: planner.multigpu refuses it with the measurement (RANK0_CPU_MEASURED)
-LOADING_TEXT = {"full": "every rank loads the whole 4-bit model, and FSDP's wrap holds it beside the new shards (measured)"}
+LOADING_TEXT = {"full": "every rank loads the whole 4-bit model, and FSDP's wrap holds it beside the new shards (measured)",
+                "sharded": ("built on meta and sharded first, then the checkpoint streamed one tensor at a time, each rank "
+                            "quantizing it and keeping its 1/N (estimate, not measured on GPUs)")}
+LOAD_TERM_LABELS = {"whole_model": "whole 4-bit model + LoRA", "shards": "shards", "quant_state": "whole quant_state",
+                    "one_tensor": "one tensor being quantized"}
+CPU_RAM_LABELS = {"offloaded_params": "offloaded parameter shards (4-bit base, unquantized, LoRA; pinned)",
+                  "offloaded_grads": "offloaded LoRA gradient shards (fp32, pinned)",
+                  "offloaded_optimizer": "optimizer state on the CPU (AdamW, fp32)",
+                  "read_buffers": "loader read buffers (each rank: the largest checkpoint tensor, bf16)"}
 
 
 def _nccl_label(plan) -> str:
@@ -247,7 +255,8 @@ def multi_component_labels(plan) -> dict[str, str]:
     return {
         **labels,
         "quantized_weights": shard(f"4-bit base weights (NF4, {_params_str(m.quantized_param_count)} params)"),
-        "quant_constants": shard(labels["quant_constants"]),
+        "quant_constants": (labels["quant_constants"] + ", whole on every GPU" if mem.loading == "sharded"
+                            else shard(labels["quant_constants"])),
         "unquantized_weights": shard(f"unquantized weights (embeddings, lm_head, norms; {t.compute_dtype})"),
         "gathered_layers": "gathered decoder layers (2: the current one + the prefetched next)",
         "gathered_root": f"gathered root unit (embeddings, lm_head, final norm; {t.compute_dtype})",
@@ -289,13 +298,25 @@ def multi_breakdown_table(plan) -> str:
         rows.append(["needs (one-GPU needs + buckets + NCCL)", gib_str(mem.needs_bytes), capacity])
     else:
         title = "Memory per GPU, training phase"
-        load = f"whole 4-bit model + LoRA, and their 1/{plan.n} shards at the wrap"
+        load = " + ".join(f"{LOAD_TERM_LABELS[k]} {gib_str(v)}" for k, v in mem.load_terms)
         rows.append(["device used in training (sum of the rows)", gib_str(sum(comps.values())), ""])
         rows.append([f"load phase needs ({load})", gib_str(mem.load_needs_bytes), ""])
         rows.append(["training phase needs (smallest budget + context + NCCL)", gib_str(mem.training_needs_bytes), ""])
         rows.append([f"needs per GPU (max of the two: {mem.peak_phase} phase)", gib_str(mem.needs_bytes), capacity])
-    return tabulate(rows, headers=[title, "GiB", ""], tablefmt="plain", colalign=("left", "right", "left"),
-                    disable_numparse=True)
+    table = tabulate(rows, headers=[title, "GiB", ""], tablefmt="plain", colalign=("left", "right", "left"),
+                     disable_numparse=True)
+    if plan.strategy == "fsdp" and mem.cpu_ram is not None:
+        table += "\n\n" + cpu_ram_table(mem.cpu_ram, plan.n)
+    return table
+
+
+def cpu_ram_table(ram, n: int) -> str:
+    """The host memory a node needs (planner.multigpu.CpuRam), by named term."""
+    rows = [[CPU_RAM_LABELS[k], gib_str(v)] for k, v in ram.components().items()]
+    rows.append([SEP[:50], ""])
+    rows.append(["CPU RAM per node (estimate; page cache and process baselines not counted)", gib_str(ram.total_bytes)])
+    return tabulate(rows, headers=[f"CPU RAM of the node ({n} ranks)", "GiB"], tablefmt="plain",
+                    colalign=("left", "right"), disable_numparse=True)
 
 
 def multi_settings_lines(plan) -> list[str]:
@@ -400,7 +421,7 @@ def render_multi_no_fit(choice) -> list[str]:
     lines = ["does not fit.",
              f"  smallest configuration ({_short(low)}) needs {gib_str(low.memory.needs_bytes)} GiB per GPU; "
              f"each card has {gib_str(low.gpu.memory_bytes)} GiB ({gib_str(low.capacity_bytes)} usable)."]
-    if choice.strategy == "fsdp" and low.memory.peak_phase == "load":
+    if choice.strategy == "fsdp" and low.memory.peak_phase == "load" and low.memory.loading == "full":
         m = low.model
         whole = quantized_weights_bytes(m) + quant_constants_bytes(m, low.train.double_quant)
         lines.append(f"  the load phase sets the peak ({gib_str(low.memory.load_needs_bytes)} GiB per GPU; training "

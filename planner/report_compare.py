@@ -92,18 +92,31 @@ def _basis(m) -> str:
 
 
 def _load_why(m) -> str:
-    """When FSDP's load phase (the whole 4-bit model + the new shards, measured) sets the peak, say so."""
+    """When FSDP's load phase sets the peak, say so."""
     return ", load phase" if m.peak_phase == "load" else ""
+
+
+def _how(m) -> str:
+    return "FSDP + CPU offload" if m.cpu_offload else "FSDP"
+
+
+def _ram(m) -> str:
+    return f", CPU RAM {gib_str(m.cpu_ram_bytes)} GiB per node"
 
 
 def multi_gpu_str(o: GpuOption) -> str:
     m = o.multi_gpu
     if m is None:
         n_max, top = max(MULTI_GPU_COUNTS), o.multi_gpu_max
-        return (f"Not even {n_max} x {o.gpu.name} with FSDP sharding would fit "
+        return (f"Not even {n_max} x {o.gpu.name} with FSDP sharding and CPU offload would fit "
                 f"({_basis(top)}{gib_str(top.per_gpu_needs_bytes)} GiB per GPU{_load_why(top)})")
-    return (f"{m.count} x {o.gpu.name} with FSDP sharding would fit ({_basis(m)}{gib_str(m.per_gpu_needs_bytes)} GiB "
-            f"per GPU of {gib_str(m.capacity_bytes)} usable; qfit plan --num-gpus {m.count} for the plan)")
+    return (f"{m.count} x {o.gpu.name} with {_how(m)} sharding would fit ({_basis(m)}{gib_str(m.per_gpu_needs_bytes)} GiB "
+            f"per GPU of {gib_str(m.capacity_bytes)} usable{_ram(m)}; qfit plan --num-gpus {m.count} for the plan)")
+
+
+def _strategy_label(o: GpuOption) -> str:
+    """'ddp', 'fsdp' or 'fsdp+offload' (parameters, gradients and optimizer state in CPU memory)."""
+    return o.strategy + ("+offload" if getattr(o.plan.memory, "cpu_offload", False) else "")
 
 
 def _multi_peak_words(s) -> str:
@@ -118,7 +131,8 @@ def _multi_reason(o: GpuOption) -> str:
     """Why n GPUs of a kind (--num-gpus n) do not fit, in one line."""
     s = o.smallest
     term, term_bytes = o.largest_term
-    return (f"on {o.count} x {o.gpu.name} ({o.strategy.upper()}), the smallest configuration ({config_str(s)}) needs "
+    how = o.strategy.upper() + (" + CPU offload" if getattr(s.memory, "cpu_offload", False) else "")
+    return (f"on {o.count} x {o.gpu.name} ({how}), the smallest configuration ({config_str(s)}) needs "
             f"{gib_str(s.memory.needs_bytes)} GiB per GPU; the card has {gib_str(o.gpu.memory_bytes)} GiB "
             f"({gib_str(s.capacity_bytes)} usable); {_multi_peak_words(s)}largest term: {term.replace('_', ' ')} "
             f"{gib_str(term_bytes)} GiB. qfit plan MODEL --gpu {o.gpu.name} --num-gpus {o.count} shows the plan and what would fit.")
@@ -142,10 +156,11 @@ def short_reason_str(o: GpuOption) -> str:
     m = o.multi_gpu
     if m is None:
         top = o.multi_gpu_max
-        multi = (f"not even {max(MULTI_GPU_COUNTS)} x {o.gpu.name} with FSDP ({_basis(top)}"
+        multi = (f"not even {max(MULTI_GPU_COUNTS)} x {o.gpu.name} with FSDP + CPU offload ({_basis(top)}"
                  f"{gib_str(top.per_gpu_needs_bytes)} GiB per GPU{_load_why(top)})")
     else:
-        multi = f"{m.count} x {o.gpu.name} with FSDP would fit ({_basis(m)}{gib_str(m.per_gpu_needs_bytes)} GiB per GPU)"
+        multi = (f"{m.count} x {o.gpu.name} with {_how(m)} would fit ({_basis(m)}{gib_str(m.per_gpu_needs_bytes)} GiB "
+                 f"per GPU{_ram(m)})")
     return (f"needs {gib_str(s.memory.needs_bytes)} GiB, the card {gib_str(o.gpu.memory_bytes)} GiB "
             f"({gib_str(s.capacity_bytes)} usable); largest term: {component_labels(s)[term]} "
             f"{gib_str(term_bytes)} GiB; {multi}.")
@@ -167,8 +182,8 @@ def not_fitting_lines(c: Comparison) -> list[str]:
     calibrated = all((o.multi_gpu or o.multi_gpu_max).calibrated for o in rows)
     lines.append(f"  (FSDP{' (calibrated on 2 x H200)' if calibrated else ' estimate'}: 4-bit base, constants, "
                  "bf16/fp16 unquantized weights, LoRA and AdamW state sharded over the GPUs, two gathered layers and "
-                 "the root unit, activations per GPU; every GPU first loads the whole 4-bit model and FSDP's wrap "
-                 "adds its shards (measured). qfit plan MODEL --gpu GPU --num-gpus N gives the full plan.)")
+                 "the root unit, activations per GPU; the model loaded shard by shard (estimate, not measured on GPUs), "
+                 "CPU offload only when no count fits without it. qfit plan MODEL --gpu GPU --num-gpus N gives the full plan.)")
     return lines
 
 
@@ -227,7 +242,7 @@ def table_rows(c: Comparison) -> list[list[str]]:
         rows.append([
             "*" if o.pareto else "", o.gpu.name,
             "yes" if o.fits else "no",
-            (f"{o.strategy}: " if o.count > 1 and o.plan else "") + (plan_str(o.plan) if o.plan else "-"),
+            (f"{_strategy_label(o)}: " if o.count > 1 and o.plan else "") + (plan_str(o.plan) if o.plan else "-"),
             gib_str(peak) if peak is not None else "-",
             f"{gib_str(p.memory.needs_bytes)} / {gib_str(o.gpu.memory_bytes)}",
             tps_str(o), hours_str(o.hours), price_str(o), usd_str(o.cost_usd),
@@ -290,7 +305,8 @@ def render_text(c: Comparison) -> str:
         out.append(f"{c.num_gpus} GPUs: each kind planned as `qfit plan --num-gpus {c.num_gpus}` plans it (DDP when it fits, "
                    f"else FSDP); tokens/s = {c.num_gpus} x one rank's estimate, communication not modelled (an upper "
                    f"bound, lower for FSDP's per-layer all-gathers); USD = hours x {c.num_gpus} x price per GPU-hour; "
-                   "peak/GPU is shown for DDP only (FSDP's model predicts what each GPU needs).")
+                   "peak/GPU is shown for DDP only (FSDP's model predicts what each GPU needs); +offload: FSDP with CPU offload, whose "
+                   "transfers are not in the speed estimate and whose CPU RAM `qfit plan --num-gpus` shows.")
     out += capacity_notes(c)
     out.append(f"hours = tokens / tokens/s / 3600 with packed sequences (no padding); {price_note(c)}")
     out.append("peak: predicted peak reserved by the allocator; needs: what must fit on the card "

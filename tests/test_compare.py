@@ -33,10 +33,13 @@ from planner.compare import (
     speed_calibrated_on,
     workload_from_records,
 )
+from planner.documents import COMPARE_MULTI_GPU_KEYS
 from planner.fitmap import FIT_MAP_BATCHES, FIT_MAP_SEQ_LENS, fit_map, fit_map_png
 from planner.memory import quant_constants_bytes, quantized_weights_bytes
 from planner.multigpu import RANK0_CPU_MEASURED, fsdp_per_gpu
 from planner.profiles import all_gpus, gpu_names, load_gpu, load_model
+from planner.report import gib_str
+from planner.report_compare import reason_str
 from planner.search import Request, search
 from planner.specs import Coefficients, LoraSettings, TrainSettings
 
@@ -237,26 +240,26 @@ def test_max_hours_and_max_cost_filters(coeffs, gpus, mistral_cmp):
             compare(model, WORKLOAD, gpus, coeffs, **bad)
 
 
-def test_multi_gpu_llama70b_on_rtx4090_never_fits(llama70_cmp, coeffs):
-    """compare's FSDP count is planner.multigpu.fsdp_per_gpu (every rank loads the whole 4-bit model, as
-    measured; adamw_torch) for the smallest configuration. For Llama-3.1-70B each rank must first hold the
-    whole ~33 GiB of 4-bit weights and constants, so no count of 24 GiB (or 15 GiB) cards fits: the row carries
-    the 8-GPU numbers instead, with the load phase as the peak."""
+def test_multi_gpu_llama70b_on_rtx4090_with_sharded_loading(llama70_cmp, coeffs):
+    """compare's FSDP count is planner.multigpu.fsdp_per_gpu (the sharded loader, adamw_torch; CPU offload when no
+    count fits without it) for the smallest configuration. Llama-3.1-70B: one 24 GiB (or 15 GiB) card does not hold
+    its ~32 GiB of 4-bit weights, two do with CPU offload, and the row names the node's CPU RAM."""
     model = load_model("llama-3.1-70b")
     base = quantized_weights_bytes(model) + quant_constants_bytes(model, True)
     for name in ("rtx4090", "t4"):
         o = next(o for o in llama70_cmp.options if o.gpu.name == name)
-        assert not o.fits and o.multi_gpu is None, name
-        top, small = o.multi_gpu_max, o.smallest
-        assert top.count == 8
-        ref = fsdp_per_gpu(model, small.lora, replace(small.train, optim="adamw_torch"), coeffs, 8)
-        assert top.memory == ref and top.per_gpu_needs_bytes == ref.needs_bytes == ref.load_needs_bytes
-        assert top.peak_phase == "load" and top.calibrated is True
-        assert base > top.capacity_bytes == small.capacity_bytes < top.per_gpu_needs_bytes
+        m, small = o.multi_gpu, o.smallest
+        assert not o.fits and m is not None and m.count == 2 and m.cpu_offload, name
+        ref = fsdp_per_gpu(model, small.lora, replace(small.train, optim="adamw_torch"), coeffs, 2, cpu_offload=True,
+                           loading="sharded")
+        assert m.memory == ref and m.per_gpu_needs_bytes == ref.needs_bytes <= m.capacity_bytes == small.capacity_bytes
+        assert m.cpu_ram_bytes == ref.cpu_ram.total_bytes > quantized_weights_bytes(model)
+        assert base > m.capacity_bytes and m.calibrated is True
         # the training phase decomposes as before: shard + replicated + gathered
-        assert ref.training_needs_bytes == top.shard_bytes + top.replicated_bytes + top.gathered_layer_bytes
-        assert top.gathered_layer_bytes == ref.gathered_layers + ref.gathered_root
-        assert top.shard_bytes == pytest.approx(top.sharded_bytes / 8, rel=1e-3) and base < top.sharded_bytes
+        assert ref.training_needs_bytes == m.shard_bytes + m.replicated_bytes + m.gathered_layer_bytes
+        assert m.gathered_layer_bytes == ref.gathered_layers + ref.gathered_root
+        assert "2 x " + name + " with FSDP + CPU offload sharding would fit" in reason_str(o)
+        assert f"CPU RAM {gib_str(m.cpu_ram_bytes)} GiB per node" in reason_str(o)
     # the 4-bit base of a 70B model is what does not fit one card
     assert next(o for o in llama70_cmp.options if o.gpu.name == "rtx4090").largest_term[0] == "quantized_weights"
     # the fitting GPUs carry no multi-GPU numbers
@@ -271,18 +274,19 @@ def test_multi_gpu_count_qwen14b_seq4096_on_rtx4090(coeffs):
     assert not o.fits
     m, small = o.multi_gpu, o.smallest
     assert m is not None and m.count == 2 and m.calibrated
-    ref = fsdp_per_gpu(model, small.lora, replace(small.train, optim="adamw_torch"), coeffs, 2)
+    ref = fsdp_per_gpu(model, small.lora, replace(small.train, optim="adamw_torch"), coeffs, 2, loading="sharded")
     assert m.memory == ref and m.per_gpu_needs_bytes == ref.needs_bytes <= m.capacity_bytes == small.capacity_bytes
+    assert not m.cpu_offload and m.cpu_ram_bytes == ref.cpu_ram.read_buffers  # no offload: only the read buffers
     assert ref.training_needs_bytes == m.shard_bytes + m.replicated_bytes + m.gathered_layer_bytes
     assert small.memory.needs_bytes > small.capacity_bytes  # one card does not
 
 
 def test_compare_never_plans_rank0_cpu_loading(coeffs):
-    """The measured load (whole model on every rank) is what compare counts; rank-0 CPU loading is refused."""
+    """compare counts the sharded load (never the whole model on a rank); rank-0 CPU loading is refused."""
     model = load_model("qwen2.5-14b")
     o = compare(model, WORKLOAD, [load_gpu("rtx4090")], coeffs, request=Request(seq_len=4096)).options[0]
     whole = quantized_weights_bytes(model) + quant_constants_bytes(model, True)
-    assert o.multi_gpu.memory.load_needs_bytes > whole  # every rank first holds the whole 4-bit model
+    assert o.multi_gpu.memory.loading == "sharded" and o.multi_gpu.memory.load_allocated < whole
     with pytest.raises(ValueError) as exc:
         fsdp_per_gpu(load_model("mistral-7b"), LoraSettings(), TrainSettings(optim="adamw_torch"), coeffs, 2,
                      loading="rank0_cpu")
@@ -354,9 +358,9 @@ def test_table_for_a_model_that_fits_few_gpus():
     out = res.stdout
     assert "Does not fit" in out
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("rtx4090") and "needs" in ln)
-    assert "not even 8 x rtx4090 with FSDP (" in line and "GiB per GPU, load phase)" in line
-    assert "not even 8 x 12GiB" in out
-    assert "FSDP (calibrated on 2 x H200)" in out and "every GPU first loads the whole 4-bit model" in out
+    assert "2 x rtx4090 with FSDP + CPU offload would fit (" in line and "GiB per GPU, CPU RAM " in line
+    assert "2 x 12GiB with FSDP + CPU offload would fit" in out
+    assert "FSDP (calibrated on 2 x H200)" in out and "the model loaded shard by shard (estimate" in out
     assert "not supported yet" not in out and "rank 0" not in out
     # a model that two RTX 4090s hold with FSDP, and one does not
     res = run(["qwen2.5-14b", "--tokens", "2M", "--seq-len", "4096", "--gpus", "rtx4090,h200"])
@@ -390,7 +394,9 @@ def test_json_for_gpus_that_do_not_fit():
     r = doc["rtx4090"]
     assert r["fits"] is False and r["settings"] is None and r["hours"] is None and r["cost_usd"] is None
     assert "needs" in r["reason"] and r["needs_bytes"] > r["capacity_bytes"]
-    assert r["multi_gpu"] is None and "Not even 8 x rtx4090 with FSDP sharding would fit" in r["reason"]
+    m = r["multi_gpu"]
+    assert tuple(m) == COMPARE_MULTI_GPU_KEYS and "2 x rtx4090 with FSDP + CPU offload sharding would fit" in r["reason"]
+    assert (m["count"], m["cpu_offload"], m["loading"]) == (2, True, "sharded") and m["cpu_ram_bytes"] > m["sharded_bytes"] / 2
     assert set(r["smallest"]["settings"]) == SETTINGS_KEYS
     assert doc["h200"]["fits"] is True
     res = run(["qwen2.5-14b", "--tokens", "2M", "--seq-len", "4096", "--gpus", "rtx4090", "--json"])
@@ -565,14 +571,17 @@ def test_num_gpus_halves_the_hours_of_a_ddp_run(coeffs):
 
 
 def test_num_gpus_not_fitting_says_why_per_gpu(coeffs):
-    """Llama-3.1-70B on 2 x T4 does not fit: the row names the count, the strategy and the per-GPU need."""
+    """Llama-3.1-70B on 2 x 8 GiB cards does not fit, not even with CPU offload: the row names the count, the
+    strategy and the least per-GPU need (offload included); on 2 x T4 it fits with offload."""
     from planner.report_compare import reason_str, render_text
-    c = compare(load_model("llama-3.1-70b"), WORKLOAD, [load_gpu("t4")], coeffs, num_gpus=2)
+    c = compare(load_model("llama-3.1-70b"), WORKLOAD, [load_gpu("8GiB")], coeffs, num_gpus=2)
     o = c.options[0]
     assert not o.fits and o.hours is None and o.cost_usd is None and o.peak_reserved_bytes is None
-    assert o.smallest.memory.needs_bytes > o.smallest.capacity_bytes
+    assert o.smallest.memory.needs_bytes > o.smallest.capacity_bytes and o.smallest.memory.cpu_offload
     line = reason_str(o)
-    assert line.startswith("on 2 x t4 (FSDP)") and "per GPU" in line
+    assert line.startswith("on 2 x 8GiB (FSDP + CPU offload)") and "per GPU" in line
+    t4 = compare(load_model("llama-3.1-70b"), WORKLOAD, [load_gpu("t4")], coeffs, num_gpus=2).options[0]
+    assert t4.fits and t4.strategy == "fsdp" and t4.plan.memory.cpu_offload
     assert "2 GPUs of each kind" in render_text(c)
 
 

@@ -52,7 +52,7 @@ def test_plan_document_keys_when_nothing_fits():
     text = CliRunner().invoke(cli, ["plan", "llama-3.1-70b", "--gpu", "rtx4090"]).output
     # the text's advice lines come from the same data
     assert f"({doc['advice']['larger_gpu']})" in text
-    assert f"no count of up to {doc['advice']['max_num_gpus']} x" in text
+    assert f"fits on {doc['advice']['num_gpus']} x" in text and doc["advice"]["cpu_offload"] is True
 
 
 def test_no_fit_advice_names_the_fewest_gpus_in_json_and_text():

@@ -279,9 +279,9 @@ def test_nccl_buffer_coefficient(coeffs):
 
 # =========================================================================== planning
 
-def test_llama70b_on_rtx4090(llama70, coeffs):
-    """No count of 24 GiB cards fits Llama-3.1-70B: DDP holds the whole model on every rank, and under FSDP
-    every rank first loads the whole ~33 GiB of 4-bit weights and constants (measured: rank-0 CPU loading
+def test_llama70b_on_rtx4090_whole_model_first(llama70, coeffs):
+    """--loading full: no count of 24 GiB cards fits Llama-3.1-70B: DDP holds the whole model on every rank, and
+    under FSDP every rank first loads the whole ~33 GiB of 4-bit weights and constants (measured: rank-0 CPU loading
     does not avoid it), more than the card holds, with or without CPU offload."""
     gpu = load_gpu("rtx4090")
     cap = capacity_bytes(gpu, coeffs)
@@ -290,12 +290,50 @@ def test_llama70b_on_rtx4090(llama70, coeffs):
     for n in range(2, 9):
         assert best_multi(llama70, gpu, Request(), coeffs, n, "ddp") is None
         for offload in (False, True):
-            assert best_multi(llama70, gpu, Request(), coeffs, n, "fsdp", cpu_offload=offload) is None, (n, offload)
-    assert fewest_gpus(llama70, gpu, Request(), coeffs) is None
-    assert fewest_gpus(llama70, gpu, Request(), coeffs, cpu_offload=True) is None
-    assert fsdp_per_gpu(llama70, LORA, TRAIN, coeffs, 8).load_needs_bytes > cap
+            assert best_multi(llama70, gpu, Request(), coeffs, n, "fsdp", cpu_offload=offload, loading="full") is None
+    assert fewest_gpus(llama70, gpu, Request(), coeffs, loading="full") is None
+    assert fewest_gpus(llama70, gpu, Request(), coeffs, cpu_offload=True, loading="full") is None
+    assert fsdp_per_gpu(llama70, LORA, TRAIN, coeffs, 8, loading="full").load_needs_bytes > cap
     # the training phase alone would fit on 8: the load is what rules it out
-    assert fsdp_per_gpu(llama70, LORA, TRAIN, coeffs, 8).training_needs_bytes < cap
+    assert fsdp_per_gpu(llama70, LORA, TRAIN, coeffs, 8, loading="full").training_needs_bytes < cap
+
+
+def test_llama70b_on_two_rtx4090_with_sharded_loading(llama70, coeffs):
+    """--loading sharded (the default): the load phase holds the shards, the whole quant_state and one tensor, so it
+    no longer rules 24 GiB cards out. On 2 x RTX 4090 the training phase needs CPU offload (without it the 4-bit
+    shards, ~16 GiB each, plus the gathered root and activations exceed the card); with it, it fits, and the node needs
+    the offloaded shards (the whole 4-bit model and more) in CPU RAM."""
+    gpu = load_gpu("rtx4090")
+    cap = capacity_bytes(gpu, coeffs)
+    assert best_multi(llama70, gpu, Request(), coeffs, 2, "fsdp", cpu_offload=False) is None
+    best = best_multi(llama70, gpu, Request(), coeffs, 2, "fsdp", cpu_offload=True)
+    assert best is not None and best.memory.loading == "sharded" and best.memory.needs_bytes <= cap
+    assert fewest_gpus(llama70, gpu, Request(), coeffs) == (2, "fsdp", True)
+    m = fsdp_per_gpu(llama70, LORA, TRAIN, coeffs, 2, cpu_offload=True, loading="sharded")
+    terms = dict(m.load_terms)
+    assert terms["shards"] == 0  # offloaded: nothing of the model stays on the GPU between layers
+    assert terms["quant_state"] == m.quant_constants == quant_constants_bytes(llama70, TRAIN.double_quant)
+    # one tensor: the largest decoder linear (8,192 x 28,672) in bf16 + its NF4 pack + its constants + a half-pack chunk
+    k = 8192 * 28672
+    assert terms["one_tensor"] == pytest.approx(2 * k + k // 2 + k // 64 + 4 * k // 64 + k // 4, rel=1e-3)
+    assert m.load_allocated == sum(terms.values()) and m.load_needs_bytes < cap
+    ram = m.cpu_ram
+    assert ram.offloaded_params > quantized_weights_bytes(llama70)  # every rank's shard: the whole model, and more
+    assert ram.read_buffers == 2 * 2 * 128256 * 8192  # each rank reads the bf16 embedding whole
+    assert ram.total_bytes == sum(ram.components().values())
+    # without offload the shards are on the GPU, the node's RAM holds only the read buffers
+    on = fsdp_per_gpu(llama70, LORA, TRAIN, coeffs, 2, cpu_offload=False, loading="sharded")
+    assert on.cpu_ram.total_bytes == ram.read_buffers and on.needs_bytes > cap
+    assert dict(on.load_terms)["shards"] == on.quantized_weights + on.unquantized_weights + on.lora_params
+
+
+def test_sharded_load_is_below_the_whole_model_first_load(mistral, coeffs):
+    """The sharded loader never holds the whole model: its load phase is below the measured whole-model-first one for
+    every count, and it falls as the count grows."""
+    loads = [fsdp_per_gpu(mistral, LORA, TRAIN, coeffs, n, loading="sharded").load_needs_bytes for n in (2, 4, 8)]
+    assert loads == sorted(loads, reverse=True) and loads[0] > loads[-1]
+    for n, load in zip((2, 4, 8), loads):
+        assert load < fsdp_per_gpu(mistral, LORA, TRAIN, coeffs, n, loading="full").load_needs_bytes
 
 
 def test_qwen14b_seq4096_needs_two_rtx4090_with_fsdp(coeffs):

@@ -90,20 +90,23 @@ def _launch(argv: list[str], env: dict, echo) -> int:
     return code
 
 
-def _plan_multi(spec, device, req, n: int, strategy: str | None, cpu: bool):
+def _plan_multi(spec, device, req, n: int, strategy: str | None, cpu: bool, loading: str | None = None):
     """The best per-GPU plan on n of this device; strategy None = DDP when it fits (no per-layer
-    all-gather: faster), else FSDP. On the CPU only DDP exists (accelerate has no FSDP on the CPU)."""
+    all-gather: faster), else FSDP (loaded by `loading`, sharded by default), without CPU offload when a plan fits
+    so, else with it. On the CPU only DDP exists (accelerate has no FSDP on the CPU)."""
     from planner.coefficients import load_coefficients
-    from planner.multigpu import plan_multi
+    from planner.multigpu import DEFAULT_LOADING, plan_multi
 
     coeffs = load_coefficients(None if cpu else device.spec.name)
     if cpu and strategy == "fsdp":
         raise RunError("--strategy fsdp needs CUDA GPUs (accelerate runs FSDP on GPUs only); use --strategy ddp on the CPU")
     order = [strategy] if strategy else (["ddp"] if cpu else ["ddp", "fsdp"])
+    tries = [(s, off) for s in order for off in ((False, True) if s == "fsdp" else (False,))]
     tried = []
-    for strat in order:
+    for strat, offload in tries:
+        kw = {"cpu_offload": offload, "loading": loading or DEFAULT_LOADING} if strat == "fsdp" else {}
         try:
-            plans = plan_multi(spec, device.spec, req, coeffs, n, strat)
+            plans = plan_multi(spec, device.spec, req, coeffs, n, strat, **kw)
         except ValueError as exc:  # e.g. a bitsandbytes optimizer asked for under FSDP
             raise RunError(str(exc)) from None
         if plans and cpu:  # no speed model for a CPU: fewer, larger micro-batches without recompute run fastest
@@ -114,8 +117,8 @@ def _plan_multi(spec, device, req, n: int, strategy: str | None, cpu: bool):
         if plans and plans[0].fits:
             return plans[0], tried
         if plans:
-            tried.append(f"{strat}: the smallest setting needs {gib_str(min(p.memory.needs_bytes for p in plans))} GiB "
-                         f"per GPU of {gib_str(device.spec.memory_bytes)} GiB")
+            tried.append(f"{strat}{' + CPU offload' if offload else ''}: the smallest setting needs "
+                         f"{gib_str(min(p.memory.needs_bytes for p in plans))} GiB per GPU of {gib_str(device.spec.memory_bytes)} GiB")
     raise RunError(f"{spec.display_name} does not fit {n} x {device.spec.display_name} ({'; '.join(tried)}): "
                    "try more GPUs, a shorter --seq-len, a lower --rank or --gradient-checkpointing")
 
@@ -150,7 +153,7 @@ def run_multi(opts: RunOptions, saved: dict | None, plan_doc: dict | None, src: 
         req, req_notes = build_request(opts, plan_doc, plan_seq, packing)
         for note in req_notes:
             echo(f"note: {note}")
-        plan, tried = _plan_multi(src.spec, device, req, world, opts.strategy, cpu)
+        plan, tried = _plan_multi(src.spec, device, req, world, opts.strategy, cpu, opts.loading)
         strategy, lora, train = plan.strategy, plan.lora, plan.train
         for note in tried + [x for x in plan.notes if "calibrat" not in x and "buckets" not in x]:
             echo(f"note: {note}")
@@ -158,6 +161,9 @@ def run_multi(opts: RunOptions, saved: dict | None, plan_doc: dict | None, src: 
         mem = plan.memory
         predicted = {"needs_bytes": mem.needs_bytes, "peak_allocated_bytes": peak_allocated_per_gpu(mem),
                      "peak_phase": mem.peak_phase}
+        if strategy == "fsdp":
+            predicted.update(load_needs_bytes=mem.load_needs_bytes, loading=mem.loading, cpu_offload=mem.cpu_offload,
+                             cpu_ram_per_node_bytes=mem.cpu_ram.total_bytes)
         where = f"{machines} machines x {n}" if machines > 1 else f"{n}"
         echo(f"plan: {where} x {device.spec.display_name}, {strategy.upper()}: micro-batch {train.batch_size} x "
              f"accumulation {train.grad_accum} per GPU = global batch {world * train.effective_batch} · seq {train.seq_len} · "
@@ -165,6 +171,9 @@ def run_multi(opts: RunOptions, saved: dict | None, plan_doc: dict | None, src: 
              f"{train.optim} · {train.compute_dtype}")
         echo(f"      per GPU needs {gib_str(mem.needs_bytes)} GiB of {gib_str(device.spec.memory_bytes)} GiB "
              f"({next((x for x in plan.notes if 'calibrat' in x), 'estimate')})")
+        if strategy == "fsdp":
+            echo(f"      FSDP loading {mem.loading}, CPU offload {'on' if mem.cpu_offload else 'off'}; CPU RAM per node "
+                 f"{gib_str(mem.cpu_ram.total_bytes)} GiB (estimate)")
     items = training_items(data, packing, opts.padding, plan_seq, echo)
     total_steps = saved["max_steps"] if saved else planned_steps(items, world * train.effective_batch,
                                                                  opts.epochs, opts.max_steps)
@@ -180,6 +189,7 @@ def run_multi(opts: RunOptions, saved: dict | None, plan_doc: dict | None, src: 
         "num_gpus": n, "num_machines": machines, "machine_rank": opts.machine_rank or 0,
         "main_process_ip": opts.main_process_ip, "main_process_port": opts.main_process_port or 29500,
         "strategy": strategy, "settings": settings, "predicted_per_gpu": predicted,
+        "loading": predicted.get("loading"), "cpu_offload": bool(predicted.get("cpu_offload", False)),
     }
     write_json(out / RUN_CONFIG, config)
     if not saved:
@@ -187,8 +197,10 @@ def run_multi(opts: RunOptions, saved: dict | None, plan_doc: dict | None, src: 
                                      "strategy": strategy, "settings": settings, "num_machines": machines,
                                      "global_batch": world * train.effective_batch, "memory_per_gpu": predicted})
     # cpu_ram_efficient_loading off: transformers loads a quantized model whole on every rank anyway, and
-    # accelerate's meta-device round trip of that path would drop bitsandbytes' quantization state
+    # accelerate's meta-device round trip of that path would drop bitsandbytes' quantization state. With loading
+    # "sharded" the rank hands the Trainer a model already under fully_shard, which accelerate leaves as it is.
     acc = accelerate_config(strategy, world, compute_dtype=train.compute_dtype, model_type=src.spec.model_type, cpu=cpu,
+                            cpu_offload=bool(config.get("cpu_offload", False)),
                             num_machines=machines, machine_rank=config.get("machine_rank", 0),
                             main_process_ip=config.get("main_process_ip"),
                             main_process_port=config.get("main_process_port", 29500),

@@ -34,16 +34,19 @@ def _c(batch, seq, ckpt, rank, targets, optim, **kw) -> dict:
     return {"batch": batch, "seq": seq, "ckpt": ckpt, "rank": rank, "targets": targets, "optim": optim, **kw}
 
 
-def capped_plan(model: str, gpu: str, n: int, seq: int) -> dict:
+def capped_plan(model: str, gpu: str, n: int, seq: int, loading: str = "full") -> dict:
     """qfit's FSDP plan for n x gpu, as a configuration capped to that card's budget per rank
-    (card memory - calibrated CUDA context - NCCL buffers, the convention of planner.train.validate)."""
+    (card memory - calibrated CUDA context - NCCL buffers, the convention of planner.train.validate), loaded by
+    `loading` (the rank loads that way too: planner.train.distributed.measure_one)."""
     coeffs = load_coefficients(None)
     g = load_gpu(gpu)
-    p = plan_multi(load_model(model), g, Request(seq_len=seq), coeffs, n, "fsdp")[0]
+    p = plan_multi(load_model(model), g, Request(seq_len=seq), coeffs, n, "fsdp", loading=loading)[0]
     budget = g.memory_bytes - cuda_context_bytes(coeffs) - nccl_buffer_bytes(coeffs)
+    extra = {"loading": loading} if loading != "full" else {}
     return _c(p.train.batch_size, seq, p.train.gradient_checkpointing, p.lora.rank, p.lora.targets[0], p.train.optim,
               dtype=p.train.compute_dtype, accum=min(p.train.grad_accum, 2), budget=budget,
-              plan=f"{n} x {gpu}: needs {p.memory.needs_bytes} B per GPU, fits={p.fits}")
+              plan=f"{n} x {gpu}: needs {p.memory.needs_bytes} B per GPU (load {p.memory.load_needs_bytes}), "
+                   f"fits={p.fits}", **extra)
 
 
 def groups(n: int) -> dict[str, tuple[str, str, list[dict]]]:
@@ -66,6 +69,11 @@ def groups(n: int) -> dict[str, tuple[str, str, list[dict]]]:
                                                  _c(1, 4096, True, 64, L, "adamw_torch")]),
         "qwen14-fsdp-24gb-s4096": ("qwen2.5-14b", "fsdp", [capped_plan("qwen2.5-14b", "rtx4090", n, 4096)]),
         "qwen32-fsdp-24gb": ("qwen2.5-32b", "fsdp", [capped_plan("qwen2.5-32b", "rtx4090", n, 512)]),
+        # issue #16: the sharded loader (planner.train.sharded_load), its load peak against the planner's load phase
+        "mistral-fsdp-sharded": ("mistral-7b", "fsdp", [_c(4, 1024, True, 16, L, "adamw_torch", loading="sharded"),
+                                                        _c(8, 512, True, 64, L, "adamw_torch", loading="sharded")]),
+        "llama13-fsdp-sharded": ("llama-2-13b", "fsdp", [_c(4, 1024, True, 16, L, "adamw_torch", loading="sharded")]),
+        "qwen32-fsdp-24gb-sharded": ("qwen2.5-32b", "fsdp", [capped_plan("qwen2.5-32b", "rtx4090", n, 512, "sharded")]),
     }
 
 

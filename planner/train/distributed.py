@@ -10,7 +10,13 @@ The two loading recipes differ, and the difference is part of what is measured:
         prepare_model_for_kbit_training (fp32 upcast of embeddings, norms, lm_head), LoRA.
   fsdp  the FSDP-QLoRA recipe (bitsandbytes docs, fsdp_qlora.md): bnb_4bit_quant_storage = the compute
         dtype and dtype = the compute dtype, so the 4-bit weights flatten and shard with the rest; no
-        fp32 upcast. transformers loads a quantized model whole on each rank's GPU before FSDP shards it.
+        fp32 upcast. Two loadings (run_config.json's "loading"):
+          sharded (default) planner.train.sharded_load: built on meta, LoRA added, fully_shard per decoder layer
+                  and root (CPUOffloadPolicy when the plan offloads), then the checkpoint streamed tensor by tensor,
+                  each rank quantizing it and keeping its chunk; the Trainer gets the FSDP2 module as it is
+                  (accelerate's fsdp2_prepare_model returns an FSDPModule unchanged) and rank 0 saves the adapter
+                  from the gathered LoRA weights only.
+          full    transformers loads a quantized model whole on each rank's GPU before FSDP shards it.
 
 mode "train" (`qfit run --num-gpus N`, launched by planner.train.dist_run): train_rank loads the model by its
 strategy's recipe, trains with the Trainer, writes rank<r>.json with its measured peaks (oom.json and exit code
@@ -31,6 +37,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -129,7 +136,7 @@ def measure_one(job: dict, cfg: dict, env: dict, outdir: str) -> dict:
     row["run_id"] = (f"{strategy}{world}|{job['model']}|{train.compute_dtype}|dq{int(train.double_quant)}|"
                      f"b{train.batch_size}x{train.grad_accum}|s{train.seq_len}|ckpt{int(train.gradient_checkpointing)}|"
                      f"r{lora.rank}|{cfg['targets']}|{train.optim}|{env['alloc_conf'] or 'default'}|cap{row['budget_bytes']}"
-                     + ("|ramload" if cfg.get("ram_efficient") else ""))
+                     + ("|ramload" if cfg.get("ram_efficient") else "") + ("|sharded" if cfg.get("loading") == "sharded" else ""))
     if cuda:
         total = torch.cuda.get_device_properties(local_rank).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, row["budget_bytes"] / total) if row["budget_bytes"] else 1.0,
@@ -137,19 +144,30 @@ def measure_one(job: dict, cfg: dict, env: dict, outdir: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model = trainer = None
     try:
-        model = load_for_strategy(job["model_path"], strategy, train.compute_dtype, train.double_quant, local_rank,
-                                  train.gradient_checkpointing)
+        sharded = strategy == "fsdp" and cfg.get("loading") == "sharded"
+        if sharded:  # planner.train.sharded_load: LoRA added and the model under fully_shard before the weights stream in
+            from planner.train.sharded_load import load_sharded
+
+            model = load_sharded(job["model_path"], stack.lora_config(lora, resolve_targets(spec, lora.targets)),
+                                 compute_dtype=stack.TORCH_DTYPES[train.compute_dtype], double_quant=train.double_quant,
+                                 gradient_checkpointing=train.gradient_checkpointing)
+        else:
+            model = load_for_strategy(job["model_path"], strategy, train.compute_dtype, train.double_quant, local_rank,
+                                      train.gradient_checkpointing)
         if cuda:
             row["load_peak_allocated_bytes"] = peak_snapshot(sync=False)["peak_allocated_bytes"]
             row["after_load_allocated_bytes"] = torch.cuda.memory_allocated()
-        model = get_peft_model(model, stack.lora_config(lora, resolve_targets(spec, lora.targets)))
+        if not sharded:
+            model = get_peft_model(model, stack.lora_config(lora, resolve_targets(spec, lora.targets)))
         if cuda:
             row["after_wrap_allocated_bytes"] = torch.cuda.memory_allocated()
         steps = int(job.get("steps", 2))
         ds = stack.FixedLengthDataset(train.batch_size * train.grad_accum * steps * world, train.seq_len,
                                       spec.vocab_size, seed=rank)
         timer = stack.StepTimer()
-        args = training_args(outdir, train, strategy, max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant")
+        # the sharded loader turned checkpointing on before fully_shard: the Trainer must not wrap the layers again
+        args = training_args(outdir, replace(train, gradient_checkpointing=False) if sharded else train, strategy,
+                             max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant")
         trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer])
         if cuda:
             torch.cuda.synchronize()
@@ -266,19 +284,32 @@ def train_rank(job: dict) -> int:
     examples, _ = qdata.tokenize_rows(rows, fmt, tokenizer)
     examples, _ = qdata.truncate(examples, config["seq_len"])
 
-    model = load_for_strategy(config["model"], strategy, train.compute_dtype, train.double_quant, local_rank,
-                              train.gradient_checkpointing)
+    sharded = strategy == "fsdp" and config.get("loading") == "sharded"
+    if sharded:  # LoRA is added on the meta model, before fully_shard: FSDP2 shards it and reduce-scatters its grads
+        from planner.train.sharded_load import load_sharded
+
+        stats: dict = {}
+        model = load_sharded(config["model"], stack.lora_config(lora, lora.targets),
+                             compute_dtype=stack.TORCH_DTYPES[train.compute_dtype], double_quant=train.double_quant,
+                             cpu_offload=bool(config.get("cpu_offload")), gradient_checkpointing=train.gradient_checkpointing,
+                             lora_seed=config["seed"], stats=stats)
+        measured["loader_largest_read_bytes"] = stats["largest_read_bytes"]
+    else:
+        model = load_for_strategy(config["model"], strategy, train.compute_dtype, train.double_quant, local_rank,
+                                  train.gradient_checkpointing)
     if cuda:
         measured["load_peak_allocated_bytes"] = peak_snapshot(sync=False)["peak_allocated_bytes"]
         measured["after_load_allocated_bytes"] = torch.cuda.memory_allocated()
-    model = get_peft_model(model, stack.lora_config(lora, lora.targets))  # run_config holds the resolved names
+    if not sharded:
+        model = get_peft_model(model, stack.lora_config(lora, lora.targets))  # run_config holds the resolved names
     dataset, collator = dataset_and_collator(examples, tokenizer.pad_token_id, config)  # packed rows when config['packing']
     _, progress_cls = callback_classes()
     progress = progress_cls(collator, cuda, enabled=rank == 0 and job.get("progress", True))
     stop = StopFlag()
     stop.install()
+    # the sharded loader turned checkpointing on before fully_shard; the Trainer must not wrap the layers again
     args = training_args(
-        str(out), train, strategy, max_steps=config["max_steps"], learning_rate=config["learning_rate"],
+        str(out), replace(train, gradient_checkpointing=False) if sharded else train, strategy, max_steps=config["max_steps"], learning_rate=config["learning_rate"],
         lr_scheduler_type=SCHEDULER_TYPES[config.get("scheduler", "cosine")],
         warmup_steps=config["warmup"], max_grad_norm=job["max_grad_norm"],
         save_strategy="steps", save_steps=config["save_steps"], save_total_limit=job["save_total_limit"],
@@ -306,7 +337,13 @@ def train_rank(job: dict) -> int:
                     tokens=progress.train_tokens, padded_tokens=progress.train_padded_tokens,
                     wrapper=type(trainer.model_wrapped).__name__, stopped_by=stop.name or None, loss=history)
     completed = trainer.state.global_step >= config["max_steps"]
-    if completed:
+    if completed and sharded:
+        from planner.train.sharded_load import save_adapter
+
+        save_adapter(trainer.model_wrapped, out, rank)  # gathers the LoRA weights only, never the 4-bit base
+        if rank == 0:
+            tokenizer.save_pretrained(str(out))
+    elif completed:
         if getattr(trainer, "is_fsdp_enabled", False):  # gather the adapter whole (peft's FSDP-QLoRA example does this)
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(out))  # rank 0 writes; under FSDP every rank takes part in gathering the state

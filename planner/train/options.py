@@ -79,6 +79,7 @@ class RunOptions:
     optimize: str = "quality"  # planner.search.OPTIMIZE
     num_gpus: int | None = None  # > 1: planner.train.dist_run launches one process per GPU through accelerate
     strategy: str | None = None  # with num_gpus > 1: "ddp" or "fsdp"; None: DDP when it fits, else FSDP
+    loading: str | None = None  # FSDP's load: "sharded" (planner.train.sharded_load; None means it) or "full"
     num_machines: int | None = None  # several nodes: every node runs the same command with its own machine_rank
     machine_rank: int | None = None
     main_process_ip: str | None = None  # machine 0's address (torchrun's static rendezvous)
@@ -150,6 +151,12 @@ class RunOptions:
             raise RunError("--machine-rank and --main-process-ip go with --num-machines 2 or more")
         if self.dry_run and not self.num_gpus:
             raise RunError("--dry-run goes with --num-gpus: it writes the launch files and prints the command")
+        if self.loading is not None and self.loading not in ("sharded", "full"):
+            raise RunError(f"--loading must be sharded or full, got {self.loading!r}")
+        if self.loading is not None and self.strategy == "ddp":
+            raise RunError("--loading is FSDP's (under DDP every rank loads the whole model): drop it or use --strategy fsdp")
+        if self.loading is not None and (self.num_gpus or 1) < 2:
+            raise RunError("--loading needs --num-gpus 2 or more (it is how FSDP loads the model)")
         if self.strategy is not None and (self.num_gpus or 1) < 2:
             raise RunError("--strategy needs --num-gpus 2 or more (one GPU needs no strategy)")
         if self.padding is not None and self.padding not in PADDINGS:
@@ -172,7 +179,7 @@ RESUME_FIXED = ("model", "dataset", "demo", "epochs", "max_steps", "seq_len", "e
                 "plan_path", "rank", "alpha", "lora_dropout", "targets", "gradient_checkpointing", "optim",
                 "compute_dtype", "fmt", "save_steps", "learning_rate", "warmup", "overwrite",
                 "scheduler", "eval_dataset", "eval_fraction", "eval_steps", "padding", "packing", "num_gpus",
-                "strategy", "num_machines", "main_process_ip")
+                "strategy", "loading", "num_machines", "main_process_ip")
 
 
 @dataclass(slots=True)
