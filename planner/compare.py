@@ -295,6 +295,13 @@ def speed_basis(gpu: GpuSpec, calibrated_on: Sequence[str]) -> str:
     return SPEED_CALIBRATED if gpu.name in calibrated_on else SPEED_DATASHEET
 
 
+def method_speed_basis(best: Plan | None, basis: str) -> str:
+    """Only QLoRA steps were timed: a lora / lora-8bit plan's tokens/s is an estimate on every GPU."""
+    if best is not None and best.train.method != "qlora" and basis == SPEED_CALIBRATED:
+        return SPEED_DATASHEET
+    return basis
+
+
 def speed_calibrated_on(coeffs: Coefficients) -> tuple[str, ...]:
     """The GPU profiles the coefficients' speed model was fitted on (none: it is all datasheet scaling)."""
     return tuple(n for n in str(coeffs.values.get(SPEED_CALIBRATED_ON_KEY, "")).split(",") if n)
@@ -349,7 +356,7 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
         small = smallest(res.plans)
         rows.append(GpuOption(
             gpu=gpu, plan=best, smallest=small, price_usd_per_hour=price, price_given=gpu.name in prices,
-            speed_basis=speed_basis(gpu, calibrated_on), speed_error_pct=err, hours=hours,
+            speed_basis=method_speed_basis(best, speed_basis(gpu, calibrated_on)), speed_error_pct=err, hours=hours,
             cost_usd=cost_usd(hours, price) if best else None,
             multi_gpu=None if best else smallest_multi_gpu(small, request, coeffs),
             multi_gpu_max=None if best else fsdp_per_gpu_bytes(small, max(MULTI_GPU_COUNTS), coeffs),

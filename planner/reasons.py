@@ -158,10 +158,13 @@ def no_fit_advice(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coeffici
     if req.seq_len != 0:
         seq = next((s for s in reversed(AUTO_SEQ_LENS) if s < (req.seq_len or 512)
                     and search(model, gpu, replace(req, seq_len=s), coeffs).best is not None), None)
-    found = fewest_gpus(model, gpu, req, coeffs, max_n=MAX_GPUS)
-    limit = None if found is not None else load_phase_limit(model, gpu, req, coeffs)
+    multi_req = req if req.method == "qlora" else replace(req, method="qlora")  # multi-GPU plans are QLoRA only
+    found = fewest_gpus(model, gpu, multi_req, coeffs, max_n=MAX_GPUS)
+    limit = None if found is not None else load_phase_limit(model, gpu, multi_req, coeffs)
+    note = "" if req.method == "qlora" else "several GPUs (multi-GPU plans are QLoRA only: --method qlora):"
     return NoFitAdvice(larger_gpu=larger_gpu(model, req, coeffs, gpu), seq_len=seq, fewest_gpus=found,
-                       load_needs_bytes=limit[0] if limit else None, usable_bytes=limit[1] if limit else None)
+                       load_needs_bytes=limit[0] if limit else None, usable_bytes=limit[1] if limit else None,
+                       multi_gpu_note=note)
 
 
 def multi_no_fit_advice(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, n: int,

@@ -228,6 +228,8 @@ def render_advice(advice, model_arg: str, gpu, fixed: bool, calibrated: bool) ->
     lines = ["  " + larger_gpu_line(advice)]
     if advice.seq_len is not None:
         lines.append(f"  on this card: --seq-len {advice.seq_len} fits.")
+    if advice.multi_gpu_note:
+        lines.append("  " + advice.multi_gpu_note)
     if advice.fewest_gpus is not None:
         lines.append("  " + fewest_gpus_line(advice.fewest_gpus, model_arg, gpu, fixed=fixed, calibrated=calibrated))
     else:

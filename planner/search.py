@@ -72,6 +72,8 @@ class NoFitAdvice:
     # when no count fits because FSDP's load phase alone exceeds the card even on max_gpus GPUs:
     load_needs_bytes: int | None = None
     usable_bytes: int | None = None
+    # set when the request's method is not qlora: the multi-GPU advice is for QLoRA (multi-GPU plans are QLoRA only)
+    multi_gpu_note: str = ""
 
 
 @dataclass(frozen=True, slots=True)
