@@ -24,6 +24,7 @@ from planner.calibration_report import (
     exact_budget_rows,
     exact_mode_rows,
     heldout_rows,
+    method_section,
     render_report,
     write_plot,
 )
@@ -34,9 +35,12 @@ from planner.fit import (
     error_summary,
     fit,
     fit_multigpu,
+    method_bands,
     per_measurement,
     predict_rows,
     prepare_rows,
+    qlora_only,
+    qlora_preds,
     read_runs,
 )
 
@@ -126,22 +130,28 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     multi = _multigpu_runs()
     if multi is not None:  # several GPUs: NCCL buffers and the FSDP margin (planner.fit.fit_multigpu)
         coeffs = _with_values(coeffs, **fit_multigpu(multi, coeffs))
-    cv_model = cross_validate(df, "model", base)
-    cv_family = cross_validate(df, "family", base)
+    cv_all = cross_validate(df, "model", base)  # every method's rows, predicted by fits on QLoRA rows only
+    cv_model = qlora_preds(cv_all)
+    cv_family = qlora_preds(cross_validate(df, "family", base))
     speed_coeffs, speed = speed_section()
     coeffs = _with_values(coeffs, **speed_coeffs)
     doc = coefficients_document(coeffs, df, cv_model, cv_family, f"h200-{_environment(df)['date']}")
     doc["cross_validation"]["speed"] = {k: v for k, v in speed.items() if k not in ("per_row", "padded")}
+    bands = method_bands(cv_all)
+    if set(bands) != {"qlora"}:  # rows of calibration/grids/methods.json: each method's own band
+        doc["cross_validation"]["leave_one_model_out_by_method"] = bands
     doc["values"]["speed_cv_error_pct"] = speed["leave_one_configuration_out"]["median"]
     doc["values"]["speed_calibrated_on"] = ",".join(speed["gpus"])
     out = Path(out_path) if out_path else FITTED_FILE
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    items = prepare_rows(df, base)
+    items = prepare_rows(qlora_only(df), base)
     doc["contaminated"] = contamination_effect(df, base, items)
     fitted_preds = predict_rows(items, coeffs)
     exact = exact_mode_rows(items, paths)
     heldout = heldout_rows(coeffs)
     report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout, exact_budget_rows(df, coeffs), speed)
+    if set(bands) != {"qlora"}:
+        report = report.rstrip("\n") + "\n\n" + "\n".join(method_section(bands)) + "\n"
     rpath = Path(report_path) if report_path else REPORT_FILE
     rpath.write_text(report)
     plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)

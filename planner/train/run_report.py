@@ -207,7 +207,7 @@ def append_calibration(report: dict, plan: Plan, device: Device, config: dict, m
         "gpu_name": device.name, "gpu_total_bytes": device.total_bytes, "driver": "",
         "torch": versions.get("torch", ""), "transformers": versions.get("transformers", ""),
         "peft": versions.get("peft", ""), "bitsandbytes": versions.get("bitsandbytes", ""),
-        "cuda": versions.get("cuda", ""), "date": time.strftime("%Y-%m-%d"),
+        "cuda": versions.get("cuda", ""), "date": time.strftime("%Y-%m-%d"), "method": plan.train.method,
     }
     path = user_cache_dir() / "runs.csv"
     try:
