@@ -341,6 +341,9 @@ def test_run_trains_the_tiny_model_and_writes_a_standard_adapter(cache, tmp_path
     text = "\n".join(lines)
     assert ("in 16-bit" if method == "lora" else "in 8-bit (LLM.int8)") in text
     assert json.loads((out / "plan.json").read_text())["settings"]["method"] == method
+    from planner.train.output import saved_settings  # what --resume continues with
+
+    assert saved_settings(json.loads((out / "run_config.json").read_text()))[1].method == method
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
     kwargs = {"dtype": torch.bfloat16}
@@ -353,8 +356,51 @@ def test_run_trains_the_tiny_model_and_writes_a_standard_adapter(cache, tmp_path
     assert "from_pretrained(" in text and ("load_in_8bit=True" in text) == (method == "lora-8bit")
 
 
+def test_export_writes_each_methods_base():
+    from planner.export import axolotl_config, trl_config
+
+    gpu = load_gpu("a100-80gb")
+    by = {m: search(MISTRAL, gpu, Request(method=m), COEFFS).best for m in METHODS}
+    assert trl_config(by["qlora"])["load_in_4bit"] and "load_in_8bit" not in trl_config(by["qlora"])
+    assert trl_config(by["lora-8bit"])["load_in_8bit"] and "load_in_4bit" not in trl_config(by["lora-8bit"])
+    assert not {"load_in_4bit", "load_in_8bit"} & set(trl_config(by["lora"]))
+    assert axolotl_config(by["lora"])["adapter"] == "lora" and axolotl_config(by["qlora"])["adapter"] == "qlora"
+
+
 def test_run_refuses_other_methods_on_several_gpus():
     from planner.train.options import RunError, RunOptions
 
     with pytest.raises(RunError, match="QLoRA only"):
         RunOptions(output="x", demo=True, method="lora", num_gpus=2)
+
+
+# --------------------------------------------------------------------------- exact mode traces the 16-bit base
+
+@pytest.mark.parametrize("name", ("llama-3.2-1b", "mistral-7b", "gemma-2-2b", "qwen2.5-0.5b"))
+@pytest.mark.parametrize("ckpt", (False, True), ids=("ckpt0", "ckpt1"))
+def test_exact_mode_traces_lora_on_a_16bit_base(name, ckpt):
+    """The real 16-bit stack (no quantization, no k-bit prep) on fake tensors, 2 decoder layers: the base weights to
+    the byte, the rest within the allocator's 512-byte rounding of small bf16 tensors (norms, biases: the analytic
+    term is a plain product), and the traced peak within test_exact.py's tolerance of estimate()."""
+    import dataclasses
+
+    from planner.exact import static_bytes, trace_step
+
+    spec = dataclasses.replace(load_model(name), num_hidden_layers=2)
+    lora_s = LoraSettings(rank=8, alpha=16, dropout=0.05, targets=("all-linear",))
+    t = TrainSettings(batch_size=1, grad_accum=2, seq_len=64, optim="adamw_torch", gradient_checkpointing=ckpt,
+                      method="lora")
+    static = static_bytes(spec, lora_s, t)
+    assert static["quantized_weights"] == base_weights_bytes(spec, t)
+    assert "quant_constants" not in static
+    small_tensors = spec.num_hidden_layers * (spec.norms_per_layer + len(spec.layer_linears)) + 1
+    assert 0 <= static["unquantized_weights"] - unquantized_weights_bytes(spec, t) < 512 * small_tensors
+    res = trace_step(spec, lora_s, t)
+    analytic = estimate(spec, lora_s, t, COEFFS).peak_allocated_bytes
+    assert abs(res.tensor_peak_bytes - analytic) / analytic <= 0.02, (res.tensor_peak_bytes, analytic)
+
+
+def test_exact_mode_refuses_lora_8bit_in_one_line():
+    res = CliRunner().invoke(cli, ["plan", "tiny-llama", "--gpu", "t4", "--method", "lora-8bit", "--exact"])
+    assert res.exit_code == 2
+    assert "exact mode traces qlora and lora, not lora-8bit" in res.output

@@ -176,7 +176,7 @@ RESUME_FIXED = ("model", "dataset", "demo", "epochs", "max_steps", "seq_len", "e
                 "plan_path", "rank", "alpha", "lora_dropout", "targets", "gradient_checkpointing", "optim",
                 "compute_dtype", "fmt", "save_steps", "learning_rate", "warmup", "overwrite",
                 "scheduler", "eval_dataset", "eval_fraction", "eval_steps", "padding", "packing", "num_gpus",
-                "strategy", "num_machines", "main_process_ip")
+                "strategy", "num_machines", "main_process_ip", "method")
 
 
 @dataclass(slots=True)
