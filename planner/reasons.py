@@ -124,7 +124,8 @@ def lora_tier_cost(result: SearchResult, best: Plan) -> str | None:
         return None
     eight = "8bit" in best.train.optim  # compare like with like: 8-bit state is chosen only when nothing else fits
     others = [p for p in result.fitting if p.lora != best.lora and p.tokens_per_s > best.tokens_per_s
-              and p.train.seq_len == best.train.seq_len and ("8bit" in p.train.optim) == eight]
+              and p.train.seq_len == best.train.seq_len and ("8bit" in p.train.optim) == eight
+              and p.train.method == best.train.method]  # the method's own trade is method_trade's
     if not others:
         return None
     fast = max(others, key=lambda p: p.tokens_per_s)

@@ -76,6 +76,15 @@ SPEED_DIR = Path(FITTED_FILE).parent / "speed"
 SPEED_FIT_FILES = ("h100-speed-b.csv",)
 
 
+def _speed_row_methods(path: Path) -> list[str]:
+    """The method of each row planner.speed_fit.read_rows keeps from a throughput CSV, in its order (rows written
+    before the column existed are QLoRA)."""
+    import csv
+
+    with Path(path).open(newline="") as fh:
+        return [r.get("method") or "qlora" for r in csv.DictReader(fh) if r["status"] == "ok" and r["data"] != "padded"]
+
+
 def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
     """(speed_* coefficients, the throughput validation for the report): fit on SPEED_FIT_FILES; leave one
     configuration out, leave one model out; the other sweeps predicted as they are and with one CPU factor fitted
@@ -114,6 +123,11 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
             "file": path.name, "rows": len(other), "gpus": sorted({r.gpu for r in other}),
             "as_shipped": sf.summary(sf.errors_pct(other, sf.predict(other, co))),
             "cpu_scale": round(scale, 3), "with_cpu_scale_held_out": sf.summary(sf.held_out_scale(other, co, CPU_TERMS))})
+        methods = _speed_row_methods(path)
+        if set(methods) - {"qlora"}:  # a sweep of calibration/grids/methods-speed.json: each method's own band
+            errs = sf.errors_pct(other, sf.predict(other, co))
+            doc["other_sweeps"][-1]["as_shipped_by_method"] = {
+                m: sf.summary([e for e, mm in zip(errs, methods) if mm == m]) for m in sorted(set(methods))}
     padded = sf.read_rows(sorted(speed_dir.glob("*.csv")), padded=True)
     doc["padded"] = [{"run_id": r.run_id, "measured_s": r.step_time_s, "error_pct": round(e, 1)}
                      for r, e in zip(padded, sf.errors_pct(padded, sf.predict(padded, co)))]

@@ -236,27 +236,34 @@ def test_settings_round_trip_the_method_and_old_documents_read_as_qlora():
 
 
 def test_method_rows_are_predicted_not_fitted():
-    """A lora row joins the cross-validation as its own band; the coefficients come from QLoRA rows only, so adding
-    a lora row does not move them."""
+    """A lora row (as calibration/grids/methods-*.json will write) joins the leave-one-model-out predictions as its
+    own band; the coefficients come from QLoRA rows only, so adding it does not move them. The measured QLoRA files
+    have no method column and read as QLoRA."""
+    import glob
+
     import pandas as pd
 
-    from planner.fit import method_bands, qlora_only, row_offset
+    from planner.fit import cross_validate, fit, method_bands, qlora_only, read_runs, row_offset
 
-    rows = pd.read_csv("calibration/runs/" + sorted(__import__("os").listdir("calibration/runs"))[0],
-                       dtype={"alloc_conf": str, "error": str}, keep_default_na=False)
-    assert "method" not in rows.columns or set(rows["method"]) <= {"", "qlora"}
-    assert len(qlora_only(rows)) == len(rows)
-    fake = rows.iloc[[0]].copy()
-    fake["method"] = "lora"
-    both = pd.concat([rows, fake], ignore_index=True)
-    assert len(qlora_only(both)) == len(rows)
-    # the static weights a lora row is corrected by are the 16-bit ones
+    df = read_runs(sorted(glob.glob("calibration/runs/*.csv")))
+    assert "method" not in df.columns and len(qlora_only(df)) == len(df)
+    df = df[df["model"].isin(["llama-3.2-1b", "llama-2-7b"])]
+    fake = df[(df["model"] == "llama-3.2-1b") & (df["status"] == "ok") & (df["budget_bytes"].astype(int) == 0)].iloc[[0]]
+    fake = fake.copy()
     r = fake.iloc[0].to_dict()
     model = load_model(r["model"])
     t = TrainSettings(method="lora", compute_dtype=r["compute_dtype"])
     static = base_weights_bytes(model, t) + unquantized_weights_bytes(model, t)
-    r["after_load_allocated_bytes"] = static + 1234
-    assert row_offset(r, model) == 1234
+    fake["method"] = "lora"
+    fake["run_id"] = r["run_id"].replace("|cap", "|lora|cap")  # as harness.run_id writes it
+    fake["after_load_allocated_bytes"] = static + 1234  # the static weights a lora row is corrected by: 16-bit
+    assert row_offset(fake.iloc[0].to_dict(), model) == 1234
+    both = pd.concat([df, fake], ignore_index=True)
+    assert len(qlora_only(both)) == len(df)
+    assert fit(both).values == fit(df).values
+    bands = method_bands(cross_validate(both, "model"))
+    assert set(bands) == {"qlora", "lora"} and bands["lora"]["runs"] == 1
+    assert bands["qlora"]["runs"] == len(cross_validate(df, "model"))
     preds = [{"method": "qlora", "model": "a", "measured_allocated": 100, "predicted_allocated": 101,
               "measured_reserved": 100, "predicted_reserved": 110, "alloc_conf": "x"},
              {"method": "lora", "model": "b", "measured_allocated": 100, "predicted_allocated": 90,
