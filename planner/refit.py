@@ -164,8 +164,8 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     exact = exact_mode_rows(items, paths)
     heldout = heldout_rows(coeffs)
     report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout, exact_budget_rows(df, coeffs), speed)
-    if set(bands) != {"qlora"}:
-        report = report.rstrip("\n") + "\n\n" + "\n".join(method_section(bands)) + "\n"
+    speed_by_method = {o["file"]: o["as_shipped_by_method"] for o in speed["other_sweeps"] if "as_shipped_by_method" in o}
+    report = report.rstrip("\n") + "\n\n" + "\n".join(method_section(bands, speed_by_method)) + "\n"
     rpath = Path(report_path) if report_path else REPORT_FILE
     rpath.write_text(report)
     plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)

@@ -411,3 +411,19 @@ def test_exact_mode_refuses_lora_8bit_in_one_line():
     res = CliRunner().invoke(cli, ["plan", "tiny-llama", "--gpu", "t4", "--method", "lora-8bit", "--exact"])
     assert res.exit_code == 2
     assert "exact mode traces qlora and lora, not lora-8bit" in res.output
+
+
+def test_report_methods_section_pending_and_measured():
+    from planner.calibration_report import method_section
+    from planner.fit import error_summary
+
+    pending = "\n".join(method_section({"qlora": {}}))
+    assert "Not yet measured" in pending and "methods-a.json" in pending
+    preds = [{"method": m, "model": "x", "measured_allocated": 100, "predicted_allocated": 100 + d,
+              "measured_reserved": 100, "predicted_reserved": 100 + 2 * d, "alloc_conf": "x"}
+             for m, d in (("qlora", 1), ("lora", -3))]
+    bands = {m: error_summary([p for p in preds if p["method"] == m]) for m in ("qlora", "lora")}
+    text = "\n".join(method_section(bands, {"methods-speed.csv": {"lora": {"n": 4, "median": 5.0, "p90": 7.0,
+                                                                             "max": 9.0}}}))
+    assert "| lora | 1 | x | 6.0% / 6.0% | 3.0% / 3.0% | 100% |" in text
+    assert "| methods-speed.csv | lora | 4 | 5.0% / 7.0% / 9.0% |" in text
