@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from planner.errors import QfitError
 from planner.multigpu import FSDP_OPTIM, FsdpMemory, fewest_gpus, fsdp_per_gpu, multigpu_calibrated
-from planner.search import Request, SearchResult, search, smallest
+from planner.search import Request, SearchResult, make_plan, search, smallest
 from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
 
 # Coefficient key naming the GPU profile(s) the speed model was fitted on (comma-separated).
@@ -346,6 +346,7 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
     if calibrated_on is None:
         calibrated_on = speed_calibrated_on(coeffs)
     results = search_all(model, gpus, request, coeffs)
+    q_request = replace(request, method="qlora")
 
     rows = []
     for gpu in gpus:
@@ -354,12 +355,16 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
         best = res.best
         hours = wall_hours(workload.total_tokens, best.tokens_per_s) if best else None
         small = smallest(res.plans)
+        # several GPUs: multi-GPU plans are QLoRA only (planner.multigpu), whatever --method searched
+        q_plans = tuple(p for p in res.plans if p.train.method == "qlora")
+        small_q = smallest(q_plans) if q_plans else make_plan(model, gpu, small.lora, replace(small.train, method="qlora"),
+                                                               coeffs)
         rows.append(GpuOption(
             gpu=gpu, plan=best, smallest=small, price_usd_per_hour=price, price_given=gpu.name in prices,
             speed_basis=method_speed_basis(best, speed_basis(gpu, calibrated_on)), speed_error_pct=err, hours=hours,
             cost_usd=cost_usd(hours, price) if best else None,
-            multi_gpu=None if best else smallest_multi_gpu(small, request, coeffs),
-            multi_gpu_max=None if best else fsdp_per_gpu_bytes(small, max(MULTI_GPU_COUNTS), coeffs),
+            multi_gpu=None if best else smallest_multi_gpu(small_q, q_request, coeffs),
+            multi_gpu_max=None if best else fsdp_per_gpu_bytes(small_q, max(MULTI_GPU_COUNTS), coeffs),
             notes=res.notes,
         ))
 
