@@ -358,14 +358,16 @@ def base_constants_bytes(model: ModelSpec, train: TrainSettings) -> int:
     return quant_constants_bytes(model, train.double_quant)
 
 
+# The linears that read a group's inner activation (the attention output, the MLP's act(gate) x up), by their module
+# names in transformers' modeling files (llama/mistral/qwen2/gemma2/phi3/mixtral: o_proj, down_proj; others:
+# out_proj, dense, fc2, w2); every other linear of a decoder layer reads the layer's normed hidden state.
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "w2")
+
+
 def _output_projections(model: ModelSpec) -> set[str]:
-    """Per group (attn, mlp), the linear listed last in the inventory (o_proj, down_proj): it consumes the
-    group's inner activation; the others consume the layer's normed hidden state (profiles list linears in
-    module registration order)."""
-    last: dict[str, str] = {}
-    for lin in model.layer_linears:
-        last[lin.group] = lin.name
-    return set(last.values())
+    """Per group (attn, mlp), the linears in OUTPUT_PROJECTIONS; a group with none of them (a router alone) has
+    none: all its linears read the normed hidden state."""
+    return {lin.name for lin in model.layer_linears if lin.name in OUTPUT_PROJECTIONS}
 
 
 def int8_saved_inputs_bytes_per_token(model: ModelSpec, train: TrainSettings) -> int:

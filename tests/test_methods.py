@@ -427,3 +427,13 @@ def test_report_methods_section_pending_and_measured():
                                                                              "max": 9.0}}}))
     assert "| lora | 1 | x | 6.0% / 6.0% | 3.0% / 3.0% | 100% |" in text
     assert "| methods-speed.csv | lora | 4 | 5.0% / 7.0% / 9.0% |" in text
+
+
+def test_a_saved_lora_plan_is_refused_on_several_gpus():
+    from planner.train.options import RunError, RunOptions
+    from planner.train.planning import build_request
+
+    doc = {"settings": settings_to_dict(LoraSettings(), TrainSettings(method="lora"))}
+    assert build_request(RunOptions(output="x", demo=True), doc, 512)[0].method == "lora"
+    with pytest.raises(RunError, match="QLoRA only"):
+        build_request(RunOptions(output="x", demo=True, num_gpus=2), doc, 512)

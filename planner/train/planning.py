@@ -87,6 +87,9 @@ def build_request(opts: RunOptions, plan_doc: dict | None, seq_len: int, packing
         base["gradient_checkpointing"] = True  # leaving some layers uncheckpointed means checkpointing the others
     if base.get("lora_dropout") is None:
         base.pop("lora_dropout", None)
+    if base.get("method", "qlora") != "qlora" and (opts.num_gpus or 1) > 1:  # e.g. a saved lora plan with --num-gpus
+        raise RunError(f"--method {base['method']} trains on one GPU: multi-GPU runs are QLoRA only "
+                       "(drop --num-gpus, or plan again with --method qlora)")
     return Request(**base), notes
 
 
