@@ -104,6 +104,8 @@ def method_trade(result: SearchResult, best: Plan) -> list[str]:
             trade = f"ranks above {method} here (no speed estimate on this GPU: ranked by settings"
         if other.lora != best.lora or other.train.seq_len != best.train.seq_len:
             trade += f"; {method} fits only r{other.lora.rank} {','.join(other.lora.targets)} at seq {other.train.seq_len}"
+        elif ("8bit" in other.train.optim) != ("8bit" in best.train.optim):
+            trade += f"; {method} fits only with {other.train.optim}"
         lines.append(f"{best.train.method} fits with {gib_str(best.headroom_bytes)} GiB to spare and {trade}, "
                      f"{gib_str(other.headroom_bytes)} GiB to spare).")
     return lines
