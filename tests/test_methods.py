@@ -330,11 +330,12 @@ def cache(tmp_path_factory):
         os.environ["QFIT_CACHE"] = old
 
 
-@pytest.mark.parametrize("method", ("lora", "lora-8bit"))
+@pytest.mark.parametrize("method", METHODS)
 def test_run_trains_the_tiny_model_and_writes_a_standard_adapter(cache, tmp_path, method):
     """qfit run --demo --method X: a few steps on the CPU, then the adapter loads with PeftModel.from_pretrained on
-    the base the method trains (16-bit, or LLM.int8 8-bit) and its trained LoRA B is not the zero init.
-    (qlora is covered by tests/test_run.py's demo.)"""
+    the base the method trains (4-bit NF4, 16-bit, or LLM.int8 8-bit) and its trained LoRA B is not the zero init.
+    On the CPU bitsandbytes trains the 8-bit base through MatMul8bitFp (dequantize + F.linear), not the CUDA
+    MatMul8bitLt int8 path the memory model describes: this checks the run path and the adapter, not memory."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -346,7 +347,7 @@ def test_run_trains_the_tiny_model_and_writes_a_standard_adapter(cache, tmp_path
     run(RunOptions(output=str(out), demo=True, max_steps=2, effective_batch=4, method=method, progress=False,
                    eval_fraction=0.0), echo=lines.append)
     text = "\n".join(lines)
-    assert ("in 16-bit" if method == "lora" else "in 8-bit (LLM.int8)") in text
+    assert {"qlora": "in 4-bit (NF4", "lora": "in 16-bit", "lora-8bit": "in 8-bit (LLM.int8)"}[method] in text
     assert json.loads((out / "plan.json").read_text())["settings"]["method"] == method
     from planner.train.output import saved_settings  # what --resume continues with
 
@@ -356,11 +357,15 @@ def test_run_trains_the_tiny_model_and_writes_a_standard_adapter(cache, tmp_path
     kwargs = {"dtype": torch.bfloat16}
     if method == "lora-8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], **kwargs)
     model = PeftModel.from_pretrained(base, str(out))
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
     assert "from_pretrained(" in text and ("load_in_8bit=True" in text) == (method == "lora-8bit")
+    assert ("load_in_4bit=True" in text) == (method == "qlora")
 
 
 def test_export_writes_each_methods_base():

@@ -111,8 +111,6 @@ def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
     model = trainer = None
     steps = 2
     try:
-        if train.method == "lora" and train.gradient_checkpointing:
-            base.enable_input_require_grads()  # as stack.load_base does (release() turned it off after the last config)
         model = get_peft_model(base, stack.lora_config(lora, names))
         row["after_wrap_allocated_bytes"] = torch.cuda.memory_allocated() if cuda else 0
         ds = stack.FixedLengthDataset(train.batch_size * train.grad_accum * steps, train.seq_len, spec.vocab_size)
@@ -283,8 +281,7 @@ def main(argv=None) -> int:
             path = model_path(mname, fields, dtype, workdir, args.layers)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            base = stack.load_base(path, TrainSettings(compute_dtype=dtype, double_quant=dq, method=method,
-                                                       gradient_checkpointing=False),
+            base = stack.load_base(path, TrainSettings(compute_dtype=dtype, double_quant=dq, method=method),
                                    device_map={"": 0} if cuda else None)
             if cuda:
                 torch.cuda.empty_cache()

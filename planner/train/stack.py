@@ -66,9 +66,10 @@ def load_base(path: str, train: TrainSettings, device_map=None):
       lora-8bit  BitsAndBytesConfig(load_in_8bit=True) (LLM.int8, outlier threshold 6.0) +
                  prepare_model_for_kbit_training (it upcasts the non-int8 parameters to fp32, as for 4-bit);
       lora       from_pretrained(dtype=compute dtype), no quantization and no k-bit preparation (peft's LoRA
-                 recipe); every base parameter is frozen by get_peft_model, and under gradient checkpointing
-                 the Trainer's gradient_checkpointing_enable calls enable_input_require_grads (peft models);
-                 it is called here too so that the checkpointed layers' inputs require grad either way.
+                 recipe); get_peft_model freezes every base parameter.
+    Under gradient checkpointing the Trainer's activation_checkpointing_enable calls enable_input_require_grads
+    itself (transformers modeling_utils.py, any causal LM), so no method adds that hook here (a second one would
+    outlive disable_input_require_grads, which removes only the last).
     """
     if train.method == "qlora":
         return load_4bit(path, train.compute_dtype, train.double_quant, device_map=device_map)
@@ -83,8 +84,6 @@ def load_base(path: str, train: TrainSettings, device_map=None):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        if train.gradient_checkpointing:
-            model.enable_input_require_grads()
     model.config.use_cache = False
     return model
 

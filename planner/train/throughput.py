@@ -1,7 +1,8 @@
 """Throughput sweep: time QLoRA training steps on a CUDA GPU across models and shapes, for the speed model.
 
 Each configuration trains with transformers' Trainer exactly as `qfit run` does (the base as its `method` holds
-it: 4-bit NF4 by default, 16-bit or LLM.int8 8-bit (stack.load_base); k-bit preparation for the quantized bases; LoRA, the planned checkpointing and optimizer) on one of three kinds of data:
+it: 4-bit NF4 by default, 16-bit or LLM.int8 8-bit (stack.load_base); k-bit preparation for the quantized bases;
+LoRA, the planned checkpointing and optimizer) on one of three kinds of data:
 
   full    rows of exactly seq_len random tokens, attention mask all ones: sdpa runs causal without a mask
   packed  alpaca-like rows packed into rows of seq_len (planner/packing.py): no attention mask, position_ids
@@ -109,8 +110,6 @@ def measure(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
            "after_load_allocated_bytes": after_load, "warmup_steps": cfg["warmup"]}
     model = trainer = None
     try:
-        if train.method == "lora" and train.gradient_checkpointing:
-            base.enable_input_require_grads()  # as stack.load_base does (release() turned it off after the last config)
         model = get_peft_model(base, stack.lora_config(lora, names))
         ds, collator = dataset_for(cfg, spec.vocab_size, train.batch_size * train.grad_accum * cfg["steps"])
         timer = stack.StepTimer()
@@ -170,8 +169,8 @@ def sweep_group(configs: list[dict], out: Path, workdir: Path, deadline: float) 
     t0 = time.time()
     path = model_path(mname, profile_fields(mname), dtype, workdir, None)
     cuda = torch.cuda.is_available()
-    base = stack.load_base(path, TrainSettings(compute_dtype=dtype, double_quant=dq, method=method,
-                                               gradient_checkpointing=False), device_map={"": 0} if cuda else None)
+    base = stack.load_base(path, TrainSettings(compute_dtype=dtype, double_quant=dq, method=method),
+                           device_map={"": 0} if cuda else None)
     if cuda:
         torch.cuda.empty_cache()
     after_load = torch.cuda.memory_allocated() if cuda else 0
