@@ -262,6 +262,35 @@ def heldout_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None) -> list[str]:
+    """## Methods: leave-one-model-out peak allocated / reserved per method (planner.fit.method_bands). Only QLoRA
+    rows are fitted; lora and lora-8bit rows (calibration/grids/methods.json) are predicted by their structural terms
+    with those coefficients."""
+    lines = ["## Methods (LoRA on a 16-bit and on an 8-bit base)", ""]
+    if set(bands) <= {"qlora"}:
+        return lines + [
+            "Not yet measured: every row above is QLoRA (a 4-bit NF4 base). `qfit plan --method lora|lora-8bit|auto` "
+            "prices LoRA on a 16-bit base and on an LLM.int8 8-bit base with structural terms (planner/memory.py, "
+            "\"the base, by method\") and the QLoRA-fitted coefficients, and says so in every such plan. The sweeps "
+            "that would give them their own leave-one-model-out band are prepared (calibration/grids/methods-a.json, "
+            "methods-b.json; step times: methods-speed.json; commands in the README, \"Calibrating your own GPU\"); "
+            "once their rows are in calibration/runs/, this section shows each method's error beside QLoRA's."]
+    lines += ["Coefficients are fitted on QLoRA rows only; the lora (16-bit base) and lora-8bit (LLM.int8 base) rows are "
+             "predicted with them and each method's own structural terms (planner/memory.py, \"the base, by method\"), "
+             "leave-one-model-out.", "",
+             "| method | runs | models | peak reserved median / max abs error | peak allocated median / max abs error "
+             "| under-predicted (reserved) |", "|---|---|---|---|---|---|"]
+    for m, s in bands.items():
+        r, a = s["reserved"], s["allocated"]
+        lines.append(f"| {m} | {s['runs']} | {', '.join(s['models'])} | {r['median_abs_pct']}% / {r['max_abs_pct']}% | "
+                     f"{a['median_abs_pct']}% / {a['max_abs_pct']}% | {r['under_prediction_rate']:.0%} |")
+    if speed:  # throughput sweeps with a method column, predicted by the speed model as fitted (QLoRA rows)
+        lines += ["", "| step-time sweep | method | rows | median / p90 / max abs error |", "|---|---|---|---|"]
+        for f, by in speed.items():
+            lines += [f"| {f} | {m} | {e['n']} | {e['median']}% / {e['p90']}% / {e['max']}% |" for m, e in by.items()]
+    return lines
+
+
 def render_report(doc: dict, cv: list[dict], fitted: list[dict], df, coeffs, exact: list[dict] | None = None,
                   heldout: list[dict] | None = None, exact_budget: list[dict] | None = None, speed: dict | None = None) -> str:
     cvm = doc["cross_validation"]["leave_one_model_out"]

@@ -22,7 +22,7 @@ from planner.multigpu import (
     multigpu_calibrated,
 )
 from planner.profiles import capacity_gpu, gpu_names, load_gpu, load_model, match_gpu_name, model_names
-from planner.search import Request
+from planner.search import METHOD_CHOICES, Request
 from planner.specs import COMPUTE_DTYPES, OPTIMIZERS
 
 
@@ -81,7 +81,7 @@ def detect_gpu_spec():
 
 def build_request(seq_len, batch_size, grad_accum, effective_batch, rank, alpha, lora_dropout, targets,
                   gradient_checkpointing, optim, compute_dtype, double_quant, expandable_segments,
-                  uncheckpointed_layers=None, packing=True, optimize="quality") -> Request:
+                  uncheckpointed_layers=None, packing=True, optimize="quality", method="qlora") -> Request:
     for flag, v in (("--batch-size", batch_size), ("--grad-accum", grad_accum),
                     ("--effective-batch", effective_batch), ("--rank", rank), ("--alpha", alpha)):
         _positive(flag, v)
@@ -101,7 +101,7 @@ def build_request(seq_len, batch_size, grad_accum, effective_batch, rank, alpha,
                    seq_len=_seq_len(seq_len), rank=rank, alpha=alpha, lora_dropout=lora_dropout,
                    targets=_targets(targets), gradient_checkpointing=gradient_checkpointing, optim=optim,
                    compute_dtype=compute_dtype, double_quant=double_quant, expandable_segments=expandable_segments,
-                   uncheckpointed_layers=uncheckpointed_layers, packing=packing, optimize=optimize)
+                   uncheckpointed_layers=uncheckpointed_layers, packing=packing, optimize=optimize, method=method)
 
 
 def plan_options(f):
@@ -130,6 +130,10 @@ def plan_options(f):
         click.option("--optimize", type=click.Choice(("quality", "speed")), default="quality", show_default=True,
                      help="quality: the largest LoRA adapter that fits, fastest settings for it; speed: the fastest plan "
                           "of any adapter tier (r16 all-linear, r8 all-linear, r8 attention)."),
+        click.option("--method", type=click.Choice(METHOD_CHOICES), default="qlora", show_default=True,
+                     help="How the frozen base is held: qlora (4-bit NF4), lora (16-bit, the compute dtype: more memory, "
+                          "no dequantization), lora-8bit (bitsandbytes LLM.int8), or auto: every method, the best-ranked "
+                          "that fits (the plan says why). lora/lora-8bit are structural estimates, not yet GPU-measured."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -209,6 +213,12 @@ def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, export, exa
                         f"{spec.num_hidden_layers} decoder layers; for none checkpointed use --no-gradient-checkpointing")
     if req.uncheckpointed_layers and num_gpus > 1:
         raise QfitError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
+    if exact and req.method == "lora-8bit":
+        from planner.exact_types import EXACT_8BIT_REFUSAL
+
+        raise QfitError(EXACT_8BIT_REFUSAL)
+    if req.method != "qlora" and num_gpus > 1:
+        raise QfitError(f"--method {req.method} plans one GPU: multi-GPU plans are QLoRA only (drop --method or --num-gpus)")
     coeffs = load_coefficients(gpu_spec.name, coefficients)
     if num_gpus > 1:
         return _plan_multi(spec, gpu_spec, req, coeffs, num_gpus, strategy, cpu_offload, loading, as_json, save,

@@ -122,6 +122,10 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
 @click.option("--optimize", type=click.Choice(("quality", "speed")), default="quality", show_default=True,
               help="quality: the largest LoRA adapter that fits; speed: the fastest plan of any adapter tier. "
                    "Example: --optimize speed")
+@click.option("--method", type=click.Choice(("qlora", "lora", "lora-8bit", "auto")), default=None,
+              help="How the frozen base is held: qlora (4-bit NF4, default), lora (16-bit), lora-8bit (LLM.int8), "
+                   "auto (the best-ranked method that fits). The adapter is a standard PEFT adapter either way. "
+                   "Example: --method lora")
 @click.option("--num-gpus", type=click.IntRange(min=1), metavar="N",
               help="Train on N GPUs of this machine, one process each, launched by accelerate (default 1). "
                    "Example: --num-gpus 2")
@@ -150,7 +154,7 @@ def _targets(value: str | None) -> tuple[str, ...] | None:
 def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, seq_len, effective_batch, batch_size,
             plan_path, rank, alpha, lora_dropout, targets, gradient_checkpointing, uncheckpointed_layers, optim, compute_dtype, fmt,
             save_steps, learning_rate, warmup, scheduler, seed, report_to, eval_dataset, eval_fraction, eval_steps,
-            sample_prompt, padding, packing, optimize, num_gpus, strategy, loading, num_machines, machine_rank, main_process_ip,
+            sample_prompt, padding, packing, optimize, method, num_gpus, strategy, loading, num_machines, machine_rank, main_process_ip,
             main_process_port, gpu, as_json, dry_run):
     """Fine-tune with QLoRA using the planned settings; an out-of-memory error never loses progress.
 
@@ -191,7 +195,7 @@ def run_cmd(model, dataset, demo, output, overwrite, resume, epochs, max_steps, 
             warmup=warmup, scheduler=scheduler, report_to=report_to, eval_dataset=eval_dataset,
             eval_fraction=eval_fraction, eval_steps=eval_steps, sample_prompt=sample_prompt,
             **({"seed": seed} if seed is not None else {}),
-            packing=packing, optimize=optimize,
+            packing=packing, optimize=optimize, method=method,
             num_gpus=num_gpus, strategy=strategy, loading=loading, num_machines=num_machines, machine_rank=machine_rank,
             main_process_ip=main_process_ip, main_process_port=main_process_port, dry_run=dry_run)
         result = runner.run(opts, echo=echo)

@@ -16,7 +16,7 @@ from planner.specs import LoraSettings, TrainSettings
 SETTINGS_KEYS = (
     "batch_size", "grad_accum", "seq_len", "rank", "alpha", "lora_dropout", "targets",
     "gradient_checkpointing", "uncheckpointed_layers", "optim", "compute_dtype", "double_quant",
-    "expandable_segments", "packing",
+    "expandable_segments", "packing", "method",
 )
 
 
@@ -29,7 +29,7 @@ def settings_to_dict(lora: LoraSettings, train: TrainSettings, targets: tuple[st
         "gradient_checkpointing": train.gradient_checkpointing,
         "uncheckpointed_layers": train.uncheckpointed_layers, "optim": train.optim,
         "compute_dtype": train.compute_dtype, "double_quant": train.double_quant,
-        "expandable_segments": train.expandable_segments, "packing": train.packing,
+        "expandable_segments": train.expandable_segments, "packing": train.packing, "method": train.method,
     }
 
 
@@ -98,5 +98,6 @@ def settings_from_dict(d: Mapping, **overrides) -> tuple[LoraSettings, TrainSett
                           expandable_segments=expandable,
                           kbit_upcast=get("kbit_upcast", _bool, train_defaults.kbit_upcast),
                           uncheckpointed_layers=get("uncheckpointed_layers", _int, 0),
-                          packing=get("packing", _bool, False))
+                          packing=get("packing", _bool, False),
+                          method=get("method", str, train_defaults.method))  # rows and plans from before: qlora
     return lora, train

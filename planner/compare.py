@@ -35,7 +35,7 @@ from planner.multigpu import (
     fsdp_per_gpu,
     multigpu_calibrated,
 )
-from planner.search import Request, SearchResult, search, smallest
+from planner.search import Request, SearchResult, make_plan, search, smallest
 from planner.specs import Coefficients, GpuSpec, ModelSpec, Plan
 
 # Coefficient key naming the GPU profile(s) the speed model was fitted on (comma-separated).
@@ -334,6 +334,13 @@ def speed_basis(gpu: GpuSpec, calibrated_on: Sequence[str]) -> str:
     return SPEED_CALIBRATED if gpu.name in calibrated_on else SPEED_DATASHEET
 
 
+def method_speed_basis(best: Plan | None, basis: str) -> str:
+    """Only QLoRA steps were timed: a lora / lora-8bit plan's tokens/s is an estimate on every GPU."""
+    if best is not None and best.train.method != "qlora" and basis == SPEED_CALIBRATED:
+        return SPEED_DATASHEET
+    return basis
+
+
 def speed_calibrated_on(coeffs: Coefficients) -> tuple[str, ...]:
     """The GPU profiles the coefficients' speed model was fitted on (none: it is all datasheet scaling)."""
     return tuple(n for n in str(coeffs.values.get(SPEED_CALIBRATED_ON_KEY, "")).split(",") if n)
@@ -402,7 +409,11 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
     err = speed_error_pct(coeffs)
     if calibrated_on is None:
         calibrated_on = speed_calibrated_on(coeffs)
+    if num_gpus > 1 and request.method != "qlora":
+        raise QfitError(f"--method {request.method} with --num-gpus {num_gpus}: multi-GPU plans are QLoRA only "
+                        "(a 4-bit base under DDP or FSDP); drop --method or --num-gpus")
     results = search_all(model, gpus, request, coeffs) if num_gpus == 1 else {}
+    q_request = replace(request, method="qlora")
 
     rows = []
     for gpu in gpus:
@@ -414,12 +425,16 @@ def compare(model: ModelSpec, workload: Workload, gpus: Sequence[GpuSpec], coeff
         best = res.best
         hours = wall_hours(workload.total_tokens, best.tokens_per_s) if best else None
         small = smallest(res.plans)
+        # several GPUs: multi-GPU plans are QLoRA only (planner.multigpu), whatever --method searched
+        q_plans = tuple(p for p in res.plans if p.train.method == "qlora")
+        small_q = smallest(q_plans) if q_plans else make_plan(model, gpu, small.lora, replace(small.train, method="qlora"),
+                                                               coeffs)
         rows.append(GpuOption(
             gpu=gpu, plan=best, smallest=small, price_usd_per_hour=price, price_given=gpu.name in prices,
-            speed_basis=speed_basis(gpu, calibrated_on), speed_error_pct=err, hours=hours,
+            speed_basis=method_speed_basis(best, speed_basis(gpu, calibrated_on)), speed_error_pct=err, hours=hours,
             cost_usd=cost_usd(hours, price) if best else None,
-            multi_gpu=None if best else smallest_multi_gpu(small, request, coeffs),
-            multi_gpu_max=None if best else fsdp_per_gpu_bytes(small, max(MULTI_GPU_COUNTS), coeffs, cpu_offload=True),
+            multi_gpu=None if best else smallest_multi_gpu(small_q, q_request, coeffs),
+            multi_gpu_max=None if best else fsdp_per_gpu_bytes(small_q, max(MULTI_GPU_COUNTS), coeffs, cpu_offload=True),
             notes=res.notes,
         ))
 

@@ -24,13 +24,15 @@ from planner.specs import MemoryBreakdown
 # --------------------------------------------------------------------------- qfit plan --json
 
 PLAN_KEYS = ("model", "gpu", "settings", "params", "memory", "fits", "tokens_per_s", "calibration", "notes",
-             "alternatives", "reasons", "advice")
+             "alternatives", "reasons", "advice", "methods")
 PLAN_OPTIONAL_KEYS = ("exact",)  # added by --exact (a fitting plan only)
 PARAMS_KEYS = ("total", "trainable", "quantized")
 MEMORY_KEYS = ("components", "peak_phase", "peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes",
                "required_bytes", "needs_bytes", "gpu_capacity_bytes", "usable_bytes")
 COMPONENT_KEYS = MemoryBreakdown.ALLOCATED_FIELDS + ("allocator_reserve", "cuda_context", "paged_optimizer_state")
 ALTERNATIVE_KEYS = ("settings", "needs_bytes", "peak_reserved_bytes", "tokens_per_s", "fits")
+# per method the search considered (--method; auto: all), its best-ranked plan: the trade the "Why:" lines state
+METHOD_KEYS = ("method", "chosen", "fits", "needs_bytes", "headroom_bytes", "tokens_per_s", "settings", "gpu_measured")
 # when nothing fits (planner.reasons.NoFitAdvice); null when a plan fits
 ADVICE_KEYS = ("larger_gpu", "seq_len", "num_gpus", "strategy", "cpu_offload", "max_num_gpus", "load_needs_bytes",
                "usable_bytes")
@@ -97,7 +99,20 @@ def plan_document(result, model, coeffs) -> dict:
         "alternatives": [alternative(p) for p in (alternatives(result, best) if result.best else [])],
         "reasons": list(result.reasons),
         "advice": advice_document(result.advice),
+        "methods": methods_document(result),
     }
+
+
+def methods_document(result) -> list[dict]:
+    """METHOD_KEYS per method considered, best-ranked first; gpu_measured: whether the method's terms were
+    calibrated on GPU runs (QLoRA only, so far)."""
+    from planner.reasons import best_per_method
+
+    chosen = result.best.train.method if result.best else None
+    return [{"method": m, "chosen": m == chosen, "fits": p.fits, "needs_bytes": p.memory.needs_bytes,
+             "headroom_bytes": p.headroom_bytes, "tokens_per_s": _speed(p.tokens_per_s), "settings": _settings(p),
+             "gpu_measured": m == "qlora"}
+            for m, p in best_per_method(result).items()]
 
 
 # --------------------------------------------------------------------------- qfit plan --exact --json: "exact"

@@ -26,3 +26,9 @@ class CudaDevice:
     num_sms: int = 132
     cublas_workspace_bytes: int = CUBLAS_WORKSPACE_BYTES
     cublas_handles: int = CUBLAS_HANDLES
+
+
+# why exact mode does not trace lora-8bit (one line; planner.cli refuses before planning, the trace raises it too)
+EXACT_8BIT_REFUSAL = ("exact mode traces qlora and lora, not lora-8bit: bitsandbytes' LLM.int8 matmul separates "
+                      "outlier columns whose number depends on the values (the fake kernel of int8_mixed_scaled_mm "
+                      "returns a data-dependent size), which a fake-tensor trace cannot size; use the analytic plan")

@@ -5,7 +5,7 @@
               TRL's ModelConfig fields, which build the peft LoraConfig (use_peft, lora_r, lora_alpha, lora_dropout,
               lora_target_modules) and the BitsAndBytesConfig (load_in_4bit, bnb_4bit_quant_type,
               use_bnb_nested_quant; compute dtype = dtype). YAML, or JSON when FILE ends in .json.
-  axolotl     an axolotl YAML (adapter: qlora, load_in_4bit, lora_*, sequence_len, sample_packing,
+  axolotl     an axolotl YAML (adapter: qlora, load_in_4bit (lora-8bit: adapter lora, load_in_8bit; lora: neither), lora_*, sequence_len, sample_packing,
               micro_batch_size, gradient_accumulation_steps, gradient_checkpointing, optimizer, bf16/fp16).
   accelerate  an accelerate config (`accelerate launch --config_file FILE`): one process, no distribution,
               the plan's mixed precision.
@@ -50,16 +50,25 @@ def _model_id(plan: Plan) -> str:
     return plan.model.hf_id or plan.model.name
 
 
+def _trl_quant(plan: Plan) -> dict:
+    """trl ModelConfig's quantization fields for the plan's method."""
+    t = plan.train
+    if t.method == "qlora":
+        return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": t.double_quant}
+    if t.method == "lora-8bit":
+        return {"load_in_8bit": True}
+    return {}
+
+
 def trl_config(plan: Plan) -> dict:
     """Flat keys of trl's SFTConfig + ModelConfig (what `trl sft --config` parses)."""
     t, lora = plan.train, plan.lora
     return {
         "model_name_or_path": _model_id(plan),
         "dtype": TORCH_DTYPES[t.compute_dtype],
-        # BitsAndBytesConfig (trl.get_quantization_config): NF4, double quant, compute dtype = dtype
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": "nf4",
-        "use_bnb_nested_quant": t.double_quant,
+        # BitsAndBytesConfig (trl.get_quantization_config): NF4, double quant, compute dtype = dtype; or LLM.int8
+        # (load_in_8bit) for lora-8bit; none for a 16-bit base (lora)
+        **_trl_quant(plan),
         # peft LoraConfig (trl.get_peft_config)
         "use_peft": True,
         "lora_r": lora.rank,
@@ -67,7 +76,7 @@ def trl_config(plan: Plan) -> dict:
         "lora_dropout": lora.dropout,
         "lora_target_modules": _targets(plan),
         # SFTConfig (a transformers TrainingArguments)
-        "output_dir": f"outputs/{plan.model.name.replace('/', '-')}-qlora",
+        "output_dir": f"outputs/{plan.model.name.replace('/', '-')}-{t.method}",
         "per_device_train_batch_size": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_checkpointing": t.gradient_checkpointing,
@@ -83,13 +92,14 @@ def axolotl_config(plan: Plan) -> dict:
     t, lora = plan.train, plan.lora
     return {
         "base_model": _model_id(plan),
-        "load_in_4bit": True,
-        "adapter": "qlora",
+        **({"load_in_4bit": True} if t.method == "qlora" else {"load_in_8bit": True} if t.method == "lora-8bit" else {}),
+        "adapter": "qlora" if t.method == "qlora" else "lora",
         "lora_r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "lora_target_modules": _targets(plan),
-        "bnb_config_kwargs": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": t.double_quant},
+        **({"bnb_config_kwargs": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": t.double_quant}}
+           if t.method == "qlora" else {}),
         "sequence_len": t.seq_len,
         "sample_packing": t.packing,
         "pad_to_sequence_len": t.packing,
@@ -99,7 +109,7 @@ def axolotl_config(plan: Plan) -> dict:
         "optimizer": t.optim,
         "bf16": t.compute_dtype == "bf16",
         "fp16": t.compute_dtype == "fp16",
-        "output_dir": f"./outputs/{plan.model.name.replace('/', '-')}-qlora",
+        "output_dir": f"./outputs/{plan.model.name.replace('/', '-')}-{t.method}",
     }
 
 

@@ -43,15 +43,42 @@ def _row_settings(row):
     return settings_from_dict({k: v for k, v in row.items() if v == v})
 
 
+def row_method(row) -> str:
+    """A row's method (planner.specs.METHODS): rows written before the column existed are QLoRA."""
+    v = row.get("method", "") if hasattr(row, "get") else ""
+    return "qlora" if v is None or v == "" or v != v else str(v)
+
+
+def qlora_only(df):
+    """The rows the coefficients are fitted on: QLoRA. lora / lora-8bit rows (calibration/grids/methods.json) are
+    predicted with those coefficients and their own structural terms, never fitted: their error is out of sample."""
+    if "method" not in df.columns:
+        return df
+    return df[[row_method(r) == "qlora" for _, r in df.iterrows()]]
+
+
 def row_offset(row, model=None, double_quant: bool | None = None) -> int:
     """Bytes allocated after the load beyond the model's predicted static weights: what earlier
     configurations or models of the same harness process left behind."""
-    from planner.memory import quant_constants_bytes, quantized_weights_bytes, unquantized_weights_bytes
+    from planner.memory import (
+        base_constants_bytes,
+        base_weights_bytes,
+        quant_constants_bytes,
+        quantized_weights_bytes,
+        unquantized_weights_bytes,
+    )
     from planner.profiles import load_model
+    from planner.specs import TrainSettings
 
     model = model or load_model(row["model"])
     dq = str(row["double_quant"]) == "True" if double_quant is None else double_quant
-    static = quantized_weights_bytes(model) + quant_constants_bytes(model, dq) + unquantized_weights_bytes(model)
+    method = row_method(row)
+    if method == "qlora":
+        static = quantized_weights_bytes(model) + quant_constants_bytes(model, dq) + unquantized_weights_bytes(model)
+    else:
+        train = TrainSettings(compute_dtype=str(row["compute_dtype"]), double_quant=dq, method=method)
+        static = (base_weights_bytes(model, train) + base_constants_bytes(model, train)
+                  + unquantized_weights_bytes(model, train))
     return int(row["after_load_allocated_bytes"]) - static
 
 
@@ -272,6 +299,7 @@ def fit_context(df, coeffs: Coefficients) -> int:
 def fit(df, base: Coefficients | None = None) -> Coefficients:
     """Fit every measured coefficient from runs; returns new Coefficients (no I/O)."""
     base = base or _read(str(DEFAULTS_FILE))
+    df = qlora_only(df)
     items = prepare_rows(df, base)
     theta = fit_alloc(items, base)
     coeffs = _with(base, **theta)
@@ -289,6 +317,7 @@ def predict_rows(items: list[dict], coeffs: Coefficients) -> list[dict]:
         r = it["row"]
         out.append({
             "model": r["model"], "run_id": r["run_id"], "alloc_conf": r["alloc_conf"] or "default",
+            "method": it["train"].method,
             "measured_allocated": it["alloc"], "predicted_allocated": bd.peak_allocated_bytes,
             "measured_reserved": it["reserved"], "predicted_reserved": bd.peak_reserved_bytes,
             "phase": bd.peak_phase, "tokens_per_s": float(r["tokens_per_s"] or 0),
@@ -333,6 +362,17 @@ def error_summary(preds: list[dict]) -> dict:
     if len(modes) > 1:  # the allocator modes separately: their reserve terms are fitted separately
         out["by_allocator"] = {m: error_summary([p for p in preds if p["alloc_conf"] == m]) for m in modes}
     return out
+
+
+def method_bands(preds: list[dict]) -> dict[str, dict]:
+    """error_summary per method (planner.specs.METHODS) of cross-validated predictions: the coefficients are fitted
+    on QLoRA rows only, so a lora / lora-8bit band is out of sample twice (other models, another method)."""
+    methods = sorted({p.get("method", "qlora") for p in preds})
+    return {m: error_summary([p for p in preds if p.get("method", "qlora") == m]) for m in methods}
+
+
+def qlora_preds(preds: list[dict]) -> list[dict]:
+    return [p for p in preds if p.get("method", "qlora") == "qlora"]
 
 
 def _gpu_of(row):

@@ -1,5 +1,11 @@
 """The QLoRA memory model: one pure function per named term, each returning int bytes.
 
+Three ways to hold the frozen base (TrainSettings.method, planner.specs.METHODS) change a few terms, each
+in its own function below ("--------- the base, by method"): the base weights and their constants, what the
+base matmul saves and its workspace, and whether prepare_model_for_kbit_training upcasts the rest to fp32.
+qlora (the default) is the calibrated model; lora (16-bit base) and lora-8bit (LLM.int8 base) reuse its
+coefficients with their own structural terms and are not yet measured on a GPU.
+
 The stack modelled is the one users run: transformers `from_pretrained(..., quantization_config=
 BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype))`, peft's
 `prepare_model_for_kbit_training` (which upcasts every non-4-bit parameter to fp32), a peft LoRA
@@ -116,8 +122,9 @@ def quant_constants_bytes(model: ModelSpec, double_quant: bool) -> int:
 
 def residual_bytes(train: TrainSettings) -> int:
     """Bytes per element of the residual stream and what the 4-bit linears return (they return their
-    input's dtype): fp32 after prepare_model_for_kbit_training's upcast, else the compute dtype."""
-    return FP32 if train.kbit_upcast else DTYPE_BYTES[train.compute_dtype]
+    input's dtype): fp32 after prepare_model_for_kbit_training's upcast, else the compute dtype (the FSDP
+    recipe, and a 16-bit base, which is not k-bit prepared: TrainSettings.upcast_fp32)."""
+    return FP32 if train.upcast_fp32 else DTYPE_BYTES[train.compute_dtype]
 
 
 def unquantized_weights_bytes(model: ModelSpec, train: TrainSettings | None = None) -> int:
@@ -210,7 +217,7 @@ def layer_saved_bytes_per_token(model: ModelSpec, lora: LoraSettings, names: tup
     if model.is_moe:
         mlp += experts * r * h  # each expert's gathered copy of its tokens' hidden states
     lora_saved = sum(_lora_input_bytes(lin, lora, c) for lin in model.linears_in(names))
-    return residual + attn + mlp + lora_saved
+    return residual + attn + mlp + lora_saved + int8_saved_inputs_bytes_per_token(model, train)
 
 
 def packed_repeated_kv_bytes_per_token(model: ModelSpec, train: TrainSettings) -> int:
@@ -247,7 +254,7 @@ def checkpointed_layer_saved_bytes_per_token(model: ModelSpec, train: TrainSetti
 def moe_expert_weight_copies_bytes(model: ModelSpec, train: TrainSettings) -> int:
     """transformers 5 runs MoE experts as F.linear on 3-D parameters (not nn.Linear), so autocast casts
     each visited expert's weight to the compute dtype and the matmul saves that copy for backward."""
-    if not model.is_moe or not train.kbit_upcast:  # without the upcast the experts are already in the compute dtype
+    if not model.is_moe or not train.upcast_fp32:  # without the upcast the experts are already in the compute dtype
         return 0
     per_layer = model.layer_other_params - 2 * model.hidden_size - model.num_local_experts * model.hidden_size
     return model.num_hidden_layers * DTYPE_BYTES[train.compute_dtype] * per_layer
@@ -262,7 +269,7 @@ def head_saved_bytes(model: ModelSpec, train: TrainSettings) -> int:
 def lm_head_weight_copy_bytes(model: ModelSpec, train: TrainSettings) -> int:
     """Autocast casts the fp32 lm_head (or tied embedding) to the compute dtype; the matmul saves the copy.
     Without the upcast the lm_head is already in the compute dtype: no copy."""
-    if not train.kbit_upcast:
+    if not train.upcast_fp32:
         return 0
     return alloc(DTYPE_BYTES[train.compute_dtype] * model.vocab_size * model.hidden_size)
 
@@ -302,6 +309,116 @@ def dequant_buffer_bytes(model: ModelSpec, train: TrainSettings) -> int:
     return alloc(DTYPE_BYTES[train.compute_dtype] * largest)
 
 
+# --------------------------------------------------------------------------- the base, by method
+
+INT8 = 1  # bitsandbytes Int8Params: CB is int8, one byte per weight
+FP16 = DTYPE_BYTES["fp16"]
+
+
+@lru_cache(maxsize=64)
+def sixteen_bit_weights_bytes(model: ModelSpec, compute_dtype: str) -> int:
+    """lora: the base linears as the checkpoint loads them with from_pretrained(dtype=compute dtype) and no
+    quantization_config: one compute-dtype tensor per nn.Linear weight (2 B/param), no packing, no constants.
+    Not k-bit prepared, so nothing is upcast (the rest: unquantized_weights_bytes in the compute dtype)."""
+    c = DTYPE_BYTES[compute_dtype]
+    return model.num_hidden_layers * sum(lin.count * alloc(c * lin.weight_count) for lin in model.layer_linears)
+
+
+@lru_cache(maxsize=64)
+def int8_weights_bytes(model: ModelSpec) -> int:
+    """lora-8bit: bitsandbytes Int8Params._quantize (nn/modules.py) stores CB = int8_vectorwise_quant(W.half()),
+    row-major int8, one byte per weight (weight.data and state.CB are the same tensor). Same modules as 4-bit:
+    the decoder layers' nn.Linear (transformers integrations/bitsandbytes.py replace_with_bnb_linear)."""
+    return model.num_hidden_layers * sum(lin.count * alloc(INT8 * lin.weight_count) for lin in model.layer_linears)
+
+
+@lru_cache(maxsize=64)
+def int8_row_scales_bytes(model: ModelSpec) -> int:
+    """lora-8bit: Int8Params.SCB, the absmax of each weight row (output feature) in fp32 (int8_vectorwise_quant
+    returns "the quantization scales" as float32), one tensor per linear."""
+    return model.num_hidden_layers * sum(lin.count * alloc(FP32 * lin.out_features) for lin in model.layer_linears)
+
+
+def base_weights_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """The frozen base linears as the method stores them: NF4 (qlora), int8 (lora-8bit), compute dtype (lora)."""
+    if train.method == "lora":
+        return sixteen_bit_weights_bytes(model, train.compute_dtype)
+    if train.method == "lora-8bit":
+        return int8_weights_bytes(model)
+    return quantized_weights_bytes(model)
+
+
+def base_constants_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """What the base needs beside its weights to dequantize them: the 4-bit absmax (qlora), the int8 row scales
+    (lora-8bit), nothing for a 16-bit base."""
+    if train.method == "lora":
+        return 0
+    if train.method == "lora-8bit":
+        return int8_row_scales_bytes(model)
+    return quant_constants_bytes(model, train.double_quant)
+
+
+# The linears that read a group's inner activation (the attention output, the MLP's act(gate) x up), by their module
+# names in transformers' modeling files (llama/mistral/qwen2/gemma2/phi3/mixtral: o_proj, down_proj; others:
+# out_proj, dense, fc2, w2); every other linear of a decoder layer reads the layer's normed hidden state.
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "w2")
+
+
+def _output_projections(model: ModelSpec) -> set[str]:
+    """Per group (attn, mlp), the linears in OUTPUT_PROJECTIONS; a group with none of them (a router alone) has
+    none: all its linears read the normed hidden state."""
+    return {lin.name for lin in model.layer_linears if lin.name in OUTPUT_PROJECTIONS}
+
+
+def int8_saved_inputs_bytes_per_token(model: ModelSpec, train: TrainSettings) -> int:
+    """lora-8bit: bitsandbytes MatMul8bitLt.forward (autograd/_functions.py) keeps its input A for backward
+    (`ctx.tensors = (CAt, subA, A)` whenever the input needs a gradient), where MatMul4Bit keeps none and a
+    frozen 16-bit nn.Linear keeps only its weight. Linears reading one tensor share it, so per token and layer:
+    the normed hidden state once per group (residual dtype: fp32 after the k-bit upcast), the attention output
+    as o_proj sees it (transpose + reshape makes a compute-dtype copy), the MLP's act(gate) x up product
+    (residual dtype). subA, the fp16 outlier columns (|x| > threshold 6.0), is saved too; it is left out: its
+    width depends on the data (a handful of columns per linear in the LLM.int8 paper), for the GPU runs to show."""
+    if train.method != "lora-8bit":
+        return 0
+    r, c = residual_bytes(train), DTYPE_BYTES[train.compute_dtype]
+    outs = _output_projections(model)
+    total = 0
+    for group in dict.fromkeys(lin.group for lin in model.layer_linears):
+        lins = [lin for lin in model.layer_linears if lin.group == group]
+        if any(lin.name not in outs for lin in lins):
+            total += r * model.hidden_size
+        for lin in lins:
+            if lin.name in outs:
+                total += (c if group == "attn" else r) * lin.in_features * lin.count
+    return total
+
+
+def int8_matmul_workspace_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """lora-8bit, the transients of one LLM.int8 matmul (bitsandbytes 0.50 MatMul8bitLt), the larger of:
+      - forward: A.to(float16) (2 B per input element), its int8 quantization CA (1 B) and the fp32 row
+        scales SCA, for one micro-batch (int8_vectorwise_quant / int8_double_quant);
+      - backward, input gradient: `CB.to(dtype_A, copy=True).mul_(SCB ...)`, the whole weight dequantized in
+        the input's dtype (fp32 after the k-bit upcast), plus grad_output cast to that dtype.
+    The largest linear sets both. This replaces qlora's dequant_buffer_bytes."""
+    if train.method != "lora-8bit":
+        return 0
+    t, a = train.tokens_per_micro_batch, residual_bytes(train)
+    fwd = max(alloc(FP16 * t * lin.in_features) + alloc(INT8 * t * lin.in_features) + alloc(FP32 * t)
+              for lin in model.layer_linears)
+    bwd = max(alloc(a * lin.weight_count) + alloc(a * t * lin.out_features) for lin in model.layer_linears)
+    return max(fwd, bwd)
+
+
+def base_matmul_workspace_bytes(model: ModelSpec, train: TrainSettings) -> int:
+    """The base matmul's own transient while a layer runs: one dequantized 4-bit weight (qlora), the int8
+    path's casts and dequantized weight (lora-8bit), nothing for a 16-bit base (lora: F.linear on the weight)."""
+    if train.method == "lora":
+        return 0
+    if train.method == "lora-8bit":
+        return int8_matmul_workspace_bytes(model, train)
+    return dequant_buffer_bytes(model, train)
+
+
 def _layer_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[str, ...], train: TrainSettings,
                  attn_impl: str, coeffs: Coefficients) -> tuple[float, float]:
     """(one layer's saved set when not checkpointed, its checkpointed input) for one micro-batch."""
@@ -335,8 +452,8 @@ def layer_working_set_bytes(model: ModelSpec, lora: LoraSettings, names: tuple[s
     if recompute is None:
         recompute = train.checkpointed_layers(model.num_hidden_layers) == model.num_hidden_layers
     mask = 0 if recompute else sliding_window_mask_bytes(model, train)  # an uncheckpointed layer's backward
-    return (int((full if recompute else 0) + coeffs.get("bwd_temp_factor") * full) + dequant_buffer_bytes(model, train)
-            + mask)
+    return (int((full if recompute else 0) + coeffs.get("bwd_temp_factor") * full)
+            + base_matmul_workspace_bytes(model, train) + mask)
 
 
 def optimizer_step_temp_bytes(numels: tuple[int, ...], optim: str, coeffs: Coefficients) -> int:
@@ -407,8 +524,8 @@ def phases(model: ModelSpec, lora: LoraSettings, train: TrainSettings, coeffs: C
     attn_impl = model.attn_implementation
 
     weights = {
-        "quantized_weights": quantized_weights_bytes(model),
-        "quant_constants": quant_constants_bytes(model, train.double_quant),
+        "quantized_weights": base_weights_bytes(model, train),
+        "quant_constants": base_constants_bytes(model, train),
         "unquantized_weights": unquantized_weights_bytes(model, train),
         "lora_params": lora_params_bytes(numels),
     }

@@ -58,7 +58,61 @@ def why(result: SearchResult, best: Plan, coeffs: Coefficients) -> tuple[str, ..
     tier = lora_tier_cost(result, best)
     if tier:
         lines.append(tier)
+    lines.extend(method_trade(result, best))
     return tuple(lines)
+
+
+METHOD_BASES = {"qlora": "4-bit NF4 base", "lora": "16-bit {dtype} base", "lora-8bit": "8-bit LLM.int8 base"}
+
+
+def method_label(method: str, compute_dtype: str) -> str:
+    """'lora (16-bit bf16 base)'."""
+    return f"{method} ({METHOD_BASES[method].format(dtype=compute_dtype)})"
+
+
+def best_per_method(result: SearchResult) -> dict[str, Plan]:
+    """Each method's best plan in the search's own order (fitting first, then the ranking), methods in rank order."""
+    out: dict[str, Plan] = {}
+    for p in result.plans:
+        out.setdefault(p.train.method, p)
+    return out
+
+
+def method_trade(result: SearchResult, best: Plan) -> list[str]:
+    """When the search considered several methods (--method auto): which one it chose and the trade against each
+    other one, from the same ranking (fitting, quality tier, sequence, optimizer state, est. tokens/s)."""
+    from planner.report import gib_str
+
+    per = best_per_method(result)
+    if len(per) < 2:
+        return []
+    label = method_label(best.train.method, best.train.compute_dtype)
+    speed = f"est. {best.tokens_per_s:,.0f} tokens/s, " if best.tokens_per_s else ""
+    lines = [f"method {label}: the best-ranked method that fits ({speed}{gib_str(best.headroom_bytes)} GiB to spare)."]
+    for method, other in per.items():
+        if method == best.train.method:
+            continue
+        if not other.fits:
+            lines.append(f"{method} does not fit: its smallest plan needs {gib_str(smallest_needs(result, method))} GiB "
+                         f"(capacity {gib_str(best.capacity_bytes)} GiB).")
+            continue
+        if best.tokens_per_s and other.tokens_per_s:
+            ratio = best.tokens_per_s / other.tokens_per_s
+            pace = (f"{ratio:.2f}x faster than" if ratio >= 1 else f"{1 / ratio:.2f}x slower than")
+            trade = f"is est. {pace} {method} here ({other.tokens_per_s:,.0f} tokens/s"
+        else:
+            trade = f"ranks above {method} here (no speed estimate on this GPU: ranked by settings"
+        if other.lora != best.lora or other.train.seq_len != best.train.seq_len:
+            trade += f"; {method} fits only r{other.lora.rank} {','.join(other.lora.targets)} at seq {other.train.seq_len}"
+        elif ("8bit" in other.train.optim) != ("8bit" in best.train.optim):
+            trade += f"; {method} fits only with {other.train.optim}"
+        lines.append(f"{best.train.method} fits with {gib_str(best.headroom_bytes)} GiB to spare and {trade}, "
+                     f"{gib_str(other.headroom_bytes)} GiB to spare).")
+    return lines
+
+
+def smallest_needs(result: SearchResult, method: str) -> int:
+    return min(p.memory.needs_bytes for p in result.plans if p.train.method == method)
 
 
 def _lora_str(lora) -> str:
@@ -72,7 +126,8 @@ def lora_tier_cost(result: SearchResult, best: Plan) -> str | None:
         return None
     eight = "8bit" in best.train.optim  # compare like with like: 8-bit state is chosen only when nothing else fits
     others = [p for p in result.fitting if p.lora != best.lora and p.tokens_per_s > best.tokens_per_s
-              and p.train.seq_len == best.train.seq_len and ("8bit" in p.train.optim) == eight]
+              and p.train.seq_len == best.train.seq_len and ("8bit" in p.train.optim) == eight
+              and p.train.method == best.train.method]  # the method's own trade is method_trade's
     if not others:
         return None
     fast = max(others, key=lambda p: p.tokens_per_s)
@@ -108,10 +163,13 @@ def no_fit_advice(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coeffici
     if req.seq_len != 0:
         seq = next((s for s in reversed(AUTO_SEQ_LENS) if s < (req.seq_len or 512)
                     and search(model, gpu, replace(req, seq_len=s), coeffs).best is not None), None)
-    found = fewest_gpus(model, gpu, req, coeffs, max_n=MAX_GPUS)
-    limit = None if found is not None else load_phase_limit(model, gpu, req, coeffs)
+    multi_req = req if req.method == "qlora" else replace(req, method="qlora")  # multi-GPU plans are QLoRA only
+    found = fewest_gpus(model, gpu, multi_req, coeffs, max_n=MAX_GPUS)
+    limit = None if found is not None else load_phase_limit(model, gpu, multi_req, coeffs)
+    note = "" if req.method == "qlora" else "several GPUs (multi-GPU plans are QLoRA only: --method qlora):"
     return NoFitAdvice(larger_gpu=larger_gpu(model, req, coeffs, gpu), seq_len=seq, fewest_gpus=found,
-                       load_needs_bytes=limit[0] if limit else None, usable_bytes=limit[1] if limit else None)
+                       load_needs_bytes=limit[0] if limit else None, usable_bytes=limit[1] if limit else None,
+                       multi_gpu_note=note)
 
 
 def multi_no_fit_advice(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, n: int,

@@ -24,6 +24,7 @@ from planner.calibration_report import (
     exact_budget_rows,
     exact_mode_rows,
     heldout_rows,
+    method_section,
     render_report,
     write_plot,
 )
@@ -34,9 +35,12 @@ from planner.fit import (
     error_summary,
     fit,
     fit_multigpu,
+    method_bands,
     per_measurement,
     predict_rows,
     prepare_rows,
+    qlora_only,
+    qlora_preds,
     read_runs,
 )
 
@@ -70,6 +74,15 @@ SPEED_DIR = Path(FITTED_FILE).parent / "speed"
 # The throughput fit uses this sweep (the most configurations and timed steps); every other sweep in SPEED_DIR is
 # a check on another machine (calibration/REPORT.md, "Throughput").
 SPEED_FIT_FILES = ("h100-speed-b.csv",)
+
+
+def _speed_row_methods(path: Path) -> list[str]:
+    """The method of each row planner.speed_fit.read_rows keeps from a throughput CSV, in its order (rows written
+    before the column existed are QLoRA)."""
+    import csv
+
+    with Path(path).open(newline="") as fh:
+        return [r.get("method") or "qlora" for r in csv.DictReader(fh) if r["status"] == "ok" and r["data"] != "padded"]
 
 
 def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
@@ -110,6 +123,11 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
             "file": path.name, "rows": len(other), "gpus": sorted({r.gpu for r in other}),
             "as_shipped": sf.summary(sf.errors_pct(other, sf.predict(other, co))),
             "cpu_scale": round(scale, 3), "with_cpu_scale_held_out": sf.summary(sf.held_out_scale(other, co, CPU_TERMS))})
+        methods = _speed_row_methods(path)
+        if set(methods) - {"qlora"}:  # a sweep of calibration/grids/methods-speed.json: each method's own band
+            errs = sf.errors_pct(other, sf.predict(other, co))
+            doc["other_sweeps"][-1]["as_shipped_by_method"] = {
+                m: sf.summary([e for e, mm in zip(errs, methods) if mm == m]) for m in sorted(set(methods))}
     padded = sf.read_rows(sorted(speed_dir.glob("*.csv")), padded=True)
     doc["padded"] = [{"run_id": r.run_id, "measured_s": r.step_time_s, "error_pct": round(e, 1)}
                      for r, e in zip(padded, sf.errors_pct(padded, sf.predict(padded, co)))]
@@ -126,22 +144,28 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     multi = _multigpu_runs()
     if multi is not None:  # several GPUs: NCCL buffers and the FSDP margin (planner.fit.fit_multigpu)
         coeffs = _with_values(coeffs, **fit_multigpu(multi, coeffs))
-    cv_model = cross_validate(df, "model", base)
-    cv_family = cross_validate(df, "family", base)
+    cv_all = cross_validate(df, "model", base)  # every method's rows, predicted by fits on QLoRA rows only
+    cv_model = qlora_preds(cv_all)
+    cv_family = qlora_preds(cross_validate(df, "family", base))
     speed_coeffs, speed = speed_section()
     coeffs = _with_values(coeffs, **speed_coeffs)
     doc = coefficients_document(coeffs, df, cv_model, cv_family, f"h200-{_environment(df)['date']}")
     doc["cross_validation"]["speed"] = {k: v for k, v in speed.items() if k not in ("per_row", "padded")}
+    bands = method_bands(cv_all)
+    if set(bands) != {"qlora"}:  # rows of calibration/grids/methods.json: each method's own band
+        doc["cross_validation"]["leave_one_model_out_by_method"] = bands
     doc["values"]["speed_cv_error_pct"] = speed["leave_one_configuration_out"]["median"]
     doc["values"]["speed_calibrated_on"] = ",".join(speed["gpus"])
     out = Path(out_path) if out_path else FITTED_FILE
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    items = prepare_rows(df, base)
+    items = prepare_rows(qlora_only(df), base)
     doc["contaminated"] = contamination_effect(df, base, items)
     fitted_preds = predict_rows(items, coeffs)
     exact = exact_mode_rows(items, paths)
     heldout = heldout_rows(coeffs)
     report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout, exact_budget_rows(df, coeffs), speed)
+    speed_by_method = {o["file"]: o["as_shipped_by_method"] for o in speed["other_sweeps"] if "as_shipped_by_method" in o}
+    report = report.rstrip("\n") + "\n\n" + "\n".join(method_section(bands, speed_by_method)) + "\n"
     rpath = Path(report_path) if report_path else REPORT_FILE
     rpath.write_text(report)
     plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)

@@ -44,9 +44,7 @@ def component_labels(plan: Plan) -> dict[str, str]:
         ckpt = f"{m.num_hidden_layers} layers, no checkpointing"
     recompute = k == m.num_hidden_layers or (k and plan.memory.peak_phase == "backward, last checkpointed layer")
     return {
-        "quantized_weights": f"4-bit base weights (NF4, {_params_str(m.quantized_param_count)} params)",
-        "quant_constants": "quantization constants (" + ("double quant)" if t.double_quant else "fp32 absmax)"),
-        "unquantized_weights": "unquantized weights (embeddings, lm_head, norms; fp32)",
+        **base_labels(plan),
         "lora_params": f"LoRA weights (fp32, {_params_str(trainable_params(m, lora))} params)",
         "lora_grads": "LoRA gradients (fp32)",
         "optimizer_state": f"optimizer state ({t.optim})",
@@ -60,13 +58,38 @@ def component_labels(plan: Plan) -> dict[str, str]:
     }
 
 
+def base_labels(plan: Plan) -> dict[str, str]:
+    """The rows that depend on how the base is held (TrainSettings.method)."""
+    m, t = plan.model, plan.train
+    n = _params_str(m.quantized_param_count)
+    rest = "fp32" if t.upcast_fp32 else t.compute_dtype
+    if t.method == "lora":
+        return {"quantized_weights": f"16-bit base weights ({t.compute_dtype}, {n} params)",
+                "quant_constants": "quantization constants (none: 16-bit base)",
+                "unquantized_weights": f"other weights (embeddings, lm_head, norms; {rest})"}
+    if t.method == "lora-8bit":
+        return {"quantized_weights": f"8-bit base weights (LLM.int8, {n} params)",
+                "quant_constants": "int8 row scales (SCB, fp32 per output row)",
+                "unquantized_weights": f"unquantized weights (embeddings, lm_head, norms; {rest})"}
+    return {"quantized_weights": f"4-bit base weights (NF4, {n} params)",
+            "quant_constants": "quantization constants (" + ("double quant)" if t.double_quant else "fp32 absmax)"),
+            "unquantized_weights": f"unquantized weights (embeddings, lm_head, norms; {rest})"}
+
+
+def method_str(plan: Plan, short: bool = False) -> str:
+    """'' for qlora (the default, so its lines read as before); ' · method lora' otherwise."""
+    if plan.train.method == "qlora":
+        return ""
+    return f" {plan.train.method}" if short else f" · method {plan.train.method}"
+
+
 def settings_line(plan: Plan) -> str:
     t, lora = plan.train, plan.lora
     targets = ",".join(lora.targets)
     return (f"micro-batch {t.batch_size} x accumulation {t.grad_accum} = effective batch {t.effective_batch} · "
             f"seq {t.seq_len} · LoRA r{lora.rank} ({targets}) · gradient checkpointing "
             f"{ckpt_str(plan)} · {t.optim} · {t.compute_dtype} · "
-            f"expandable_segments {'on' if t.expandable_segments else 'off'}")
+            f"expandable_segments {'on' if t.expandable_segments else 'off'}{method_str(plan)}")
 
 
 def breakdown_table(plan: Plan) -> str:
@@ -88,7 +111,7 @@ def breakdown_table(plan: Plan) -> str:
 def _short(plan: Plan) -> str:
     t, lora = plan.train, plan.lora
     return (f"{t.batch_size}x{t.grad_accum} seq {t.seq_len} r{lora.rank} {','.join(lora.targets)} "
-            f"ckpt {ckpt_str(plan, short=True)} {t.optim}")
+            f"ckpt {ckpt_str(plan, short=True)} {t.optim}{method_str(plan, short=True)}")
 
 
 def alternatives(result: SearchResult, best: Plan, n: int = 4) -> list[Plan]:
@@ -96,7 +119,8 @@ def alternatives(result: SearchResult, best: Plan, n: int = 4) -> list[Plan]:
     variants of one shape are not shown separately."""
 
     def shape(p: Plan):
-        return (p.train.batch_size, p.train.gradient_checkpointing, p.train.uncheckpointed_layers, p.train.seq_len, p.lora)
+        return (p.train.batch_size, p.train.gradient_checkpointing, p.train.uncheckpointed_layers, p.train.seq_len, p.lora,
+                p.train.method)
 
     out, seen = [], {shape(best)}
     for p in result.fitting:
@@ -204,6 +228,8 @@ def render_advice(advice, model_arg: str, gpu, fixed: bool, calibrated: bool) ->
     lines = ["  " + larger_gpu_line(advice)]
     if advice.seq_len is not None:
         lines.append(f"  on this card: --seq-len {advice.seq_len} fits.")
+    if advice.multi_gpu_note:
+        lines.append("  " + advice.multi_gpu_note)
     if advice.fewest_gpus is not None:
         lines.append("  " + fewest_gpus_line(advice.fewest_gpus, model_arg, gpu, fixed=fixed, calibrated=calibrated))
     else:

@@ -40,6 +40,8 @@ def plan_str(plan: Plan) -> str:
         parts.append(t.optim)
     if t.compute_dtype != "bf16":
         parts.append(t.compute_dtype)
+    if t.method != "qlora":
+        parts.append(t.method)
     return ", ".join(parts)
 
 
@@ -47,7 +49,7 @@ def config_str(plan: Plan) -> str:
     """The longer form used in 'does not fit' lines."""
     t, lora = plan.train, plan.lora
     return (f"micro-batch {t.batch_size} x accumulation {t.grad_accum}, seq {t.seq_len}, r{lora.rank} {','.join(lora.targets)}, "
-            f"{_ckpt_words(plan)}, {t.optim}")
+            f"{_ckpt_words(plan)}, {t.optim}" + (f", {t.method}" if t.method != "qlora" else ""))
 
 
 def _ckpt_words(plan: Plan) -> str:
@@ -209,6 +211,17 @@ def speed_note(c: Comparison) -> str:
             f"(TFLOP/s, bandwidth); {band}.")
 
 
+def method_notes(c: Comparison) -> list[str]:
+    """--method other than qlora: the plans' methods and that only QLoRA was measured on a GPU."""
+    methods = c.request.methods()
+    if methods == ("qlora",):
+        return []
+    chosen = {o.plan.train.method for o in c.options if o.plan}
+    return [f"methods considered: {', '.join(methods)} (each GPU priced with its best-ranked method that fits; "
+            f"chosen: {', '.join(sorted(chosen)) or 'none'}); lora and lora-8bit are structural terms with the "
+            "QLoRA-fitted coefficients, not yet measured on a GPU: their tokens/s are estimates on every GPU."]
+
+
 def capacity_notes(c: Comparison) -> list[str]:
     """One line per GPU given as a bare capacity: the catalog card whose speed it borrows, or none."""
     out = []
@@ -307,6 +320,7 @@ def render_text(c: Comparison) -> str:
                    f"bound, lower for FSDP's per-layer all-gathers); USD = hours x {c.num_gpus} x price per GPU-hour; "
                    "peak/GPU is shown for DDP only (FSDP's model predicts what each GPU needs); +offload: FSDP with CPU offload, whose "
                    "transfers are not in the speed estimate and whose CPU RAM `qfit plan --num-gpus` shows.")
+    out += method_notes(c)
     out += capacity_notes(c)
     out.append(f"hours = tokens / tokens/s / 3600 with packed sequences (no padding); {price_note(c)}")
     out.append("peak: predicted peak reserved by the allocator; needs: what must fit on the card "

@@ -29,6 +29,14 @@ FIELD_LABELS = {
 }
 
 
+# the rows that name the base as train.method holds it (planner.specs.METHODS)
+METHOD_FIELD_LABELS = {
+    "lora": {"quantized_weights": "16-bit base weights", "quant_constants": "quantization constants (none)",
+             "unquantized_weights": "other weights (compute dtype)"},
+    "lora-8bit": {"quantized_weights": "8-bit base weights", "quant_constants": "int8 row scales"},
+}
+
+
 def _signed_gib(n_bytes: int) -> str:
     return ("+" if n_bytes >= 0 else "") + gib_str(n_bytes)
 
@@ -56,7 +64,8 @@ def exact_section(model_spec, lora: LoraSettings, train: TrainSettings, breakdow
         a, t = v["analytic_bytes"], v["traced_bytes"]
         if name == "other" and not t:
             continue
-        rows.append([FIELD_LABELS.get(name, name), gib_str(a) if name != "other" else "-", gib_str(t),
+        labels = {**FIELD_LABELS, **METHOD_FIELD_LABELS.get(train.method, {})}
+        rows.append([labels.get(name, name), gib_str(a) if name != "other" else "-", gib_str(t),
                      _signed_gib(t - a) if name != "other" else ""])
     a_peak, t_peak = doc["analytic_peak_allocated_bytes"], doc["peak_allocated_bytes"]
     err = (t_peak - a_peak) / a_peak * 100 if a_peak else 0.0
@@ -77,7 +86,10 @@ def exact_section(model_spec, lora: LoraSettings, train: TrainSettings, breakdow
              f"traced peak: {doc['peak_phase']} (op {doc['peak_op']}); analytic peak: {doc['analytic_peak_phase']}; "
              f"traced - analytic = {err:+.1f}%"]
     cats = sorted(doc["categories"].items(), key=lambda kv: -kv[1])
-    detail = [[CATEGORY_LABELS.get(k, k), gib_str(v), CATEGORY_TO_FIELD.get(k) or "-"] for k, v in cats]
+    cat_labels = CATEGORY_LABELS if train.method == "qlora" else {
+        **CATEGORY_LABELS, "quantized_weights": f"base weights ({train.method})",
+        "unquantized_weights": "unquantized weights" + (" (compute dtype)" if not train.upcast_fp32 else " (fp32)")}
+    detail = [[cat_labels.get(k, k), gib_str(v), CATEGORY_TO_FIELD.get(k) or "-"] for k, v in cats]
     lines += ["", tabulate(detail, headers=["traced, alive at the peak", "GiB", "analytic field"], tablefmt="plain",
                            colalign=("left", "right", "left"), disable_numparse=True)]
     last_mb = max((k.split(":")[0] for k in doc["phase_peaks"] if k.startswith("step 2, micro-batch")), default="")

@@ -7,12 +7,13 @@ first tier with a fitting plan wins; inside it plans are ranked by estimated tok
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 from planner.errors import QfitError
 from planner.memory import estimate
-from planner.specs import MEMORY_CLASS_FRAC, Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
-from planner.speed import tokens_per_second
+from planner.specs import MEMORY_CLASS_FRAC, METHODS, Coefficients, GpuSpec, LoraSettings, ModelSpec, Plan, TrainSettings
+from planner.speed import METHOD_SPEED_NOTES, tokens_per_second
 
 DEFAULT_EFFECTIVE_BATCH = 16
 DEFAULT_SEQ_LEN = 512
@@ -44,9 +45,17 @@ class Request:
     expandable_segments: bool = True
     packing: bool = True  # qfit run packs rows into micro-batches (planner/packing.py) unless told not to
     optimize: str = "quality"  # quality: the best LoRA tier that fits, fastest within it; speed: fastest of all tiers
+    # how the frozen base is held (planner.specs.METHODS), or "auto": every method, ranked like any other setting
+    # (fitting, quality tier, ..., est. tokens/s); qlora unless asked, so the default answers do not change
+    method: str = "qlora"
+
+    def methods(self) -> tuple[str, ...]:
+        """The methods the search considers."""
+        return METHODS if self.method == "auto" else (self.method,)
 
 
 OPTIMIZE = ("quality", "speed")
+METHOD_CHOICES = METHODS + ("auto",)
 
 
 MAX_GPUS = 8  # the largest count the no-fit advice tries: one host
@@ -63,6 +72,8 @@ class NoFitAdvice:
     # when no count fits because FSDP's load phase alone exceeds the card even on max_gpus GPUs:
     load_needs_bytes: int | None = None
     usable_bytes: int | None = None
+    # set when the request's method is not qlora: the multi-GPU advice is for QLoRA (multi-GPU plans are QLoRA only)
+    multi_gpu_note: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +120,9 @@ def candidates(model: ModelSpec, gpu: GpuSpec, req: Request) -> tuple[list[tuple
     elif gpu.bandwidth_gb_s <= 0 and gpu.name != "cpu":
         notes.append(f"no speed estimate: no catalog GPU has {gpu.name}'s memory (within "
                      f"{MEMORY_CLASS_FRAC:.0%}); ranked by settings that are faster on any GPU")
+    for method in req.methods():
+        if method != "qlora":
+            notes.append(METHOD_SPEED_NOTES[method])
     if req.seq_len == 0:
         seqs = [s for s in AUTO_SEQ_LENS if s <= model.max_position_embeddings]
     else:
@@ -125,13 +139,13 @@ def candidates(model: ModelSpec, gpu: GpuSpec, req: Request) -> tuple[list[tuple
         for seq in sorted(seqs, reverse=True):
             for mb, accum in _batch_grid(req):
                 for ckpt in ckpts:
-                    for optim in optims:
+                    for optim, method in itertools.product(optims, req.methods()):
                         train = TrainSettings(batch_size=mb, grad_accum=accum, seq_len=seq,
                                               gradient_checkpointing=ckpt, optim=optim, compute_dtype=dtype,
                                               double_quant=req.double_quant,
                                               expandable_segments=req.expandable_segments,
                                               uncheckpointed_layers=req.uncheckpointed_layers or 0,
-                                              packing=req.packing)
+                                              packing=req.packing, method=method)
                         out.append((tier if req.optimize == "quality" else 0, lora, train))
     return out, notes
 
@@ -205,6 +219,8 @@ def most_uncheckpointed(plan: Plan, coeffs: Coefficients, memo: dict | None = No
 def search(model: ModelSpec, gpu: GpuSpec, req: Request, coeffs: Coefficients, memo: dict | None = None) -> SearchResult:
     if req.optimize not in OPTIMIZE:
         raise QfitError(f"--optimize must be quality or speed, got {req.optimize!r}")
+    if req.method not in METHOD_CHOICES:
+        raise QfitError(f"--method must be one of {', '.join(METHOD_CHOICES)}, got {req.method!r}")
     if req.rank and req.rank > model.hidden_size:
         raise QfitError(f"--rank {req.rank} is above {model.display_name}'s hidden size ({model.hidden_size}): "
                         "a LoRA rank cannot exceed the width it adapts; try 8 to 64")

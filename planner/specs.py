@@ -13,6 +13,11 @@ from planner.errors import QfitError
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# How the frozen base is held (the names users know from peft / bitsandbytes):
+#   qlora      4-bit NF4 base (BitsAndBytesConfig(load_in_4bit=True)) + prepare_model_for_kbit_training
+#   lora       16-bit base in the compute dtype, no quantization, no k-bit preparation
+#   lora-8bit  LLM.int8 base (BitsAndBytesConfig(load_in_8bit=True)) + prepare_model_for_kbit_training
+METHODS = ("qlora", "lora", "lora-8bit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +203,11 @@ class TrainSettings:
     # mask, position_ids restarting per example. transformers then gives sdpa an explicit block-diagonal mask,
     # which costs memory (the mask, repeated k/v for grouped-query attention) and speed (no flash kernel).
     packing: bool = False
+    method: str = "qlora"  # METHODS: how the frozen base is stored (4-bit NF4, 16-bit, 8-bit LLM.int8)
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QfitError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
                             ("--seq-len", self.seq_len)):
             if value < 1:
@@ -212,6 +220,13 @@ class TrainSettings:
             raise QfitError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise QfitError(f"--compute-dtype must be bf16 or fp16, got {self.compute_dtype!r}")
+
+    @property
+    def upcast_fp32(self) -> bool:
+        """Whether the non-quantized weights (and so the residual stream) are fp32: prepare_model_for_kbit_training
+        upcasts them for the k-bit bases (qlora, lora-8bit) unless kbit_upcast is off (the FSDP recipe); a 16-bit
+        base (lora) is not k-bit prepared and stays in the compute dtype."""
+        return self.kbit_upcast and self.method != "lora"
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -247,8 +262,8 @@ class MemoryBreakdown:
     The first fields sum to peak_allocated; the rest turn it into reserved, required and device use.
     """
 
-    quantized_weights: int  # 4-bit packed base linears
-    quant_constants: int  # absmax (+ double-quant second level)
+    quantized_weights: int  # the base linears as stored: 4-bit packed (qlora), int8 (lora-8bit), compute dtype (lora)
+    quant_constants: int  # qlora: absmax (+ double-quant second level); lora-8bit: SCB row scales; lora: 0
     unquantized_weights: int  # embeddings, lm_head, norms, biases (fp32 after k-bit prep)
     lora_params: int
     lora_grads: int

@@ -29,6 +29,8 @@ from planner.memory import resolve_targets, trainable_params
 from planner.specs import Coefficients, GpuSpec, LoraSettings, ModelSpec, TrainSettings
 from planner.units import DTYPE_BYTES
 
+FP32 = DTYPE_BYTES["fp32"]
+
 # Bytes moved to dequantize one 4-bit weight for one matmul: read NF4 (0.5 B) and its scales (1/16 B), write the
 # compute-dtype weight (2 B), the matmul reads it back (2 B).
 DEQUANT_BYTES_PER_PARAM = 0.5 + 0.0625 + 2 + 2
@@ -55,6 +57,8 @@ def features(model: ModelSpec, lora: LoraSettings, train: TrainSettings, gpu: Gp
     peak = gpu.tflops(train.compute_dtype) * 1e12
     bw = gpu.bandwidth_gb_s * 1e9
     cpu, flops, traffic, step_counts, step_bytes = _work(model, lora, train)
+    if train.method != "qlora":  # the base's own weight traffic replaces 4-bit dequantization
+        traffic = {**traffic, "dequant": method_base_traffic_bytes(model, train)}
     gpu_terms = {**{k: v / peak for k, v in flops.items()}, **{k: v / bw for k, v in traffic.items()}}
     step = {**step_counts, **{k: v / bw for k, v in step_bytes.items()}}
     return SpeedFeatures(train.grad_accum, train.tokens_per_micro_batch * train.grad_accum, dict(cpu), gpu_terms, step)
@@ -102,6 +106,55 @@ def _work(model: ModelSpec, lora: LoraSettings, train: TrainSettings):
     step_counts = {"optimizer_tensor": float(2 * lora_modules * L), "optimizer_step": 1.0}  # A and B of every wrapped linear
     step_bytes = {"optimizer_traffic": trainable_params(model, lora) * (8 if eight_bit else 16)}
     return cpu, flops, traffic, step_counts, step_bytes
+
+
+# --------------------------------------------------------------------------- the base, by method (lora, lora-8bit)
+
+METHOD_SPEED_NOTES = {
+    "lora": "lora: 16-bit base: the matmuls read the compute-dtype weight, no dequantization (structural terms "
+            "with the QLoRA-fitted coefficients; not yet measured on a GPU)",
+    "lora-8bit": "lora-8bit: LLM.int8 base: activation quantization and, in backward, the weight dequantized in the "
+                 "input's dtype (fp32 after the k-bit upcast) for a matmul in that dtype, whose rate the GPU profiles "
+                 "do not carry: est. tokens/s is optimistic (structural terms; not yet measured on a GPU)",
+}
+
+
+def _base_passes(model: ModelSpec, train: TrainSettings) -> tuple[float, float, int]:
+    """(forward passes incl. the recompute of checkpointed layers, backward passes, base linear params)."""
+    rf = train.checkpointed_layers(model.num_hidden_layers) / model.num_hidden_layers
+    return 1 + rf, 1.0, model.quantized_param_count
+
+
+def method_base_traffic_bytes(model: ModelSpec, train: TrainSettings) -> float:
+    """Bytes moved per micro-batch to use the frozen base's weights, for a base that is not 4-bit (it takes the
+    place of the `dequant` feature, with its coefficient: both are weight traffic at a fitted bandwidth share).
+
+    lora (16-bit base): each pass's matmul reads the compute-dtype weight once, c bytes per param
+    (torch F.linear / cuBLAS; no dequantization).
+    lora-8bit (bitsandbytes 0.50 MatMul8bitLt, autograd/_functions.py):
+      forward (and recompute): A.to(float16) and int8_vectorwise_quant over the input (read a, write 2, read 2,
+      write 1 bytes per input element), the int8 matmul reading the int8 weight (1 B/param) and the int32
+      result dequantized to A's dtype (read 4, write a per output element);
+      backward: `CB.to(dtype_A, copy=True).mul_(SCB ...)` then matmul: read 1, write a, read + write a, read a
+      bytes per param (a: the input's dtype, fp32 after the k-bit upcast).
+    MoE experts (3-D parameters, not nn.Linear) stay in the compute dtype under every method; their read is
+    counted as the 16-bit case."""
+    fwd, bwd, base = _base_passes(model, train)
+    c = DTYPE_BYTES[train.compute_dtype]
+    experts = 0
+    if model.is_moe:
+        per_expert = (model.layer_other_params - 2 * model.hidden_size) // max(1, model.num_local_experts)
+        experts = model.num_hidden_layers * model.num_experts_per_tok * per_expert
+    expert_bytes = (fwd + bwd) * c * experts
+    if train.method == "lora":
+        return (fwd + bwd) * c * base + expert_bytes
+    a = FP32 if train.upcast_fp32 else c
+    t, L = train.tokens_per_micro_batch, model.num_hidden_layers
+    ins = L * sum(lin.count * lin.in_features for lin in model.layer_linears)
+    outs = L * sum(lin.count * lin.out_features for lin in model.layer_linears)
+    forward = base * 1 + t * ins * (a + 2 + 2 + 1) + t * outs * (4 + a)
+    backward = base * (1 + 3 * a)
+    return fwd * forward + bwd * backward + expert_bytes
 
 
 def micro_batch_seconds(f: SpeedFeatures, coeffs: Coefficients) -> tuple[float, float, float]:

@@ -593,3 +593,5 @@ def test_num_gpus_cli(tmp_path):
     assert row["num_gpus"] == 2 and row["strategy"] in ("ddp", "fsdp") and row["fits"]
     res = runner.invoke(compare_cmd, ["mistral-7b", "--tokens", "2M", "--num-gpus", "0"])
     assert res.exit_code == 2 and "--num-gpus must be a positive integer" in res.output
+    res = runner.invoke(compare_cmd, ["mistral-7b", "--tokens", "2M", "--num-gpus", "2", "--method", "auto"])
+    assert res.exit_code == 2 and "multi-GPU plans are QLoRA only" in res.output

@@ -21,6 +21,7 @@ README = ROOT / "README.md"
 README_EXAMPLES = [
     ("qfit plan mistral-7b --gpu t4", None),
     ("qfit compare mistral-7b --examples 5000 --avg-tokens 350 --epochs 3", "\nUSD per GPU"),
+    ("qfit plan mistral-7b --gpu a100-80gb --method auto", "\nAlternatives that fit"),
 ]
 
 

@@ -43,7 +43,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
-from planner.exact_types import CudaDevice
+from planner.exact_types import EXACT_8BIT_REFUSAL, CudaDevice
 from planner.memory import ALLOC_GRANULE, resolve_targets
 from planner.specs import LoraSettings, ModelSpec, TrainSettings
 
@@ -459,8 +459,9 @@ class Built:
 
 def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[str, ...],
           train: TrainSettings, tracker: AllocTracker, input_requires_grad: bool = False) -> Built:
-    """Architecture from its config, in 4 bits, prepared and LoRA-wrapped: stack.load_4bit + get_peft_model."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    """Architecture from its config, loaded as train.method holds the base, LoRA-wrapped: stack.load_4bit (qlora) or
+    stack.load_base's 16-bit path (lora) + get_peft_model."""
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
@@ -468,6 +469,10 @@ def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[s
 
     compute_dtype = stack.TORCH_DTYPES[train.compute_dtype]
     config = _hf_config(config_fields, layers)
+    if train.method == "lora":
+        return _build_16bit(config, config_fields, lora, targets, train, tracker, input_requires_grad)
+    if train.method != "qlora":
+        raise TraceError(EXACT_8BIT_REFUSAL)
     bnb_cfg = stack.bnb_config(train.compute_dtype, train.double_quant)
     quantizer = Bnb4BitHfQuantizer(bnb_cfg, pre_quantized=False)
     # the skeleton is built on the meta device outside the fake and tracking modes (Params4bit cannot
@@ -487,6 +492,44 @@ def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[s
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False, auto_clear_cache=False)
     model.config.use_cache = False
     tracker.log.marks["loaded"] = len(tracker.log.events)  # stack.load_4bit returns here
+    return _wrap(model, lora, targets, train, tracker, input_requires_grad)
+
+
+def _build_16bit(config, config_fields: dict, lora: LoraSettings, targets: tuple[str, ...], train: TrainSettings,
+                 tracker: AllocTracker, input_requires_grad: bool) -> Built:
+    """lora: stack.load_base's 16-bit path: from_pretrained(dtype=compute dtype), no quantization, no k-bit
+    preparation; the decoder layers' nn.Linear weights are the base weights (category quantized_weights, the
+    MemoryBreakdown field that holds the base as the method stores it)."""
+    from transformers import AutoModelForCausalLM
+
+    from planner.train import stack
+
+    compute_dtype = stack.TORCH_DTYPES[train.compute_dtype]
+    with _disable_current_modes():
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+        except ValueError as exc:
+            raise TraceError(f"transformers cannot build {config_fields.get('model_type')!r} as a causal LM: "
+                             f"{str(exc).splitlines()[0][:160]}") from None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    _materialize(model, compute_dtype, tracker)
+    for module in decoder.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.qfit_base_weight = True
+            tracker.track(module.weight, "quantized_weights")
+    model.config.use_cache = False
+    tracker.log.marks["loaded"] = len(tracker.log.events)  # stack.load_base returns here
+    return _wrap(model, lora, targets, train, tracker, input_requires_grad)
+
+
+def _wrap(model, lora: LoraSettings, targets: tuple[str, ...], train: TrainSettings, tracker: AllocTracker,
+          input_requires_grad: bool) -> Built:
+    """get_peft_model and the Trainer's checkpointing setup, on a loaded base (any method)."""
+    from peft import get_peft_model
+
+    from planner.train import stack
+
     with _module_to_sets_data():
         peft_model = get_peft_model(model, stack.lora_config(lora, targets))
     if train.gradient_checkpointing:
@@ -535,7 +578,7 @@ def _module_to_sets_data():
 def _label_static(model, tracker: AllocTracker) -> None:
     """After k-bit prep (fp32 upcast) and LoRA: every parameter and buffer gets its category."""
     for p in model.parameters():
-        if getattr(p, "bnb_quantized", False):
+        if getattr(p, "bnb_quantized", False) or getattr(p, "qfit_base_weight", False):
             cat = "quantized_weights"
         elif p.requires_grad:
             cat = "lora_params"
@@ -814,13 +857,15 @@ def trace(config_fields: dict, spec: ModelSpec, lora: LoraSettings, train: Train
     saved_qmap = dict(bnbf.name2qmap)
     try:
         with fake_mode, tracker, cuda_semantics(), _quiet():
-            # bitsandbytes builds its shared 8-bit map (used for the nested absmax) on first use
-            with _disable_current_modes():
-                dyn = bnbf.create_dynamic_map()
-            bnbf.name2qmap["dynamic"] = fake_mode.from_tensor(dyn)
-            tracker.track(bnbf.name2qmap["dynamic"], "quant_constants" if train.double_quant else "temporaries")
-            if not train.double_quant:  # only quantize_blockwise (the nested absmax) creates it
-                del bnbf.name2qmap["dynamic"]
+            # bitsandbytes builds its shared 8-bit map (used for the nested absmax) on first use; a 16-bit base
+            # never quantizes, so it has none
+            if train.method == "qlora":
+                with _disable_current_modes():
+                    dyn = bnbf.create_dynamic_map()
+                bnbf.name2qmap["dynamic"] = fake_mode.from_tensor(dyn)
+                tracker.track(bnbf.name2qmap["dynamic"], "quant_constants" if train.double_quant else "temporaries")
+                if not train.double_quant:  # only quantize_blockwise (the nested absmax) creates it
+                    del bnbf.name2qmap["dynamic"]
             built = build(config_fields, layers, lora, targets, train, tracker, input_requires_grad)
             static = _category_totals(tracker, alive_only=True)
             info = {"optimizer": ""}

@@ -1,7 +1,7 @@
 """The profiling harness behind `qfit calibrate`: sweep QLoRA configurations on a CUDA GPU and
 write one CSV row per configuration (raw integer bytes; an OOM is a row, not a lost run).
 
-The 4-bit base model is loaded once per (model, compute dtype, double quant) and reused for that
+The base model is loaded once per (model, compute dtype, double quant, method) and reused for that
 group's configurations: after each the LoRA layers are unloaded and the allocator emptied, and the
 row records whether allocated memory came back to the post-load level (`leak_bytes`). Each group
 runs in a fresh child process: a model loaded and dropped earlier in the same process leaves
@@ -44,14 +44,15 @@ FIELDS = (
     "peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes", "nvml_baseline_bytes",
     "context_bytes", "leak_bytes", "step_time_s", "tokens_per_s", "steps", "error",
     "gpu_name", "gpu_total_bytes", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "date",
+    "method",  # planner.specs.METHODS; absent in files written before it (read as qlora)
 )
 
 
 def _cfg(model, batch, seq, ckpt, rank, targets, optim, dtype="bf16", dq=True, accum=2, budget=0, bisect=False,
-         unckpt=0):
+         unckpt=0, method="qlora"):
     return dict(model=model, compute_dtype=dtype, double_quant=dq, batch_size=batch, seq_len=seq,
                 gradient_checkpointing=ckpt, uncheckpointed_layers=unckpt if ckpt else 0, rank=rank, targets=targets,
-                optim=optim, grad_accum=accum, budget_bytes=budget, bisect=bisect)
+                optim=optim, grad_accum=accum, budget_bytes=budget, bisect=bisect, method=method)
 
 
 def grid(name: str) -> list[dict]:
@@ -72,7 +73,7 @@ def grid(name: str) -> list[dict]:
 
 
 def grid_from_json(path: str) -> list[dict]:
-    """A JSON list of {model, batch, seq, ckpt, rank, targets, optim[, dtype, dq, accum, budget, bisect, unckpt]},
+    """A JSON list of {model, batch, seq, ckpt, rank, targets, optim[, dtype, dq, accum, budget, bisect, unckpt, method]},
     or an object {"description": ..., "configs": [that list]} (calibration/grids/*.json)."""
     doc = json.loads(Path(path).read_text())
     return [_cfg(**row) for row in (doc["configs"] if isinstance(doc, dict) else doc)]
@@ -185,7 +186,9 @@ def run_id(cfg: dict, alloc_conf: str) -> str:
     return (f"{cfg['model']}|{cfg['compute_dtype']}|dq{int(cfg['double_quant'])}|b{cfg['batch_size']}x{cfg['grad_accum']}|"
             f"s{cfg['seq_len']}|ckpt{int(cfg['gradient_checkpointing'])}"
             + (f"-u{cfg['uncheckpointed_layers']}" if cfg.get("uncheckpointed_layers") else "")
-            + f"|r{cfg['rank']}|{cfg['targets']}|{cfg['optim']}|{alloc_conf or 'default'}|cap{cfg['budget_bytes']}")
+            + f"|r{cfg['rank']}|{cfg['targets']}|{cfg['optim']}|{alloc_conf or 'default'}"
+            + (f"|{cfg['method']}" if cfg.get("method", "qlora") != "qlora" else "")  # QLoRA ids as before
+            + f"|cap{cfg['budget_bytes']}")
 
 
 def _record(writer, fh, row: dict, cfg: dict, env: dict, load_peak: int) -> dict:
@@ -200,7 +203,7 @@ def _record(writer, fh, row: dict, cfg: dict, env: dict, load_peak: int) -> dict
 
 
 def _group_key(c: dict):
-    return c["model"], c["compute_dtype"], c["double_quant"]
+    return c["model"], c["compute_dtype"], c["double_quant"], c.get("method", "qlora")
 
 
 def _json_row(c: dict) -> dict:
@@ -208,7 +211,7 @@ def _json_row(c: dict) -> dict:
     return {"model": c["model"], "batch": c["batch_size"], "seq": c["seq_len"], "ckpt": c["gradient_checkpointing"],
             "rank": c["rank"], "targets": c["targets"], "optim": c["optim"], "dtype": c["compute_dtype"],
             "dq": c["double_quant"], "accum": c["grad_accum"], "budget": c["budget_bytes"], "bisect": c["bisect"],
-            "unckpt": c["uncheckpointed_layers"]}
+            "unckpt": c["uncheckpointed_layers"], "method": c.get("method", "qlora")}
 
 
 def _per_group_processes(groups: list[list[dict]], args, t_start: float) -> int:
@@ -269,7 +272,7 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
         if new:
             writer.writeheader()
-        for (mname, dtype, dq), group in groupby(sorted(configs, key=_group_key), key=_group_key):
+        for (mname, dtype, dq, method), group in groupby(sorted(configs, key=_group_key), key=_group_key):
             group = list(group)
             if time.time() - t_start > args.time_limit:
                 break
@@ -278,12 +281,13 @@ def main(argv=None) -> int:
             path = model_path(mname, fields, dtype, workdir, args.layers)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            base = stack.load_4bit(path, dtype, dq, device_map={"": 0} if cuda else None)
+            base = stack.load_base(path, TrainSettings(compute_dtype=dtype, double_quant=dq, method=method),
+                                   device_map={"": 0} if cuda else None)
             if cuda:
                 torch.cuda.empty_cache()
             after_load = torch.cuda.memory_allocated() if cuda else 0
             load_peak = peak_snapshot(sync=False)["peak_allocated_bytes"] if cuda else 0
-            print(f"[harness] loaded {mname} {dtype} dq={dq}: {after_load} B allocated, load peak {load_peak} B", flush=True)
+            print(f"[harness] loaded {mname} {dtype} dq={dq} {method}: {after_load} B allocated, load peak {load_peak} B", flush=True)
             for cfg in group:
                 if time.time() - t_start > args.time_limit:
                     print("[harness] time limit reached", flush=True)

@@ -77,6 +77,7 @@ class RunOptions:
     padding: str | None = None  # PADDINGS; None: "longest"
     packing: bool | None = None  # rows packed into micro-batches (planner/packing.py); None: on when rows are shorter
     optimize: str = "quality"  # planner.search.OPTIMIZE
+    method: str | None = None  # planner.search.METHOD_CHOICES; None: the saved plan's, else qlora
     num_gpus: int | None = None  # > 1: planner.train.dist_run launches one process per GPU through accelerate
     strategy: str | None = None  # with num_gpus > 1: "ddp" or "fsdp"; None: DDP when it fits, else FSDP
     loading: str | None = None  # FSDP's load: "sharded" (planner.train.sharded_load; None means it) or "full"
@@ -107,6 +108,9 @@ class RunOptions:
             raise RunError(f"--warmup must be a fraction of the steps (0 to 1) or a whole number of steps, got {self.warmup}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise RunError(f"--seed must be an integer from 0 to 4294967295, got {self.seed!r}")
+        if self.method not in (None, "qlora") and (self.num_gpus or 1) > 1:
+            raise RunError(f"--method {self.method} trains on one GPU: multi-GPU runs are QLoRA only "
+                           "(drop --method or --num-gpus)")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise RunError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.report_to is not None and self.report_to not in REPORT_TO:
@@ -179,7 +183,7 @@ RESUME_FIXED = ("model", "dataset", "demo", "epochs", "max_steps", "seq_len", "e
                 "plan_path", "rank", "alpha", "lora_dropout", "targets", "gradient_checkpointing", "optim",
                 "compute_dtype", "fmt", "save_steps", "learning_rate", "warmup", "overwrite",
                 "scheduler", "eval_dataset", "eval_fraction", "eval_steps", "padding", "packing", "num_gpus",
-                "strategy", "loading", "num_machines", "main_process_ip")
+                "strategy", "loading", "num_machines", "main_process_ip", "method")
 
 
 @dataclass(slots=True)

@@ -61,9 +61,9 @@ def build_request(opts: RunOptions, plan_doc: dict | None, seq_len: int, packing
                     gradient_checkpointing=s.get("gradient_checkpointing"),
                     uncheckpointed_layers=s.get("uncheckpointed_layers", 0), optim=s["optim"],
                     compute_dtype=s["compute_dtype"], double_quant=s.get("double_quant", True),
-                    expandable_segments=s.get("expandable_segments", True))
+                    expandable_segments=s.get("expandable_segments", True), method=s.get("method", "qlora"))
     given = {k: getattr(opts, k) for k in ("rank", "alpha", "lora_dropout", "targets", "gradient_checkpointing",
-                                           "uncheckpointed_layers", "optim", "compute_dtype")
+                                           "uncheckpointed_layers", "optim", "compute_dtype", "method")
              if getattr(opts, k) is not None}
     if plan_doc and (given or opts.effective_batch or (opts.seq_len and opts.seq_len != plan_doc["settings"]["seq_len"])):
         # the saved micro-batch was fitted to the saved settings: let the planner fit it again
@@ -87,6 +87,9 @@ def build_request(opts: RunOptions, plan_doc: dict | None, seq_len: int, packing
         base["gradient_checkpointing"] = True  # leaving some layers uncheckpointed means checkpointing the others
     if base.get("lora_dropout") is None:
         base.pop("lora_dropout", None)
+    if base.get("method", "qlora") != "qlora" and (opts.num_gpus or 1) > 1:  # e.g. a saved lora plan with --num-gpus
+        raise RunError(f"--method {base['method']} trains on one GPU: multi-GPU runs are QLoRA only "
+                       "(drop --num-gpus, or plan again with --method qlora)")
     return Request(**base), notes
 
 
@@ -108,7 +111,8 @@ def plan_run(spec: ModelSpec, device: Device, req: Request) -> tuple[Plan, list[
     best = result.best
     if device.kind == "cpu":
         # no speed model for a CPU: fewer, larger micro-batches without recompute run fastest
-        same = [p for p in result.fitting if p.lora == best.lora and p.train.seq_len == best.train.seq_len]
+        same = [p for p in result.fitting if p.lora == best.lora and p.train.seq_len == best.train.seq_len
+                and p.train.method == best.train.method]
         best = min(same, key=lambda p: (p.train.gradient_checkpointing, -p.train.batch_size,
                                         p.train.optim != "adamw_torch"))
     return best, notes

@@ -45,13 +45,18 @@ def rows_with_hooks(path: str):
             ckpt_ran.add(group)
 
 
+def traceable(row: dict) -> bool:
+    """Exact mode traces qlora and lora rows, not lora-8bit (planner.exact_types.EXACT_8BIT_REFUSAL)."""
+    return (row.get("method") or "qlora") != "lora-8bit"
+
+
 def configurations(paths: list[str]) -> list[dict]:
     """Each measured configuration once (completed, uncapped rows), with whether the input-grad hook was on."""
     out, seen = [], set()
     for path in paths:
         for row, hook in rows_with_hooks(path):
             key = (config_id(row["run_id"]), hook)
-            if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or key in seen:
+            if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or key in seen or not traceable(row):
                 continue
             seen.add(key)
             out.append({"row": row, "hook": hook})
@@ -87,6 +92,8 @@ def grid_rows(name: str, alloc_conf: str) -> list[dict]:
 
     out = []
     for c in (grid_from_json(name) if name.endswith(".json") else grid(name)):
+        if not traceable(c):
+            continue
         row = {**c, "alpha": 2 * c["rank"], "lora_dropout": 0.05, "alloc_conf": alloc_conf,
                "gradient_checkpointing": str(c["gradient_checkpointing"]), "double_quant": str(c["double_quant"])}
         row["run_id"] = run_id(c, alloc_conf)

@@ -146,20 +146,29 @@ def completed_lines(s, report: dict) -> list[str]:
     lines.append(f"adapter: {out} (adapter_config.json, adapter_model.safetensors); report: {out / RUN_REPORT}")
     lines.append(f"merge it into a 16-bit model with: qfit merge {out} --output {out}-merged")
     lines.append("load it with:")
-    lines.append(load_snippet(s.src.ref, out.resolve(), report["in_effect"]["compute_dtype"] or plan.train.compute_dtype))
+    lines.append(load_snippet(s.src.ref, out.resolve(), report["in_effect"]["compute_dtype"] or plan.train.compute_dtype,
+                              plan.train.method))
     return lines
 
 
-def load_snippet(base_ref: str, adapter_dir: Path, compute_dtype: str) -> str:
+def load_snippet(base_ref: str, adapter_dir: Path, compute_dtype: str, method: str = "qlora") -> str:
+    """How to load the adapter on the base it was trained on (the adapter itself is the same for every method)."""
     torch_dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[compute_dtype]
+    if method == "lora":
+        load = [f"base = AutoModelForCausalLM.from_pretrained({base_ref!r}, dtype={torch_dtype})"]
+    elif method == "lora-8bit":
+        load = ["bnb = BitsAndBytesConfig(load_in_8bit=True)",
+                f"base = AutoModelForCausalLM.from_pretrained({base_ref!r}, quantization_config=bnb, dtype={torch_dtype})"]
+    else:
+        load = ["bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", bnb_4bit_use_double_quant=True,",
+                f"                         bnb_4bit_compute_dtype={torch_dtype})",
+                f"base = AutoModelForCausalLM.from_pretrained({base_ref!r}, quantization_config=bnb)"]
     return "\n".join([
         "import torch",
         "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer" + (", BitsAndBytesConfig" if method != "lora" else ""),
         "",
-        "bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", bnb_4bit_use_double_quant=True,",
-        f"                         bnb_4bit_compute_dtype={torch_dtype})",
-        f"base = AutoModelForCausalLM.from_pretrained({base_ref!r}, quantization_config=bnb)",
+        *load,
         f"model = PeftModel.from_pretrained(base, {str(adapter_dir)!r})",
         f"tokenizer = AutoTokenizer.from_pretrained({str(adapter_dir)!r})",
     ])
@@ -198,7 +207,7 @@ def append_calibration(report: dict, plan: Plan, device: Device, config: dict, m
         "gpu_name": device.name, "gpu_total_bytes": device.total_bytes, "driver": "",
         "torch": versions.get("torch", ""), "transformers": versions.get("transformers", ""),
         "peft": versions.get("peft", ""), "bitsandbytes": versions.get("bitsandbytes", ""),
-        "cuda": versions.get("cuda", ""), "date": time.strftime("%Y-%m-%d"),
+        "cuda": versions.get("cuda", ""), "date": time.strftime("%Y-%m-%d"), "method": plan.train.method,
     }
     path = user_cache_dir() / "runs.csv"
     try:

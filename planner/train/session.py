@@ -113,6 +113,9 @@ def fit_probe(model, train: TrainSettings, vocab_size: int, echo,
         events.append(record)
 
 
+# how each method's base is loaded, for the progress line and errors (planner.specs.METHODS)
+LOADED_AS = {"qlora": "in 4-bit", "lora": "in 16-bit ({dtype}, no quantization)", "lora-8bit": "in 8-bit (LLM.int8)"}
+
 class TrainingSession:
     """The state of one single-GPU run: what was planned and where, and what changes while it trains
     (the settings in effect after any OOM back-off, the OOM events, the measurements)."""
@@ -167,10 +170,9 @@ class TrainingSession:
             torch.cuda.reset_peak_memory_stats()
             self.emulation = cap_for_emulation(self.device, plan, echo)  # before the load: the load must fit too
         try:
-            model = stack.load_4bit(src.ref, plan.train.compute_dtype, plan.train.double_quant,
-                                    device_map={"": 0} if self.cuda else None)
+            model = stack.load_base(src.ref, plan.train, device_map={"": 0} if self.cuda else None)
         except (OSError, ValueError) as exc:
-            raise RunError(f"cannot load {src.ref} in 4-bit ({one_line(exc, 160)})") from None
+            raise RunError(f"cannot load {src.ref} {LOADED_AS[plan.train.method]} ({one_line(exc, 160)})") from None
         if self.cuda:
             self.measured["load_peak_allocated_bytes"] = peak_snapshot(sync=False)["peak_allocated_bytes"]
             self.measured["after_load_allocated_bytes"] = torch.cuda.memory_allocated()
@@ -180,7 +182,9 @@ class TrainingSession:
             self.model = get_peft_model(model, stack.lora_config(plan.lora, names))
         if self.cuda:
             self.measured["after_wrap_allocated_bytes"] = torch.cuda.memory_allocated()
-        echo(f"loaded {src.spec.display_name} in 4-bit (NF4{', double quant' if plan.train.double_quant else ''}) "
+        how = (f"in 4-bit (NF4{', double quant' if plan.train.double_quant else ''})" if plan.train.method == "qlora"
+               else LOADED_AS[plan.train.method].replace("{dtype}", plan.train.compute_dtype))
+        echo(f"loaded {src.spec.display_name} {how} "
              f"with LoRA on {', '.join(names)} in {time.perf_counter() - t_load:.1f} s")
         self.dataset, self.collator = dataset_and_collator(self.examples, self.tokenizer.pad_token_id, self.config)
         if self.eval_examples and self.config.get("eval"):  # same tokenization, packing and collator as training

@@ -60,6 +60,34 @@ def load_4bit(path: str, compute_dtype: str, double_quant: bool, device_map=None
     return model
 
 
+def load_base(path: str, train: TrainSettings, device_map=None):
+    """The frozen base as train.method holds it (planner.specs.METHODS):
+      qlora      load_4bit (BitsAndBytesConfig(load_in_4bit=True, nf4) + prepare_model_for_kbit_training);
+      lora-8bit  BitsAndBytesConfig(load_in_8bit=True) (LLM.int8, outlier threshold 6.0) +
+                 prepare_model_for_kbit_training (it upcasts the non-int8 parameters to fp32, as for 4-bit);
+      lora       from_pretrained(dtype=compute dtype), no quantization and no k-bit preparation (peft's LoRA
+                 recipe); get_peft_model freezes every base parameter.
+    Under gradient checkpointing the Trainer's activation_checkpointing_enable calls enable_input_require_grads
+    itself (transformers modeling_utils.py, any causal LM), so no method adds that hook here (a second one would
+    outlive disable_input_require_grads, which removes only the last).
+    """
+    if train.method == "qlora":
+        return load_4bit(path, train.compute_dtype, train.double_quant, device_map=device_map)
+    kwargs = {"dtype": TORCH_DTYPES[train.compute_dtype]}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if train.method == "lora-8bit":
+        from peft import prepare_model_for_kbit_training
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
 def lora_config(lora: LoraSettings, target_names: tuple[str, ...]):
     from peft import LoraConfig
 

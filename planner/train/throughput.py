@@ -1,7 +1,8 @@
 """Throughput sweep: time QLoRA training steps on a CUDA GPU across models and shapes, for the speed model.
 
-Each configuration trains with transformers' Trainer exactly as `qfit run` does (4-bit NF4 base, k-bit
-preparation, LoRA, the planned checkpointing and optimizer) on one of three kinds of data:
+Each configuration trains with transformers' Trainer exactly as `qfit run` does (the base as its `method` holds
+it: 4-bit NF4 by default, 16-bit or LLM.int8 8-bit (stack.load_base); k-bit preparation for the quantized bases;
+LoRA, the planned checkpointing and optimizer) on one of three kinds of data:
 
   full    rows of exactly seq_len random tokens, attention mask all ones: sdpa runs causal without a mask
   packed  alpaca-like rows packed into rows of seq_len (planner/packing.py): no attention mask, position_ids
@@ -41,6 +42,7 @@ from planner.data import Example
 from planner.memory import resolve_targets
 from planner.packing import PackedCollator, PackedDataset, alpaca_like_lengths
 from planner.profiles import load_model
+from planner.specs import TrainSettings
 from planner.train import stack
 from planner.train.harness import release
 from planner.train.trainer_glue import ExampleDataset, PadCollator
@@ -52,6 +54,7 @@ FIELDS = (
     "computed_tokens_per_step", "real_tokens_per_step", "tokens_per_s", "real_tokens_per_s",
     "after_load_allocated_bytes", "peak_allocated_bytes", "peak_reserved_bytes",
     "gpu_name", "gpu_total_bytes", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "alloc_conf", "date",
+    "method",  # planner.specs.METHODS; absent in files written before it (read as qlora)
 )
 DATA_KINDS = ("full", "packed", "padded")
 
@@ -82,14 +85,15 @@ def dataset_for(cfg: dict, vocab_size: int, rows_needed: int):
 def run_id(cfg: dict) -> str:
     return (f"{cfg['model']}|{cfg['compute_dtype']}|b{cfg['batch_size']}x{cfg['grad_accum']}|s{cfg['seq_len']}|"
             f"ckpt{int(cfg['gradient_checkpointing'])}" + (f"-u{cfg['uncheckpointed_layers']}" if cfg.get("uncheckpointed_layers") else "")
-            + f"|r{cfg['rank']}|{cfg['targets']}|{cfg['optim']}|{cfg['data']}|rep{cfg.get('repeat', 0)}")
+            + f"|r{cfg['rank']}|{cfg['targets']}|{cfg['optim']}|{cfg['data']}"
+            + (f"|{cfg['method']}" if cfg.get("method", "qlora") != "qlora" else "") + f"|rep{cfg.get('repeat', 0)}")
 
 
 def normalize(raw: dict) -> dict:
     """A grid entry with defaults filled in (the codec's keys)."""
     cfg = {"compute_dtype": "bf16", "double_quant": True, "grad_accum": 1, "gradient_checkpointing": True,
            "uncheckpointed_layers": 0, "targets": "all-linear", "optim": "paged_adamw_32bit", "data": "full",
-           "steps": 5, "warmup": 1, "repeat": 0, **raw}
+           "steps": 5, "warmup": 1, "repeat": 0, "method": "qlora", **raw}
     cfg.setdefault("alpha", 2 * cfg["rank"])
     if cfg["data"] not in DATA_KINDS:
         raise SystemExit(f"data must be one of {DATA_KINDS}, got {cfg['data']!r}")
@@ -183,16 +187,17 @@ def sweep_group(configs: list[dict], out: Path, workdir: Path, deadline: float, 
     from planner.train.harness import model_path, profile_fields
 
     env = _environment()
-    mname, dtype, dq = configs[0]["model"], configs[0]["compute_dtype"], configs[0]["double_quant"]
+    mname, dtype, dq, method = _key(configs[0])
     spec = load_model(mname)
     t0 = time.time()
     path = model_path(mname, profile_fields(mname), dtype, workdir, None)
     cuda = torch.cuda.is_available()
-    base = stack.load_4bit(path, dtype, dq, device_map={"": 0} if cuda else None)
+    base = stack.load_base(path, TrainSettings(compute_dtype=dtype, double_quant=dq, method=method),
+                           device_map={"": 0} if cuda else None)
     if cuda:
         torch.cuda.empty_cache()
     after_load = torch.cuda.memory_allocated() if cuda else 0
-    print(f"[speed] loaded {mname} in {time.time() - t0:.0f} s", flush=True)
+    print(f"[speed] loaded {mname} ({method}) in {time.time() - t0:.0f} s", flush=True)
     new = not out.exists()
     with out.open("a", newline="") as fh, tempfile.TemporaryDirectory() as tmp:
         w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
@@ -212,7 +217,7 @@ def sweep_group(configs: list[dict], out: Path, workdir: Path, deadline: float, 
 
 
 def _key(c):
-    return c["model"], c["compute_dtype"], c["double_quant"]
+    return c["model"], c["compute_dtype"], c["double_quant"], c.get("method", "qlora")
 
 
 def main(argv=None) -> int:
@@ -254,6 +259,8 @@ def main(argv=None) -> int:
                    "--workdir", args.workdir, "--time-limit", str(left), "--one-process",
                    "--min-timed-seconds", str(args.min_timed_seconds)]
             rc = subprocess.run(cmd, check=False, env=os.environ).returncode or rc
+            if i + 1 < len(order) and order[i + 1][0] == k[0]:
+                continue  # the next group (another method) reuses this model's checkpoint
             for p in workdir.glob(f"{k[0]}-*"):  # free /dev/shm for the next model
                 subprocess.run(["rm", "-rf", str(p)], check=False)
     return rc

@@ -1,0 +1,444 @@
+"""--method qlora|lora|lora-8bit|auto (issue 18): each base's named terms against the real libraries on the CPU,
+the search over methods and the trade it states, the settings codec, the calibration rows, and a CPU run of the
+tiny model with each method that writes a standard PEFT adapter."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+
+import pytest
+from click.testing import CliRunner
+
+from planner import memory
+from planner.cli import cli
+from planner.codec import settings_from_dict, settings_to_dict
+from planner.coefficients import load_coefficients
+from planner.errors import QfitError
+from planner.memory import (
+    base_constants_bytes,
+    base_weights_bytes,
+    estimate,
+    int8_row_scales_bytes,
+    int8_weights_bytes,
+    sixteen_bit_weights_bytes,
+    unquantized_weights_bytes,
+)
+from planner.profiles import load_gpu, load_model
+from planner.search import Request, search
+from planner.specs import METHODS, LoraSettings, TrainSettings
+from planner.speed import features, method_base_traffic_bytes
+
+MISTRAL = load_model("mistral-7b")
+TINY = load_model("tiny-llama")
+COEFFS = load_coefficients()
+CACHED = (sixteen_bit_weights_bytes, int8_weights_bytes, int8_row_scales_bytes, memory.quantized_weights_bytes,
+          memory.quant_constants_bytes)
+
+
+@pytest.fixture
+def no_rounding(monkeypatch):
+    """The allocator's 512-byte rounding off, to compare with exact tensor sizes."""
+    monkeypatch.setattr(memory, "ALLOC_GRANULE", 1)
+    for f in CACHED:
+        f.cache_clear()
+    yield
+    for f in CACHED:
+        f.cache_clear()
+
+
+# --------------------------------------------------------------------------- the terms, first principles
+
+def test_base_bytes_per_weight_by_method(no_rounding):
+    n = MISTRAL.quantized_param_count
+    assert sixteen_bit_weights_bytes(MISTRAL, "bf16") == 2 * n
+    assert int8_weights_bytes(MISTRAL) == n
+    rows = MISTRAL.num_hidden_layers * sum(lin.count * lin.out_features for lin in MISTRAL.layer_linears)
+    assert int8_row_scales_bytes(MISTRAL) == 4 * rows
+    assert base_constants_bytes(MISTRAL, TrainSettings(method="lora")) == 0
+
+
+def test_only_the_k_bit_bases_upcast_the_rest_to_fp32():
+    for method, per in (("qlora", 4), ("lora-8bit", 4), ("lora", 2)):
+        t = TrainSettings(method=method, compute_dtype="bf16")
+        assert unquantized_weights_bytes(MISTRAL, t) == per * MISTRAL.unquantized_param_count, method
+    # the FSDP recipe's switch still applies to the k-bit bases
+    assert not TrainSettings(method="lora-8bit", kbit_upcast=False).upcast_fp32
+
+
+def test_methods_differ_only_in_their_named_terms():
+    """Same settings, three bases: the 16-bit base has no dequantization buffer and no lm_head copy, the 8-bit base
+    saves its linears' inputs, and the order of the base weights is 16-bit > 8-bit > 4-bit."""
+    lora_s = LoraSettings(rank=16, targets=("all-linear",))
+    t = TrainSettings(batch_size=4, seq_len=1024, gradient_checkpointing=False, method="qlora")
+    by = {m: estimate(MISTRAL, lora_s, replace(t, method=m), COEFFS) for m in METHODS}
+    assert by["lora"].quantized_weights > by["lora-8bit"].quantized_weights > by["qlora"].quantized_weights
+    assert by["lora"].quant_constants == 0 < by["lora-8bit"].quant_constants
+    assert memory.base_matmul_workspace_bytes(MISTRAL, replace(t, method="lora")) == 0
+    assert memory.lm_head_weight_copy_bytes(MISTRAL, replace(t, method="lora")) == 0
+    saved = {m: memory.layer_saved_bytes_per_token(MISTRAL, lora_s, MISTRAL.all_linear_names, replace(t, method=m),
+                                                   "sdpa") for m in METHODS}
+    extra = memory.int8_saved_inputs_bytes_per_token(MISTRAL, replace(t, method="lora-8bit"))
+    h, i, c = MISTRAL.hidden_size, MISTRAL.intermediate_size, 2
+    assert extra == 4 * h + c * MISTRAL.q_dim + 4 * h + 4 * i  # attn input, o_proj input, mlp input, down_proj input
+    assert saved["lora-8bit"] == saved["qlora"] + extra
+    assert saved["lora"] < saved["qlora"]  # a compute-dtype residual stream
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_memory_never_falls_when_the_micro_batch_grows(method):
+    lora_s = LoraSettings()
+    prev = 0
+    for b in (1, 2, 4, 8):
+        need = estimate(MISTRAL, lora_s, TrainSettings(batch_size=b, method=method), COEFFS).needs_bytes
+        assert need >= prev
+        prev = need
+
+
+def test_static_terms_match_the_real_8bit_and_16bit_models_on_cpu(no_rounding, tmp_path):
+    """Load the tiny model as each method's recipe does (planner.train.stack.load_base) and count every tensor."""
+    import torch
+
+    from planner.profiles import PROFILES_DIR, _load_toml
+    from planner.train import stack
+
+    cfg = _load_toml(PROFILES_DIR / "models" / "tiny-llama.toml")["config"]
+    path = tmp_path / "m"
+    stack.save_random_model(stack.hf_config(cfg), str(path), torch.bfloat16)
+    linear_names = set(TINY.all_linear_names)
+
+    t8 = TrainSettings(method="lora-8bit", gradient_checkpointing=False)
+    model = stack.load_base(str(path), t8)
+    cb = scb = rest = 0
+    for name, p in model.named_parameters():
+        if type(p).__name__ == "Int8Params":
+            assert p.dtype == torch.int8
+            cb += p.nbytes
+            scb += p.SCB.nbytes
+            assert p.SCB.dtype == torch.float32
+        else:
+            assert p.dtype == torch.float32, name  # prepare_model_for_kbit_training's upcast
+            rest += p.nbytes
+    assert cb == int8_weights_bytes(TINY) and scb == int8_row_scales_bytes(TINY)
+    assert rest == unquantized_weights_bytes(TINY, t8)
+
+    t16 = TrainSettings(method="lora", gradient_checkpointing=False)
+    model = stack.load_base(str(path), t16)
+    base = rest = 0
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16, name  # no k-bit preparation: nothing upcast
+        if name.split(".")[-2] in linear_names and ".layers." in name:
+            base += p.nbytes
+        else:
+            rest += p.nbytes
+    assert base == base_weights_bytes(TINY, t16) and rest == unquantized_weights_bytes(TINY, t16)
+
+
+# --------------------------------------------------------------------------- speed terms
+
+def test_base_traffic_by_method():
+    """qlora's dequantization (4.5625 B/param per pass) is replaced: a 16-bit base reads its weight once per pass
+    (2 B/param); the 8-bit base moves more (activation quantization, an fp32 dequantized weight in backward)."""
+    gpu = load_gpu("a100-80gb")
+    t = TrainSettings(batch_size=4, seq_len=1024, gradient_checkpointing=True)
+    passes = 3  # forward, recompute, input-gradient backward (every layer checkpointed)
+    assert method_base_traffic_bytes(MISTRAL, replace(t, method="lora")) == passes * 2 * MISTRAL.quantized_param_count
+    q = features(MISTRAL, LoraSettings(), t, gpu).gpu["dequant"]
+    lo = features(MISTRAL, LoraSettings(), replace(t, method="lora"), gpu).gpu["dequant"]
+    i8 = features(MISTRAL, LoraSettings(), replace(t, method="lora-8bit"), gpu).gpu["dequant"]
+    assert lo < q < i8
+
+
+# --------------------------------------------------------------------------- the search and the CLI
+
+def test_default_request_plans_qlora_only():
+    assert Request().method == "qlora"
+    res = search(MISTRAL, load_gpu("t4"), Request(), COEFFS)
+    assert {p.train.method for p in res.plans} == {"qlora"}
+
+
+def test_auto_is_as_fast_as_the_best_single_method_it_considers():
+    """--method auto ranks every method with the same key: its answer is never slower than the best answer of a
+    single method search in the same quality tier and sequence length, and is one of them."""
+    gpu = load_gpu("a100-80gb")
+    auto = search(MISTRAL, gpu, Request(method="auto"), COEFFS).best
+    singles = {m: search(MISTRAL, gpu, Request(method=m), COEFFS).best for m in METHODS}
+    assert auto.train.method in METHODS
+    same = singles[auto.train.method]
+    assert (auto.train, auto.lora) == (same.train, same.lora)
+    for m, p in singles.items():
+        if p is not None and p.lora == auto.lora and p.train.seq_len == auto.train.seq_len:
+            assert auto.tokens_per_s >= p.tokens_per_s - 1e-6, m
+
+
+def test_plan_auto_names_the_method_and_the_trade():
+    res = CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "a100-80gb", "--method", "auto", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    methods = {m["method"]: m for m in doc["methods"]}
+    assert set(methods) == set(METHODS)
+    chosen = [m for m in doc["methods"] if m["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["method"] == doc["settings"]["method"] == doc["methods"][0]["method"]
+    assert [m["gpu_measured"] for m in doc["methods"]] == [m["method"] == "qlora" for m in doc["methods"]]
+    assert any(r.startswith(f"method {chosen[0]['method']} ") for r in doc["reasons"])
+    others = [m for m in METHODS if m != chosen[0]["method"]]
+    for m in others:
+        assert any(f"than {m} here" in r or r.startswith(f"{m} does not fit") for r in doc["reasons"]), m
+    assert any("not yet measured on a GPU" in n for n in doc["notes"])
+
+
+def test_plan_auto_on_a_small_card_says_which_method_does_not_fit():
+    res = CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "t4", "--method", "auto"])
+    assert res.exit_code == 0, res.output
+    assert "lora does not fit: its smallest plan needs" in res.output  # a 16-bit 7B base alone is 13 GiB
+
+
+def test_plan_lora_text_labels_its_base():
+    res = CliRunner().invoke(cli, ["plan", "llama-3.2-1b", "--gpu", "a10g", "--method", "lora"])
+    assert res.exit_code == 0, res.output
+    assert "16-bit base weights (bf16" in res.output and "method lora" in res.output
+    assert "4-bit base weights" not in res.output
+    res = CliRunner().invoke(cli, ["plan", "llama-3.2-1b", "--gpu", "a10g", "--method", "lora-8bit"])
+    assert "8-bit base weights (LLM.int8" in res.output and "int8 row scales" in res.output
+
+
+def test_multi_gpu_refuses_other_methods_in_one_line():
+    res = CliRunner().invoke(cli, ["plan", "mistral-7b", "--gpu", "t4", "--num-gpus", "2", "--method", "lora"])
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and "QLoRA only" in res.output
+
+
+def test_compare_auto_prices_each_gpu_with_its_best_method():
+    args = ["compare", "mistral-7b", "--examples", "2000", "--avg-tokens", "300", "--gpu", "t4,a100-80gb", "--method",
+            "auto", "--json"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    rows = doc if isinstance(doc, list) else doc.get("options", doc)
+    text = json.dumps(rows)
+    assert '"method": "qlora"' in text  # t4: only the 4-bit base fits with r16 all-linear
+    for gpu in ("t4", "a100-80gb"):
+        best = search(MISTRAL, load_gpu(gpu), Request(method="auto", seq_len=None), COEFFS).best
+        assert f'"method": "{best.train.method}"' in text
+
+
+# --------------------------------------------------------------------------- codec and calibration rows
+
+def test_settings_round_trip_the_method_and_old_documents_read_as_qlora():
+    lora_s, t = LoraSettings(), TrainSettings(method="lora-8bit")
+    d = settings_to_dict(lora_s, t)
+    assert d["method"] == "lora-8bit" and settings_from_dict(d)[1] == t
+    d.pop("method")
+    assert settings_from_dict(d)[1].method == "qlora"
+    with pytest.raises(QfitError, match="--method"):
+        settings_from_dict({**d, "method": "lora-4bit"})
+
+
+def test_method_rows_are_predicted_not_fitted():
+    """A lora row (as calibration/grids/methods-*.json will write) joins the leave-one-model-out predictions as its
+    own band; the coefficients come from QLoRA rows only, so adding it does not move them. The measured QLoRA files
+    have no method column and read as QLoRA."""
+    import glob
+
+    import pandas as pd
+
+    from planner.fit import cross_validate, fit, method_bands, qlora_only, read_runs, row_offset
+
+    df = read_runs(sorted(glob.glob("calibration/runs/*.csv")))
+    assert "method" not in df.columns and len(qlora_only(df)) == len(df)
+    df = df[df["model"].isin(["llama-3.2-1b", "llama-2-7b"])]
+    fake = df[(df["model"] == "llama-3.2-1b") & (df["status"] == "ok") & (df["budget_bytes"].astype(int) == 0)].iloc[[0]]
+    fake = fake.copy()
+    r = fake.iloc[0].to_dict()
+    model = load_model(r["model"])
+    t = TrainSettings(method="lora", compute_dtype=r["compute_dtype"])
+    static = base_weights_bytes(model, t) + unquantized_weights_bytes(model, t)
+    fake["method"] = "lora"
+    fake["run_id"] = r["run_id"].replace("|cap", "|lora|cap")  # as harness.run_id writes it
+    fake["after_load_allocated_bytes"] = static + 1234  # the static weights a lora row is corrected by: 16-bit
+    assert row_offset(fake.iloc[0].to_dict(), model) == 1234
+    both = pd.concat([df, fake], ignore_index=True)
+    assert len(qlora_only(both)) == len(df)
+    assert fit(both).values == fit(df).values
+    bands = method_bands(cross_validate(both, "model"))
+    assert set(bands) == {"qlora", "lora"} and bands["lora"]["runs"] == 1
+    assert bands["qlora"]["runs"] == len(cross_validate(df, "model"))
+    preds = [{"method": "qlora", "model": "a", "measured_allocated": 100, "predicted_allocated": 101,
+              "measured_reserved": 100, "predicted_reserved": 110, "alloc_conf": "x"},
+             {"method": "lora", "model": "b", "measured_allocated": 100, "predicted_allocated": 90,
+              "measured_reserved": 100, "predicted_reserved": 80, "alloc_conf": "x"}]
+    bands = method_bands(preds)
+    assert bands["lora"]["reserved"]["median_abs_pct"] == 20.0 and bands["qlora"]["reserved"]["median_abs_pct"] == 10.0
+
+
+def test_method_grids_parse_and_name_real_models():
+    from planner.train import harness
+
+    for name in ("methods-a", "methods-b"):
+        configs = harness.grid(name)
+        assert configs and {c["method"] for c in configs} == {"lora", "lora-8bit"}
+        for c in configs:
+            load_model(c["model"])
+            settings_from_dict(c, alpha=2 * c["rank"], targets=(c["targets"],))
+    speed = json.loads(open("calibration/grids/methods-speed.json").read())
+    assert {c["method"] for c in speed} == set(METHODS)
+
+
+def test_harness_sweeps_each_method_on_cpu(tmp_path):
+    from planner.train import harness
+
+    grid = [{"model": "tiny-llama", "batch": 2, "seq": 32, "ckpt": ckpt, "rank": 4, "targets": "all-linear",
+             "optim": "adamw_torch", "method": m} for m in ("lora", "lora-8bit") for ckpt in (False, True)]
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(grid))
+    out = tmp_path / "runs.csv"
+    assert harness.main(["--grid", str(path), "--out", str(out), "--workdir", str(tmp_path / "m"), "--one-process"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["method"] for r in rows] == ["lora", "lora", "lora-8bit", "lora-8bit"]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert all(r["run_id"].endswith(f"|{r['method']}|cap0") for r in rows)
+
+
+def test_throughput_sweeps_each_method_on_cpu(tmp_path):
+    from planner.train import throughput
+
+    grid = [{"model": "tiny-llama", "batch_size": 2, "seq_len": 64, "rank": 4, "optim": "adamw_torch", "steps": 2,
+             "method": m} for m in METHODS]
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(grid))
+    out = tmp_path / "speed.csv"
+    assert throughput.main(["--grid", str(path), "--out", str(out), "--workdir", str(tmp_path / "m"), "--one-process"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["method"] for r in rows) == sorted(METHODS)
+    assert all(r["status"] == "ok" and float(r["tokens_per_s"]) > 0 for r in rows), [r["error"] for r in rows]
+
+
+# --------------------------------------------------------------------------- qfit run, each method, on the CPU
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    import os
+
+    path = tmp_path_factory.mktemp("qfit-cache")
+    old = os.environ.get("QFIT_CACHE")
+    os.environ["QFIT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("QFIT_CACHE", None)
+    else:
+        os.environ["QFIT_CACHE"] = old
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_run_trains_the_tiny_model_and_writes_a_standard_adapter(cache, tmp_path, method):
+    """qfit run --demo --method X: a few steps on the CPU, then the adapter loads with PeftModel.from_pretrained on
+    the base the method trains (4-bit NF4, 16-bit, or LLM.int8 8-bit) and its trained LoRA B is not the zero init.
+    On the CPU bitsandbytes trains the 8-bit base through MatMul8bitFp (dequantize + F.linear), not the CUDA
+    MatMul8bitLt int8 path the memory model describes: this checks the run path and the adapter, not memory."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from planner.train.runner import RunOptions, run
+
+    out = tmp_path / "run"
+    lines: list[str] = []
+    run(RunOptions(output=str(out), demo=True, max_steps=2, effective_batch=4, method=method, progress=False,
+                   eval_fraction=0.0), echo=lines.append)
+    text = "\n".join(lines)
+    assert {"qlora": "in 4-bit (NF4", "lora": "in 16-bit", "lora-8bit": "in 8-bit (LLM.int8)"}[method] in text
+    assert json.loads((out / "plan.json").read_text())["settings"]["method"] == method
+    from planner.train.output import saved_settings  # what --resume continues with
+
+    assert saved_settings(json.loads((out / "run_config.json").read_text()))[1].method == method
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
+    kwargs = {"dtype": torch.bfloat16}
+    if method == "lora-8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], **kwargs)
+    model = PeftModel.from_pretrained(base, str(out))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+    assert "from_pretrained(" in text and ("load_in_8bit=True" in text) == (method == "lora-8bit")
+    assert ("load_in_4bit=True" in text) == (method == "qlora")
+
+
+def test_export_writes_each_methods_base():
+    from planner.export import axolotl_config, trl_config
+
+    gpu = load_gpu("a100-80gb")
+    by = {m: search(MISTRAL, gpu, Request(method=m), COEFFS).best for m in METHODS}
+    assert trl_config(by["qlora"])["load_in_4bit"] and "load_in_8bit" not in trl_config(by["qlora"])
+    assert trl_config(by["lora-8bit"])["load_in_8bit"] and "load_in_4bit" not in trl_config(by["lora-8bit"])
+    assert not {"load_in_4bit", "load_in_8bit"} & set(trl_config(by["lora"]))
+    assert axolotl_config(by["lora"])["adapter"] == "lora" and axolotl_config(by["qlora"])["adapter"] == "qlora"
+
+
+def test_run_refuses_other_methods_on_several_gpus():
+    from planner.train.options import RunError, RunOptions
+
+    with pytest.raises(RunError, match="QLoRA only"):
+        RunOptions(output="x", demo=True, method="lora", num_gpus=2)
+
+
+# --------------------------------------------------------------------------- exact mode traces the 16-bit base
+
+@pytest.mark.parametrize("name", ("llama-3.2-1b", "mistral-7b", "gemma-2-2b", "qwen2.5-0.5b"))
+@pytest.mark.parametrize("ckpt", (False, True), ids=("ckpt0", "ckpt1"))
+def test_exact_mode_traces_lora_on_a_16bit_base(name, ckpt):
+    """The real 16-bit stack (no quantization, no k-bit prep) on fake tensors, 2 decoder layers: the base weights to
+    the byte, the rest within the allocator's 512-byte rounding of small bf16 tensors (norms, biases: the analytic
+    term is a plain product), and the traced peak within test_exact.py's tolerance of estimate()."""
+    import dataclasses
+
+    from planner.exact import static_bytes, trace_step
+
+    spec = dataclasses.replace(load_model(name), num_hidden_layers=2)
+    lora_s = LoraSettings(rank=8, alpha=16, dropout=0.05, targets=("all-linear",))
+    t = TrainSettings(batch_size=1, grad_accum=2, seq_len=64, optim="adamw_torch", gradient_checkpointing=ckpt,
+                      method="lora")
+    static = static_bytes(spec, lora_s, t)
+    assert static["quantized_weights"] == base_weights_bytes(spec, t)
+    assert "quant_constants" not in static
+    small_tensors = spec.num_hidden_layers * (spec.norms_per_layer + len(spec.layer_linears)) + 1
+    assert 0 <= static["unquantized_weights"] - unquantized_weights_bytes(spec, t) < 512 * small_tensors
+    res = trace_step(spec, lora_s, t)
+    analytic = estimate(spec, lora_s, t, COEFFS).peak_allocated_bytes
+    assert abs(res.tensor_peak_bytes - analytic) / analytic <= 0.02, (res.tensor_peak_bytes, analytic)
+
+
+def test_exact_mode_refuses_lora_8bit_in_one_line():
+    res = CliRunner().invoke(cli, ["plan", "tiny-llama", "--gpu", "t4", "--method", "lora-8bit", "--exact"])
+    assert res.exit_code == 2
+    assert "exact mode traces qlora and lora, not lora-8bit" in res.output
+
+
+def test_report_methods_section_pending_and_measured():
+    from planner.calibration_report import method_section
+    from planner.fit import error_summary
+
+    pending = "\n".join(method_section({"qlora": {}}))
+    assert "Not yet measured" in pending and "methods-a.json" in pending
+    preds = [{"method": m, "model": "x", "measured_allocated": 100, "predicted_allocated": 100 + d,
+              "measured_reserved": 100, "predicted_reserved": 100 + 2 * d, "alloc_conf": "x"}
+             for m, d in (("qlora", 1), ("lora", -3))]
+    bands = {m: error_summary([p for p in preds if p["method"] == m]) for m in ("qlora", "lora")}
+    text = "\n".join(method_section(bands, {"methods-speed.csv": {"lora": {"n": 4, "median": 5.0, "p90": 7.0,
+                                                                             "max": 9.0}}}))
+    assert "| lora | 1 | x | 6.0% / 6.0% | 3.0% / 3.0% | 100% |" in text
+    assert "| methods-speed.csv | lora | 4 | 5.0% / 7.0% / 9.0% |" in text
+
+
+def test_a_saved_lora_plan_is_refused_on_several_gpus():
+    from planner.train.options import RunError, RunOptions
+    from planner.train.planning import build_request
+
+    doc = {"settings": settings_to_dict(LoraSettings(), TrainSettings(method="lora"))}
+    assert build_request(RunOptions(output="x", demo=True), doc, 512)[0].method == "lora"
+    with pytest.raises(RunError, match="QLoRA only"):
+        build_request(RunOptions(output="x", demo=True, num_gpus=2), doc, 512)
