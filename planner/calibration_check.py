@@ -6,8 +6,9 @@ measures that, offline, from committed data: the held-out configurations are thr
 (planner.train.throughput: each row has its measured step time, peak allocated and peak reserved bytes), so one
 GPU run of the sweep serves both checks.
 
-  python -m planner.calibration_check --candidate ~/.cache/qfit/coefficients/h200.json \
+  python -m planner.calibration_check --candidate ~/.cache/qfit/coefficients-h200.json \
       --heldout calibration/speed/h200-speed.csv [--shipped calibration/coefficients.json] [--json out.json]
+  python -m planner.calibration_check --replay MEMORY_SWEEP.csv SPEED_SWEEP.csv --heldout ...   (the guard as it is now)
 
 Per quantity it prints the median and max abs error (tokens/s: median, 90th percentile, max) before (shipped) and
 after (candidate), and how many peak reserved predictions fall more than UNDER_PCT below the measurement. That count
@@ -34,13 +35,15 @@ from planner.specs import Coefficients
 UNDER_PCT = 1.0  # peak reserved predicted more than 1% below the measurement is counted
 
 
-def memory_rows(paths: list[Path]) -> list[dict]:
-    """The measured rows of throughput-sweep CSVs that a memory prediction describes (ok, not padded, first repeat)."""
+def memory_rows(paths: list[Path], exclude: tuple[str, ...] = ()) -> list[dict]:
+    """The measured rows of throughput-sweep CSVs that a memory prediction describes (ok, not padded, first repeat),
+    without the models in `exclude` (those the calibration's own sweep saw)."""
     out = []
     for path in paths:
         with Path(path).open(newline="") as fh:
             for r in csv.DictReader(fh):
-                if r["status"] == "ok" and r["data"] != "padded" and r["run_id"].endswith("|rep0") and r.get("peak_reserved_bytes"):
+                if (r["status"] == "ok" and r["data"] != "padded" and r["run_id"].endswith("|rep0")
+                        and r.get("peak_reserved_bytes") and r["model"] not in exclude):
                     out.append({**r, "file": Path(path).name})
     return out
 
@@ -65,13 +68,15 @@ def _summary(errs: list[float]) -> dict:
     return {"n": len(a), "median": round(statistics.median(a), 2), "max": round(a[-1], 2)}
 
 
-def check(shipped: Coefficients, candidate: Coefficients, heldout: list[Path]) -> dict:
-    """Before/after on the held-out rows: memory (allocated, reserved, reserved under-predictions) and tokens/s."""
+def check(shipped: Coefficients, candidate: Coefficients, heldout: list[Path], exclude: tuple[str, ...] = ()) -> dict:
+    """Before/after on the held-out rows (models in `exclude` left out): memory (allocated, reserved, reserved
+    under-predictions) and tokens/s."""
     from planner import speed_fit as sf
 
-    mem = memory_rows(heldout)
-    speed = sf.read_rows(heldout)
-    doc = {"heldout": [str(p) for p in heldout], "memory_rows": len(mem), "speed_rows": len(speed)}
+    mem = memory_rows(heldout, exclude)
+    speed = [r for r in sf.read_rows(heldout) if r.model not in exclude]
+    doc = {"heldout": [str(p) for p in heldout], "excluded_models": list(exclude), "memory_rows": len(mem),
+           "speed_rows": len(speed)}
     for label, co in (("shipped", shipped), ("candidate", candidate)):
         m = memory_errors(mem, co)
         s = sf.errors_pct(speed, sf.predict(speed, co)) if speed else []
@@ -89,12 +94,29 @@ def check(shipped: Coefficients, candidate: Coefficients, heldout: list[Path]) -
     return doc
 
 
+def replay_guard(shipped: Coefficients, memory_csv: Path, speed_csv: Path) -> tuple[Coefficients, list[str]]:
+    """The coefficients `qfit calibrate --gpu auto` writes from its two sweep files (planner.refit.calibrate_this_gpu's
+    last step, with the guard as it is now): for checking a guard change on sweeps measured before it."""
+    from planner import guard
+    from planner import speed_fit as sf
+    from planner.fit import read_runs
+
+    memory, mem_decisions = guard.guard_memory(shipped, read_runs([str(memory_csv)]))
+    speed_values, speed_decisions = guard.guard_speed(
+        {k: v for k, v in shipped.values.items() if k.startswith("speed_") and isinstance(v, float)},
+        sf.read_rows([speed_csv]))
+    values = {**memory.values, **speed_values}
+    return Coefficients("replayed-guard", f"guard replayed on {memory_csv.name}, {speed_csv.name}", values), \
+        [d.line() for d in mem_decisions + speed_decisions]
+
+
 def render(doc: dict) -> str:
     def cell(s, key):
         v = s.get(key)
         return "-" if v is None else f"{v}%"
 
-    lines = [f"held out: {', '.join(doc['heldout'])} ({doc['memory_rows']} memory rows, {doc['speed_rows']} speed rows)",
+    without = f", without {', '.join(doc['excluded_models'])}" if doc.get("excluded_models") else ""
+    lines = [f"held out: {', '.join(doc['heldout'])}{without} ({doc['memory_rows']} memory rows, {doc['speed_rows']} speed rows)",
              "", "| coefficients | peak reserved median / max | peak allocated median / max | reserved predicted > "
              f"{UNDER_PCT:g}% low | tokens/s median / p90 / max |", "|---|---|---|---|---|"]
     for label in ("shipped", "candidate"):
@@ -111,18 +133,30 @@ def render(doc: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--candidate", required=True, help="the coefficients to check (a `qfit calibrate` output)")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--candidate", help="the coefficients to check (a `qfit calibrate` output)")
+    group.add_argument("--replay", nargs=2, metavar=("MEMORY_CSV", "SPEED_CSV"),
+                       help="instead: the two sweep files of a `qfit calibrate --gpu auto` run, passed through the guard "
+                            "as it is now")
     ap.add_argument("--shipped", help="the coefficients to compare with (default: the shipped calibration)")
     ap.add_argument("--heldout", nargs="+", required=True, help="throughput-sweep CSVs neither set was fitted on")
+    ap.add_argument("--exclude-models", default="", help="comma-separated: models the calibration's sweep saw")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
-    for p in [args.candidate, *args.heldout] + ([args.shipped] if args.shipped else []):
+    inputs = [args.candidate] if args.candidate else list(args.replay)
+    for p in inputs + args.heldout + ([args.shipped] if args.shipped else []):
         if not Path(p).is_file():
             print(f"error: no such file: {p}", file=sys.stderr)
             return 2
-    doc = check(load_coefficients(path=args.shipped) if args.shipped else load_coefficients(),
-                load_coefficients(path=args.candidate), [Path(p) for p in args.heldout])
-    print(render(doc))
+    shipped = load_coefficients(path=args.shipped) if args.shipped else load_coefficients()
+    verdicts = []
+    if args.candidate:
+        candidate = load_coefficients(path=args.candidate)
+    else:
+        candidate, verdicts = replay_guard(shipped, Path(args.replay[0]), Path(args.replay[1]))
+    doc = check(shipped, candidate, [Path(p) for p in args.heldout], tuple(m for m in args.exclude_models.split(",") if m))
+    doc["guard"] = verdicts
+    print("\n".join(verdicts + ([""] if verdicts else [])) + render(doc))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0

@@ -262,7 +262,7 @@ def heldout_section(rows: list[dict]) -> list[str]:
     return lines
 
 
-def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None) -> list[str]:
+def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None, measured_on: str = "") -> list[str]:
     """## Methods: leave-one-model-out peak allocated / reserved per method (planner.fit.method_bands). Only QLoRA
     rows are fitted; lora and lora-8bit rows (calibration/grids/methods.json) are predicted by their structural terms
     with those coefficients."""
@@ -274,20 +274,29 @@ def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None)
             "\"the base, by method\") and the QLoRA-fitted coefficients, and says so in every such plan. The sweeps "
             "that would give them their own leave-one-model-out band are prepared (calibration/grids/methods-a.json, "
             "methods-b.json; step times: methods-speed.json; commands in the README, \"Calibrating your own GPU\"); "
-            "once their rows are in calibration/runs/, this section shows each method's error beside QLoRA's."]
+            "once their rows are in calibration/methods/, this section shows each method's error beside QLoRA's."]
     lines += ["Coefficients are fitted on QLoRA rows only; the lora (16-bit base) and lora-8bit (LLM.int8 base) rows are "
              "predicted with them and each method's own structural terms (planner/memory.py, \"the base, by method\"), "
-             "leave-one-model-out.", "",
+             "leave-one-model-out." + (f" The lora and lora-8bit rows (calibration/methods/) were measured on {measured_on}; "
+                                       "the coefficients come from the QLoRA runs above." if measured_on else ""), "",
              "| method | runs | models | peak reserved median / max abs error | peak allocated median / max abs error "
              "| under-predicted (reserved) |", "|---|---|---|---|---|---|"]
     for m, s in bands.items():
         r, a = s["reserved"], s["allocated"]
         lines.append(f"| {m} | {s['runs']} | {', '.join(s['models'])} | {r['median_abs_pct']}% / {r['max_abs_pct']}% | "
                      f"{a['median_abs_pct']}% / {a['max_abs_pct']}% | {r['under_prediction_rate']:.0%} |")
-    if speed:  # throughput sweeps with a method column, predicted by the speed model as fitted (QLoRA rows)
-        lines += ["", "| step-time sweep | method | rows | median / p90 / max abs error |", "|---|---|---|---|"]
+    if speed:  # throughput sweeps with a method column
+        lines += ["", "Step times (errors of tokens/s). Structural: the QLoRA-fitted speed model with each base's own weight "
+                  "traffic and no term of its own. Fitted: each method's two terms (a factor on the CPU terms, a multiple "
+                  "of its weight-path bytes; planner/speed.py METHOD_TERMS) fitted on that method's rows, each model "
+                  "predicted by a fit on the other models' rows (planner.speed_fit.held_out_method).", "",
+                  "| step-time sweep | method | rows | structural: median / p90 / max | fitted, leave one model out: "
+                  "median / p90 / max |", "|---|---|---|---|---|"]
         for f, by in speed.items():
-            lines += [f"| {f} | {m} | {e['n']} | {e['median']}% / {e['p90']}% / {e['max']}% |" for m, e in by.items()]
+            for m, e in by["structural"].items():
+                fe = by["fitted"].get(m)
+                fitted = f"{fe['median']}% / {fe['p90']}% / {fe['max']}%" if fe else "(fitted on the QLoRA sweep)"
+                lines.append(f"| {f} | {m} | {e['n']} | {e['median']}% / {e['p90']}% / {e['max']}% | {fitted} |")
     return lines
 
 
@@ -393,7 +402,8 @@ def speed_memory_rows(coeffs, speed_dir: Path | None = None) -> list[dict]:
     for path in sorted((speed_dir or CALIBRATION_DIR / "speed").glob("*.csv")):
         with path.open(newline="") as fh:
             for r in csv.DictReader(fh):
-                if r["status"] != "ok" or r["data"] == "padded" or not r["run_id"].endswith("|rep0"):
+                if (r["status"] != "ok" or r["data"] == "padded" or not r["run_id"].endswith("|rep0")
+                        or (r.get("method") or "qlora") != "qlora"):  # other bases: in the Methods section
                     continue
                 lora, train = settings_from_dict(r, packing=r["data"] == "packed",
                                                  expandable_segments="expandable_segments:True" in r["alloc_conf"])
@@ -422,6 +432,8 @@ def throughput_section(speed: dict, coeffs) -> list[str]:
              row("leave one configuration out (its repeat with it)", speed["leave_one_configuration_out"]),
              row("leave one model out", speed["leave_one_model_out"])]
     for o in speed["other_sweeps"]:
+        if "as_shipped" not in o:  # a methods sweep: in the Methods section
+            continue
         lines.append(row(f"`{o['file']}` (another machine, {', '.join(o['gpus'])}), the shipped coefficients", o["as_shipped"]))
         lines.append(row(f"`{o['file']}`, the CPU terms x {o['cpu_scale']} fitted on its other configurations",
                          o["with_cpu_scale_held_out"]))

@@ -99,19 +99,20 @@ def plan_document(result, model, coeffs) -> dict:
         "alternatives": [alternative(p) for p in (alternatives(result, best) if result.best else [])],
         "reasons": list(result.reasons),
         "advice": advice_document(result.advice),
-        "methods": methods_document(result),
+        "methods": methods_document(result, coeffs),
     }
 
 
-def methods_document(result) -> list[dict]:
-    """METHOD_KEYS per method considered, best-ranked first; gpu_measured: whether the method's terms were
-    calibrated on GPU runs (QLoRA only, so far)."""
+def methods_document(result, coeffs=None) -> list[dict]:
+    """METHOD_KEYS per method considered, best-ranked first; gpu_measured: whether the coefficients carry terms fitted
+    on GPU runs of that method (qlora always; lora and lora-8bit once calibration/speed has their sweep)."""
     from planner.reasons import best_per_method
+    from planner.speed import method_fitted
 
     chosen = result.best.train.method if result.best else None
     return [{"method": m, "chosen": m == chosen, "fits": p.fits, "needs_bytes": p.memory.needs_bytes,
              "headroom_bytes": p.headroom_bytes, "tokens_per_s": _speed(p.tokens_per_s), "settings": _settings(p),
-             "gpu_measured": m == "qlora"}
+             "gpu_measured": m == "qlora" or (coeffs is not None and method_fitted(coeffs, m))}
             for m, p in best_per_method(result).items()]
 
 

@@ -4,7 +4,8 @@ Three ways to hold the frozen base (TrainSettings.method, planner.specs.METHODS)
 in its own function below ("--------- the base, by method"): the base weights and their constants, what the
 base matmul saves and its workspace, and whether prepare_model_for_kbit_training upcasts the rest to fp32.
 qlora (the default) is the calibrated model; lora (16-bit base) and lora-8bit (LLM.int8 base) reuse its
-coefficients with their own structural terms and are not yet measured on a GPU.
+coefficients with their own structural terms, checked on H100 runs (calibration/methods/, REPORT.md "Methods"):
+lora within QLoRA's band at the median; lora-8bit under-predicted with gradient checkpointing (a term is missing).
 
 The stack modelled is the one users run: transformers `from_pretrained(..., quantization_config=
 BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype))`, peft's

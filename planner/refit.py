@@ -73,7 +73,10 @@ def coefficients_document(coeffs, df, cv_model, cv_family, name: str) -> dict:
 SPEED_DIR = Path(FITTED_FILE).parent / "speed"
 # The throughput fit uses this sweep (the most configurations and timed steps); every other sweep in SPEED_DIR is
 # a check on another machine (calibration/REPORT.md, "Throughput").
-SPEED_FIT_FILES = ("h100-speed-b.csv",)
+# the fit sweep: the one whose every configuration was timed for about 2 s (--min-timed-seconds 2, step-to-step spread
+# within a few percent); h100-speed-a/b (5 timed steps, 10-20% spread on short steps) are predicted as other machines
+SPEED_FIT_FILES = ("h100-speed-c.csv",)
+METHODS_DIR = Path(FITTED_FILE).parent / "methods"  # harness rows of lora / lora-8bit (calibration/grids/methods-*.json)
 
 
 def _speed_row_methods(path: Path) -> list[str]:
@@ -103,11 +106,24 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
            "leave_one_configuration_out": sf.summary(loo), "leave_one_model_out": sf.summary(lomo),
            "per_row": [{"run_id": r.run_id, "measured_s": r.step_time_s, "loo_error_pct": round(e, 2)}
                        for r, e in zip(rows, loo)], "other_sweeps": []}
+    method_terms: dict[str, float] = {}
     for path in sorted(speed_dir.glob("*.csv")):
         if path.name in SPEED_FIT_FILES:
             continue
         other = sf.read_rows([path])
         if not other:
+            continue
+        methods = _speed_row_methods(path)
+        if set(methods) - {"qlora"}:  # a sweep of calibration/grids/methods-speed.json: each method's own band
+            errs = sf.errors_pct(other, sf.predict(other, co))
+            entry = {"file": path.name, "rows": len(other), "gpus": sorted({r.gpu for r in other}),
+                     "as_shipped_by_method": {m: sf.summary([e for e, mm in zip(errs, methods) if mm == m])
+                                              for m in sorted(set(methods))},
+                     "fitted_by_method": {}}
+            for m in sorted(set(methods) - {"qlora"}):  # the method's own two terms, fitted on its rows
+                method_terms.update(sf.fit_method(other, co, m))
+                entry["fitted_by_method"][m] = sf.summary(sf.held_out_method(other, co, m))
+            doc["other_sweeps"].append(entry)
             continue
         scale = sf.fit_scale(other, co, CPU_TERMS)
         # `qfit calibrate --gpu auto` replayed on this machine's data: the guard sees only the default sweep model's
@@ -123,15 +139,10 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
             "file": path.name, "rows": len(other), "gpus": sorted({r.gpu for r in other}),
             "as_shipped": sf.summary(sf.errors_pct(other, sf.predict(other, co))),
             "cpu_scale": round(scale, 3), "with_cpu_scale_held_out": sf.summary(sf.held_out_scale(other, co, CPU_TERMS))})
-        methods = _speed_row_methods(path)
-        if set(methods) - {"qlora"}:  # a sweep of calibration/grids/methods-speed.json: each method's own band
-            errs = sf.errors_pct(other, sf.predict(other, co))
-            doc["other_sweeps"][-1]["as_shipped_by_method"] = {
-                m: sf.summary([e for e, mm in zip(errs, methods) if mm == m]) for m in sorted(set(methods))}
     padded = sf.read_rows(sorted(speed_dir.glob("*.csv")), padded=True)
     doc["padded"] = [{"run_id": r.run_id, "measured_s": r.step_time_s, "error_pct": round(e, 1)}
                      for r, e in zip(padded, sf.errors_pct(padded, sf.predict(padded, co)))]
-    return co, doc
+    return {**co, **method_terms}, doc
 
 
 def refit_and_report(paths: list[str], out_path: str | None = None, report_path: str | None = None) -> str:
@@ -144,7 +155,13 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     multi = _multigpu_runs()
     if multi is not None:  # several GPUs: NCCL buffers and the FSDP margin (planner.fit.fit_multigpu)
         coeffs = _with_values(coeffs, **fit_multigpu(multi, coeffs))
-    cv_all = cross_validate(df, "model", base)  # every method's rows, predicted by fits on QLoRA rows only
+    method_paths = sorted(str(p) for p in METHODS_DIR.glob("*.csv")) if METHODS_DIR.is_dir() else []
+    df_all = df
+    if method_paths:  # lora / lora-8bit rows: predicted only, beside (never in) the runs the coefficients come from
+        import pandas as pd
+
+        df_all = pd.concat([df, read_runs(method_paths)], ignore_index=True)
+    cv_all = cross_validate(df_all, "model", base)  # every method's rows, predicted by fits on QLoRA rows only
     cv_model = qlora_preds(cv_all)
     cv_family = qlora_preds(cross_validate(df, "family", base))
     speed_coeffs, speed = speed_section()
@@ -164,8 +181,10 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     exact = exact_mode_rows(items, paths)
     heldout = heldout_rows(coeffs)
     report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout, exact_budget_rows(df, coeffs), speed)
-    speed_by_method = {o["file"]: o["as_shipped_by_method"] for o in speed["other_sweeps"] if "as_shipped_by_method" in o}
-    report = report.rstrip("\n") + "\n\n" + "\n".join(method_section(bands, speed_by_method)) + "\n"
+    speed_by_method = {o["file"]: {"structural": o["as_shipped_by_method"], "fitted": o.get("fitted_by_method", {})}
+                       for o in speed["other_sweeps"] if "as_shipped_by_method" in o}
+    measured_on = ", ".join(sorted({str(g) for g in df_all[df_all["source_file"].isin(method_paths)]["gpu_name"]}))
+    report = report.rstrip("\n") + "\n\n" + "\n".join(method_section(bands, speed_by_method, measured_on)) + "\n"
     rpath = Path(report_path) if report_path else REPORT_FILE
     rpath.write_text(report)
     plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)
@@ -260,7 +279,9 @@ def user_speed_grid(model: str) -> list[dict]:
 
 
 def _user_grid(target_model: str | None) -> list[dict]:
-    models = ["qwen2.5-0.5b"] + ([target_model] if target_model else [])
+    """The memory sweep: a small model and one of the size the user trains (--model, else the 7B class), so that the
+    guard can hold one model out and see whether the allocator's coefficients carry over (planner.guard)."""
+    models = ["qwen2.5-0.5b", target_model or DEFAULT_SWEEP_MODEL]
     rows = []
     for m in models:
         for batch, seq, ckpt, rank, targets, optim in ((1, 512, True, 16, "all-linear", "paged_adamw_32bit"),

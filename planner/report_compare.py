@@ -218,8 +218,9 @@ def method_notes(c: Comparison) -> list[str]:
         return []
     chosen = {o.plan.train.method for o in c.options if o.plan}
     return [f"methods considered: {', '.join(methods)} (each GPU priced with its best-ranked method that fits; "
-            f"chosen: {', '.join(sorted(chosen)) or 'none'}); lora and lora-8bit are structural terms with the "
-            "QLoRA-fitted coefficients, not yet measured on a GPU: their tokens/s are estimates on every GPU."]
+            f"chosen: {', '.join(sorted(chosen)) or 'none'}); lora and lora-8bit were measured on an H100 only "
+            "(calibration/REPORT.md, Methods): on other GPUs their tokens/s is scaled by the datasheet, and lora-8bit's "
+            "memory with checkpointing is under-predicted."]
 
 
 def capacity_notes(c: Comparison) -> list[str]:

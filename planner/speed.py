@@ -49,6 +49,7 @@ class SpeedFeatures:
     cpu: dict[str, float]
     gpu: dict[str, float]
     step: dict[str, float]
+    method: str = "qlora"  # planner.specs.METHODS: a non-4-bit base scales the CPU terms by its own factor
 
 
 def features(model: ModelSpec, lora: LoraSettings, train: TrainSettings, gpu: GpuSpec) -> SpeedFeatures:
@@ -57,11 +58,14 @@ def features(model: ModelSpec, lora: LoraSettings, train: TrainSettings, gpu: Gp
     peak = gpu.tflops(train.compute_dtype) * 1e12
     bw = gpu.bandwidth_gb_s * 1e9
     cpu, flops, traffic, step_counts, step_bytes = _work(model, lora, train)
-    if train.method != "qlora":  # the base's own weight traffic replaces 4-bit dequantization
-        traffic = {**traffic, "dequant": method_base_traffic_bytes(model, train)}
+    if train.method != "qlora":  # the base's own weight traffic replaces 4-bit dequantization's
+        suffix = METHOD_TERM_SUFFIX[train.method]
+        traffic = {(f"base_{suffix}" if k == "dequant" else k): v for k, v in traffic.items()}
+        traffic[f"base_{suffix}"] = method_base_traffic_bytes(model, train)
     gpu_terms = {**{k: v / peak for k, v in flops.items()}, **{k: v / bw for k, v in traffic.items()}}
     step = {**step_counts, **{k: v / bw for k, v in step_bytes.items()}}
-    return SpeedFeatures(train.grad_accum, train.tokens_per_micro_batch * train.grad_accum, dict(cpu), gpu_terms, step)
+    return SpeedFeatures(train.grad_accum, train.tokens_per_micro_batch * train.grad_accum, dict(cpu), gpu_terms, step,
+                         train.method)
 
 
 @lru_cache(maxsize=8192)
@@ -111,11 +115,11 @@ def _work(model: ModelSpec, lora: LoraSettings, train: TrainSettings):
 # --------------------------------------------------------------------------- the base, by method (lora, lora-8bit)
 
 METHOD_SPEED_NOTES = {
-    "lora": "lora: 16-bit base: the matmuls read the compute-dtype weight, no dequantization (structural terms "
-            "with the QLoRA-fitted coefficients; not yet measured on a GPU)",
-    "lora-8bit": "lora-8bit: LLM.int8 base: activation quantization and, in backward, the weight dequantized in the "
-                 "input's dtype (fp32 after the k-bit upcast) for a matmul in that dtype, whose rate the GPU profiles "
-                 "do not carry: est. tokens/s is optimistic (structural terms; not yet measured on a GPU)",
+    "lora": "lora: 16-bit base: the matmuls read the compute-dtype weight, no dequantization; memory and step time "
+            "measured on an H100 only (calibration/REPORT.md, Methods), other GPUs by the datasheet",
+    "lora-8bit": "lora-8bit: LLM.int8 base: measured on an H100 2.0-2.9x slower than qlora, and with gradient "
+                 "checkpointing its peak memory came out far above this model (up to 58%; calibration/REPORT.md, "
+                 "Methods): leave headroom, or use qlora",
 }
 
 
@@ -157,10 +161,38 @@ def method_base_traffic_bytes(model: ModelSpec, train: TrainSettings) -> float:
     return fwd * forward + bwd * backward + expert_bytes
 
 
+METHOD_TERM_SUFFIX = {"lora": "16bit", "lora-8bit": "8bit"}
+# What a non-4-bit base changes, as two fitted terms: a factor on the CPU terms (a 16-bit nn.Linear call, and peft's
+# LoRA around it without the 4-bit input casts, launch fewer kernels than bitsandbytes' Linear4bit; Linear8bitLt's
+# activation quantization launches more) and a multiple of the base's weight-path bytes over the bandwidth (in
+# place of `dequant`). Fitted on the methods sweep (planner.speed_fit.fit_method); coefficients without them fall
+# back to factor 1 and QLoRA's dequant coefficient (a structural estimate, and the plan says so).
+METHOD_TERMS = {m: (f"speed_cpu_{s}", f"speed_base_{s}") for m, s in METHOD_TERM_SUFFIX.items()}
+_FALLBACK = {f"speed_base_{s}": "speed_dequant" for s in METHOD_TERM_SUFFIX.values()}
+_DEFAULT = {f"speed_cpu_{s}": 1.0 for s in METHOD_TERM_SUFFIX.values()}
+
+
+def coefficient(coeffs: Coefficients, key: str) -> float:
+    """coeffs[key]; a method term the coefficients do not carry takes its QLoRA counterpart's value (factor 1)."""
+    if key not in coeffs.values:
+        if key in _FALLBACK:
+            return coeffs.get(_FALLBACK[key])
+        if key in _DEFAULT:
+            return _DEFAULT[key]
+    return coeffs.get(key)
+
+
+def method_fitted(coeffs: Coefficients, method: str) -> bool:
+    """True when the coefficients carry this method's own fitted terms (always for qlora)."""
+    return method == "qlora" or all(k in coeffs.values for k in METHOD_TERMS.get(method, ()))
+
+
 def micro_batch_seconds(f: SpeedFeatures, coeffs: Coefficients) -> tuple[float, float, float]:
     """(CPU seconds, GPU seconds, overlapped seconds) of one micro-batch."""
-    cpu = sum(coeffs.get(f"speed_{k}") * v for k, v in f.cpu.items())
-    gpu = sum(coeffs.get(f"speed_{k}") * v for k, v in f.gpu.items())
+    cpu = sum(coefficient(coeffs, f"speed_{k}") * v for k, v in f.cpu.items())
+    if f.method != "qlora":
+        cpu *= coefficient(coeffs, f"speed_cpu_{METHOD_TERM_SUFFIX[f.method]}")
+    gpu = sum(coefficient(coeffs, f"speed_{k}") * v for k, v in f.gpu.items())
     p = coeffs.get("speed_overlap")
     both = (cpu ** p + gpu ** p) ** (1.0 / p) if cpu > 0 or gpu > 0 else 0.0
     return cpu, gpu, both

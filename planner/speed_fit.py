@@ -181,3 +181,45 @@ def held_out_scale(rows: list[SpeedRow], coeffs: dict[str, float], terms: tuple[
         for i, e in zip(test, errors_pct([rows[i] for i in test], predict([rows[i] for i in test], co))):
             out[i] = e
     return out
+
+
+# --------------------------------------------------------------------------- a non-4-bit base (lora, lora-8bit)
+
+def row_method(r: SpeedRow) -> str:
+    """The method a row was measured with, read from its features (planner.speed renames the base's terms)."""
+    return r.features.method
+
+
+def fit_method(rows: list[SpeedRow], coeffs: dict[str, float], method: str) -> dict[str, float]:
+    """The method's two terms (a factor on the CPU terms, a multiple of its weight-path bytes over the bandwidth)
+    fitted to its rows, every QLoRA coefficient held as fitted: what the base changes, nothing else."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    from planner.speed import METHOD_TERMS, coefficient
+
+    keys = METHOD_TERMS[method]
+    mine = [r for r in rows if row_method(r) == method]
+    base = Coefficients("fit", "", dict(coeffs))
+    p0 = np.array([max(coefficient(base, k), 1e-6) for k in keys])
+    lb, ub = np.array([0.05, 1.0]), np.array([20.0, np.inf])
+    p0 = np.clip(p0, lb + 1e-6, None)
+
+    def resid(p):
+        co = {**coeffs, **dict(zip(keys, p))}
+        return np.log(np.array(predict(mine, co)) / np.array([r.step_time_s for r in mine]))
+
+    res = least_squares(resid, p0, bounds=(lb, ub), x_scale="jac")
+    return {k: float(v) for k, v in zip(keys, res.x)}
+
+
+def held_out_method(rows: list[SpeedRow], coeffs: dict[str, float], method: str) -> list[float]:
+    """The method's rows, each model predicted with the method's terms fitted on the other models' rows (signed
+    tokens/s errors in percent, in the order of the method's rows)."""
+    mine = [r for r in rows if row_method(r) == method]
+    out = []
+    for r in mine:
+        train = [x for x in mine if x.model != r.model]
+        co = {**coeffs, **fit_method(train, coeffs, method)}
+        out += errors_pct([r], predict([r], co))
+    return out

@@ -75,17 +75,37 @@ def test_too_few_configurations_change_nothing(shipped, rows):
 
 
 def test_memory_guard_touches_only_what_the_sweep_identifies():
-    """A sweep of one model under one allocator mode: the other mode's reserve coefficients and every structural
-    coefficient stay exactly as shipped, whatever the verdict."""
+    """A sweep of one model (Llama-3.2-1B) under one allocator mode: the allocator's coefficients cannot be told
+    apart from the model's size, so every reserve and structural coefficient stays exactly as shipped; only the CUDA
+    context, measured directly, may change."""
     from planner.fit import read_runs
 
     shipped = load_coefficients(None)
     runs = Path(__file__).resolve().parent.parent / "calibration" / "runs" / "h200-t-expandable.csv"
     df = read_runs([str(runs)])
     keys = guard.identifiable_memory_keys(df)
+    assert not any(k.startswith(("reserve_", "required_")) for k in keys)
+    after, decisions = guard.guard_memory(shipped, df)
+    assert not decisions[0].identifiable and "2 or more models" in decisions[0].detail
+    for k, v in shipped.values.items():
+        if k != "cuda_context_bytes":
+            assert after.values[k] == v, k
+
+
+def test_memory_guard_holds_out_model_by_model():
+    """A sweep of two models under one allocator mode: that mode's reserve coefficients are identifiable, the other
+    mode's and the structural coefficients stay as shipped whatever the verdict, and the candidate's error is each
+    model predicted by a fit on the other."""
+    from planner.fit import read_runs
+
+    shipped = load_coefficients(None)
+    runs = Path(__file__).resolve().parent.parent / "calibration" / "runs" / "h200-a-expandable.csv"
+    df = read_runs([str(runs)])
+    assert df["model"].nunique() == 2
+    keys = guard.identifiable_memory_keys(df)
     assert "reserve_*_expandable" in keys and not any(k.endswith("_default") for k in keys)
     after, (decision,) = guard.guard_memory(shipped, df)
-    assert decision.identifiable and decision.shipped_error_pct is not None
+    assert decision.identifiable and decision.shipped_error_pct is not None and decision.candidate_error_pct is not None
     for k, v in shipped.values.items():
         if k.endswith("_default") or k in ("act_scale", "ckpt_saved_scale", "bwd_temp_factor", "logits_fwd_bytes",
                                            "logits_bwd_bytes") or k.startswith("speed_"):

@@ -145,9 +145,29 @@ def test_base_traffic_by_method():
     passes = 3  # forward, recompute, input-gradient backward (every layer checkpointed)
     assert method_base_traffic_bytes(MISTRAL, replace(t, method="lora")) == passes * 2 * MISTRAL.quantized_param_count
     q = features(MISTRAL, LoraSettings(), t, gpu).gpu["dequant"]
-    lo = features(MISTRAL, LoraSettings(), replace(t, method="lora"), gpu).gpu["dequant"]
-    i8 = features(MISTRAL, LoraSettings(), replace(t, method="lora-8bit"), gpu).gpu["dequant"]
-    assert lo < q < i8
+    lo = features(MISTRAL, LoraSettings(), replace(t, method="lora"), gpu).gpu  # the base's own term, own coefficient
+    i8 = features(MISTRAL, LoraSettings(), replace(t, method="lora-8bit"), gpu).gpu
+    assert "dequant" not in lo and "dequant" not in i8
+    assert lo["base_16bit"] < q < i8["base_8bit"]
+
+
+def test_method_terms_fall_back_to_qlora_coefficients():
+    """Coefficients without a method's fitted terms price it with QLoRA's dequant coefficient and a CPU factor of 1
+    (the structural estimate); with them, the fitted values are used; qlora's own prediction never changes."""
+    from planner.specs import Coefficients
+    from planner.speed import METHOD_TERMS, method_fitted, step_seconds
+
+    gpu = load_gpu("h100-sxm")
+    t = TrainSettings(batch_size=4, seq_len=1024, gradient_checkpointing=True)
+    bare = Coefficients("bare", "", {k: v for k, v in COEFFS.values.items() if not any(k in ks for ks in METHOD_TERMS.values())})
+    assert method_fitted(COEFFS, "lora") and not method_fitted(bare, "lora") and method_fitted(bare, "qlora")
+    for method in ("lora", "lora-8bit"):
+        f = features(MISTRAL, LoraSettings(), replace(t, method=method), gpu)
+        cpu_key, base_key = METHOD_TERMS[method]
+        structural = Coefficients("s", "", {**bare.values, cpu_key: 1.0, base_key: bare.values["speed_dequant"]})
+        assert step_seconds(f, bare) == pytest.approx(step_seconds(f, structural))
+    fq = features(MISTRAL, LoraSettings(), t, gpu)
+    assert step_seconds(fq, bare) == step_seconds(fq, COEFFS)
 
 
 # --------------------------------------------------------------------------- the search and the CLI
@@ -180,12 +200,13 @@ def test_plan_auto_names_the_method_and_the_trade():
     assert set(methods) == set(METHODS)
     chosen = [m for m in doc["methods"] if m["chosen"]]
     assert len(chosen) == 1 and chosen[0]["method"] == doc["settings"]["method"] == doc["methods"][0]["method"]
-    assert [m["gpu_measured"] for m in doc["methods"]] == [m["method"] == "qlora" for m in doc["methods"]]
+    # the shipped coefficients carry each method's step-time terms fitted on the H100 methods sweep
+    assert all(m["gpu_measured"] for m in doc["methods"])
     assert any(r.startswith(f"method {chosen[0]['method']} ") for r in doc["reasons"])
     others = [m for m in METHODS if m != chosen[0]["method"]]
     for m in others:
         assert any(f"than {m} here" in r or r.startswith(f"{m} does not fit") for r in doc["reasons"]), m
-    assert any("not yet measured on a GPU" in n for n in doc["notes"])
+    assert any("measured on an H100 only" in n for n in doc["notes"])
 
 
 def test_plan_auto_on_a_small_card_says_which_method_does_not_fit():
@@ -428,10 +449,12 @@ def test_report_methods_section_pending_and_measured():
               "measured_reserved": 100, "predicted_reserved": 100 + 2 * d, "alloc_conf": "x"}
              for m, d in (("qlora", 1), ("lora", -3))]
     bands = {m: error_summary([p for p in preds if p["method"] == m]) for m in ("qlora", "lora")}
-    text = "\n".join(method_section(bands, {"methods-speed.csv": {"lora": {"n": 4, "median": 5.0, "p90": 7.0,
-                                                                             "max": 9.0}}}))
+    speed = {"methods-speed.csv": {"structural": {"lora": {"n": 4, "median": 5.0, "p90": 7.0, "max": 9.0}},
+                                   "fitted": {"lora": {"n": 4, "median": 2.0, "p90": 3.0, "max": 4.0}}}}
+    text = "\n".join(method_section(bands, speed, "NVIDIA H100 80GB HBM3"))
     assert "| lora | 1 | x | 6.0% / 6.0% | 3.0% / 3.0% | 100% |" in text
-    assert "| methods-speed.csv | lora | 4 | 5.0% / 7.0% / 9.0% |" in text
+    assert "| methods-speed.csv | lora | 4 | 5.0% / 7.0% / 9.0% | 2.0% / 3.0% / 4.0% |" in text
+    assert "measured on NVIDIA H100 80GB HBM3" in text
 
 
 def test_a_saved_lora_plan_is_refused_on_several_gpus():
