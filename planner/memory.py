@@ -5,7 +5,8 @@ in its own function below ("--------- the base, by method"): the base weights an
 base matmul saves and its workspace, and whether prepare_model_for_kbit_training upcasts the rest to fp32.
 qlora (the default) is the calibrated model; lora (16-bit base) and lora-8bit (LLM.int8 base) reuse its
 coefficients with their own structural terms, checked on H100 runs (calibration/methods/, REPORT.md "Methods"):
-lora within QLoRA's band at the median; lora-8bit under-predicted with gradient checkpointing (a term is missing).
+lora within QLoRA's band at the median; lora-8bit under-predicted by up to 20% for 3B-7B models (the data-dependent
+outlier columns bitsandbytes keeps are left out).
 
 The stack modelled is the one users run: transformers `from_pretrained(..., quantization_config=
 BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype))`, peft's
@@ -248,8 +249,19 @@ def packed_bias_bytes(model: ModelSpec, train: TrainSettings) -> int:
 
 
 def checkpointed_layer_saved_bytes_per_token(model: ModelSpec, train: TrainSettings | None = None) -> int:
-    """Under layer-granular checkpointing autograd keeps only each layer's input (fp32 after the upcast)."""
-    return (residual_bytes(train) if train is not None else FP32) * model.hidden_size
+    """Under layer-granular checkpointing autograd keeps only each layer's input (fp32 after the upcast), and
+    what it cannot drop: see int8_checkpoint_kept_bytes_per_token."""
+    kept = int8_checkpoint_kept_bytes_per_token(model, train) if train is not None else 0
+    return (residual_bytes(train) if train is not None else FP32) * model.hidden_size + kept
+
+
+def int8_checkpoint_kept_bytes_per_token(model: ModelSpec, train: TrainSettings) -> int:
+    """lora-8bit under checkpointing: bitsandbytes MatMul8bitLt.forward keeps its input on the autograd context as a
+    plain attribute (`ctx.tensors = (CAt, subA, A)`, autograd/_functions.py), not through ctx.save_for_backward, so
+    torch.utils.checkpoint's non-reentrant saved-tensor hooks (transformers 5's default, use_reentrant=False) never
+    see it: every checkpointed layer keeps its int8 linears' inputs until backward, as an uncheckpointed one does
+    (int8_saved_inputs_bytes_per_token)."""
+    return int8_saved_inputs_bytes_per_token(model, train) if train.method == "lora-8bit" else 0
 
 
 def moe_expert_weight_copies_bytes(model: ModelSpec, train: TrainSettings) -> int:

@@ -220,7 +220,7 @@ def method_notes(c: Comparison) -> list[str]:
     return [f"methods considered: {', '.join(methods)} (each GPU priced with its best-ranked method that fits; "
             f"chosen: {', '.join(sorted(chosen)) or 'none'}); lora and lora-8bit were measured on an H100 only "
             "(calibration/REPORT.md, Methods): on other GPUs their tokens/s is scaled by the datasheet, and lora-8bit's "
-            "memory with checkpointing is under-predicted."]
+            "memory is under-predicted by up to 20%."]
 
 
 def capacity_notes(c: Comparison) -> list[str]:

@@ -117,9 +117,9 @@ def _work(model: ModelSpec, lora: LoraSettings, train: TrainSettings):
 METHOD_SPEED_NOTES = {
     "lora": "lora: 16-bit base: the matmuls read the compute-dtype weight, no dequantization; memory and step time "
             "measured on an H100 only (calibration/REPORT.md, Methods), other GPUs by the datasheet",
-    "lora-8bit": "lora-8bit: LLM.int8 base: measured on an H100 2.0-2.9x slower than qlora, and with gradient "
-                 "checkpointing its peak memory came out far above this model (up to 58%; calibration/REPORT.md, "
-                 "Methods): leave headroom, or use qlora",
+    "lora-8bit": "lora-8bit: LLM.int8 base: measured on an H100 2.0-2.9x slower than qlora, and its peak memory up "
+                 "to 20% above this model for 3B-7B models (calibration/REPORT.md, Methods): leave headroom, or use "
+                 "qlora",
 }
 
 

@@ -465,3 +465,29 @@ def test_a_saved_lora_plan_is_refused_on_several_gpus():
     assert build_request(RunOptions(output="x", demo=True), doc, 512)[0].method == "lora"
     with pytest.raises(RunError, match="QLoRA only"):
         build_request(RunOptions(output="x", demo=True, num_gpus=2), doc, 512)
+
+
+def test_int8_inputs_survive_checkpointing():
+    """bitsandbytes' MatMul8bitLt keeps its input on ctx.tensors, out of reach of non-reentrant checkpointing: under
+    lora-8bit a checkpointed layer keeps those inputs beside its own input; under qlora and lora it keeps only its
+    input. The source fact is checked too, so a bitsandbytes that saves through save_for_backward fails here."""
+    import inspect
+
+    import bitsandbytes.autograd._functions as bnb_functions
+
+    from planner.memory import (
+        checkpointed_layer_saved_bytes_per_token,
+        int8_checkpoint_kept_bytes_per_token,
+        int8_saved_inputs_bytes_per_token,
+        residual_bytes,
+    )
+
+    assert "ctx.tensors = (CAt, subA, A)" in inspect.getsource(bnb_functions.MatMul8bitLt.forward)
+    t8 = TrainSettings(method="lora-8bit", gradient_checkpointing=True)
+    kept = int8_checkpoint_kept_bytes_per_token(MISTRAL, t8)
+    assert kept == int8_saved_inputs_bytes_per_token(MISTRAL, t8) > 0
+    assert checkpointed_layer_saved_bytes_per_token(MISTRAL, t8) == residual_bytes(t8) * MISTRAL.hidden_size + kept
+    for method in ("qlora", "lora"):
+        t = TrainSettings(method=method, gradient_checkpointing=True)
+        assert int8_checkpoint_kept_bytes_per_token(MISTRAL, t) == 0
+        assert checkpointed_layer_saved_bytes_per_token(MISTRAL, t) == residual_bytes(t) * MISTRAL.hidden_size
