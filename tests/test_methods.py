@@ -337,19 +337,6 @@ def test_throughput_sweeps_each_method_on_cpu(tmp_path):
 
 # --------------------------------------------------------------------------- qfit run, each method, on the CPU
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    import os
-
-    path = tmp_path_factory.mktemp("qfit-cache")
-    old = os.environ.get("QFIT_CACHE")
-    os.environ["QFIT_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("QFIT_CACHE", None)
-    else:
-        os.environ["QFIT_CACHE"] = old
-
 
 @pytest.mark.parametrize("method", METHODS)
 def test_run_trains_the_tiny_model_and_writes_a_standard_adapter(cache, tmp_path, method):

@@ -27,18 +27,6 @@ from planner.train.trainer_glue import PadCollator
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One qfit cache (demo model + tokenizer, runs.csv) for the module; the user's is never touched."""
-    path = tmp_path_factory.mktemp("qfit-cache")
-    old = os.environ.get("QFIT_CACHE")
-    os.environ["QFIT_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("QFIT_CACHE", None)
-    else:
-        os.environ["QFIT_CACHE"] = old
-
 
 @pytest.fixture(scope="module")
 def demo_dir(cache):

@@ -462,7 +462,6 @@ def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[s
     """Architecture from its config, loaded as train.method holds the base, LoRA-wrapped: stack.load_4bit (qlora) or
     stack.load_base's 16-bit path (lora) + get_peft_model."""
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
     from planner.train import stack
@@ -478,12 +477,7 @@ def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[s
     # the skeleton is built on the meta device outside the fake and tracking modes (Params4bit cannot
     # wrap a FakeTensor); _materialize then gives it fake storages, as loading the checkpoint would
     with _disable_current_modes():
-        try:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-        except ValueError as exc:
-            raise TraceError(f"transformers cannot build {config_fields.get('model_type')!r} as a causal LM: "
-                             f"{str(exc).splitlines()[0][:160]}") from None
+        model = _meta_skeleton(config, config_fields, compute_dtype)
         quantizer._process_model_before_weight_loading(model, device_map=None)
     _materialize(model, compute_dtype, tracker)
     model = quantizer._process_model_after_weight_loading(model)
@@ -495,23 +489,29 @@ def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[s
     return _wrap(model, lora, targets, train, tracker, input_requires_grad)
 
 
+def _meta_skeleton(config, config_fields: dict, compute_dtype):
+    """The model built from its config on the meta device (no storage yet), or a TraceError naming the type."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    except ValueError as exc:
+        raise TraceError(f"transformers cannot build {config_fields.get('model_type')!r} as a causal LM: "
+                         f"{str(exc).splitlines()[0][:160]}") from None
+
+
 def _build_16bit(config, config_fields: dict, lora: LoraSettings, targets: tuple[str, ...], train: TrainSettings,
                  tracker: AllocTracker, input_requires_grad: bool) -> Built:
     """lora: stack.load_base's 16-bit path: from_pretrained(dtype=compute dtype), no quantization, no k-bit
     preparation; the decoder layers' nn.Linear weights are the base weights (category quantized_weights, the
     MemoryBreakdown field that holds the base as the method stores it)."""
-    from transformers import AutoModelForCausalLM
 
     from planner.train import stack
 
     compute_dtype = stack.TORCH_DTYPES[train.compute_dtype]
     with _disable_current_modes():
-        try:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-        except ValueError as exc:
-            raise TraceError(f"transformers cannot build {config_fields.get('model_type')!r} as a causal LM: "
-                             f"{str(exc).splitlines()[0][:160]}") from None
+        model = _meta_skeleton(config, config_fields, compute_dtype)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     _materialize(model, compute_dtype, tracker)
     for module in decoder.layers.modules():
