@@ -3,6 +3,8 @@
 #   bash calibration/gpu_session.sh speed [SECONDS]       the throughput grid (issue 14: another GPU kind or machine)
 #   bash calibration/gpu_session.sh calibrate [MINUTES]   `qfit calibrate --gpu auto` as a user runs it (issue 17)
 #   bash calibration/gpu_session.sh methods [S1] [S2]     LoRA on 16-bit / 8-bit bases: step times, then memory (issue 18)
+#   bash calibration/gpu_session.sh methods-speed GRID SECONDS [MODELS]   a methods step-time grid, models in order
+#   bash calibration/gpu_session.sh methods-memory GRID SECONDS           a methods memory grid (harness)
 # bitsandbytes comes from the wheel in .whl/ (../shared/scripts/gpu-wheels.sh; carry [".whl"]).
 set -uo pipefail
 step=${1:?speed, calibrate or methods}
@@ -40,6 +42,17 @@ case "$step" in
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m planner.train.harness --grid methods-a \
       --out "$OUT/$kind-methods-a-expandable.csv" --time-limit "${3:-200}" 2>&1 | quiet \
       | tee "$OUT/methods-a-$tag.log" | tail -30
+    ;;
+  methods-speed)
+    g=${2:?grid name}
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m planner.train.throughput \
+      --grid "calibration/grids/$g.json" --out "$OUT/$kind-$g.csv" --time-limit "${3:-500}" --min-timed-seconds 2 \
+      ${4:+--models "$4"} 2>&1 | quiet | tee "$OUT/$g-$tag.log" | grep "^\[speed\]" | tail -70
+    ;;
+  methods-memory)
+    g=${2:?grid name}
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m planner.train.harness --grid "$g" \
+      --out "$OUT/$kind-$g-expandable.csv" --time-limit "${3:-300}" 2>&1 | quiet | tee "$OUT/$g-$tag.log" | tail -30
     ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

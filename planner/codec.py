@@ -99,5 +99,14 @@ def settings_from_dict(d: Mapping, **overrides) -> tuple[LoraSettings, TrainSett
                           kbit_upcast=get("kbit_upcast", _bool, train_defaults.kbit_upcast),
                           uncheckpointed_layers=get("uncheckpointed_layers", _int, 0),
                           packing=get("packing", _bool, False),
-                          method=get("method", str, train_defaults.method))  # rows and plans from before: qlora
+                          method=get("method", str, train_defaults.method),  # rows and plans from before: qlora
+                          int8_outlier_share=_share(d.get("int8_outlier_share")))
     return lora, train
+
+
+def _share(v) -> float | None:
+    """A calibration row's measured int8 outlier share: absent, empty or NaN (a pandas cell) is None."""
+    if v is None or v == "":
+        return None
+    f = float(v)
+    return None if f != f else f

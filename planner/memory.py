@@ -389,8 +389,7 @@ def int8_saved_inputs_bytes_per_token(model: ModelSpec, train: TrainSettings) ->
     frozen 16-bit nn.Linear keeps only its weight. Linears reading one tensor share it, so per token and layer:
     the normed hidden state once per group (residual dtype: fp32 after the k-bit upcast), the attention output
     as o_proj sees it (transpose + reshape makes a compute-dtype copy), the MLP's act(gate) x up product
-    (residual dtype). subA, the fp16 outlier columns (|x| > threshold 6.0), is saved too; it is left out: its
-    width depends on the data (a handful of columns per linear in the LLM.int8 paper), for the GPU runs to show."""
+    (residual dtype). subA, the outlier columns, is saved beside A: int8_outlier_bytes_per_token."""
     if train.method != "lora-8bit":
         return 0
     r, c = residual_bytes(train), DTYPE_BYTES[train.compute_dtype]
@@ -403,7 +402,30 @@ def int8_saved_inputs_bytes_per_token(model: ModelSpec, train: TrainSettings) ->
         for lin in lins:
             if lin.name in outs:
                 total += (c if group == "attn" else r) * lin.in_features * lin.count
-    return total
+    return total + int8_outlier_bytes_per_token(model, train)
+
+
+# LLM.int8 (Dettmers et al. 2022, section 4): in trained models the outliers (|x| >= 6) sit in a handful of hidden
+# dimensions (about 6 at 6.7B parameters and up), a fraction of a percent of a linear's input columns. Models with
+# random weights are not like this: their MLP down-projection input, act(gate) x up, is a product of two
+# near-Gaussian values with a heavy tail, and every one of its columns holds an outlier somewhere in a micro-batch
+# (measured on an H100: calibration/methods/h100-methods-a8-expandable.csv, int8_outlier_share up to 0.37, which is
+# the down-projection's share of the input width for Mistral-7B).
+DEFAULT_INT8_OUTLIER_SHARE = 0.002
+
+
+def int8_outlier_bytes_per_token(model: ModelSpec, train: TrainSettings) -> int:
+    """lora-8bit: bitsandbytes' int8_mixed_scaled_mm (backends/default/ops.py) gathers the input columns that hold an
+    outlier, `subA = A[:, outlier_cols].contiguous()` in the input's dtype, and MatMul8bitLt keeps it on the autograd
+    context beside A (`ctx.tensors = (CAt, subA, A)`) until backward, for every int8 linear, checkpointed or not.
+    Per token and layer: the outlier share of the linears' input width, in the residual dtype. The share is a
+    property of the weights and the data: train.int8_outlier_share where measured (calibration rows; the harness
+    records it with planner.train.measure.Int8OutlierWatch), else DEFAULT_INT8_OUTLIER_SHARE."""
+    if train.method != "lora-8bit":
+        return 0
+    share = DEFAULT_INT8_OUTLIER_SHARE if train.int8_outlier_share is None else train.int8_outlier_share
+    width = sum(lin.in_features * lin.count for lin in model.layer_linears)
+    return round(share * width * residual_bytes(train))
 
 
 def int8_matmul_workspace_bytes(model: ModelSpec, train: TrainSettings) -> int:

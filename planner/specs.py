@@ -204,6 +204,10 @@ class TrainSettings:
     # which costs memory (the mask, repeated k/v for grouped-query attention) and speed (no flash kernel).
     packing: bool = False
     method: str = "qlora"  # METHODS: how the frozen base is stored (4-bit NF4, 16-bit, 8-bit LLM.int8)
+    # lora-8bit: the share of the int8 linears' input columns LLM.int8 treats as outliers (a property of the weights
+    # and data: planner.memory.int8_outlier_bytes_per_token). None: the default for trained checkpoints. A measured
+    # calibration row carries its own (int8_outlier_share); not part of the `settings` object.
+    int8_outlier_share: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -220,6 +224,8 @@ class TrainSettings:
             raise QfitError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise QfitError(f"--compute-dtype must be bf16 or fp16, got {self.compute_dtype!r}")
+        if self.int8_outlier_share is not None and not 0.0 <= self.int8_outlier_share <= 1.0:
+            raise QfitError(f"the int8 outlier share must be in [0, 1], got {self.int8_outlier_share}")
 
     @property
     def upcast_fp32(self) -> bool:

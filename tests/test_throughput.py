@@ -14,13 +14,19 @@ def test_tiny_sweep_writes_one_row_per_configuration(tmp_path):
     grid = [{"model": "tiny-llama", "batch_size": 2, "seq_len": 64, "rank": 4, "data": "full", "optim": "adamw_torch", "steps": 3},
             {"model": "tiny-llama", "batch_size": 2, "seq_len": 128, "rank": 4, "data": "packed", "optim": "adamw_torch", "steps": 3},
             {"model": "tiny-llama", "batch_size": 2, "seq_len": 128, "rank": 4, "data": "padded", "optim": "adamw_torch",
-             "steps": 3, "gradient_checkpointing": False}]
+             "steps": 3, "gradient_checkpointing": False},
+            {"model": "tiny-llama", "batch_size": 2, "seq_len": 64, "rank": 4, "data": "full", "optim": "adamw_torch",
+             "steps": 3, "method": "lora-8bit"}]
     path = tmp_path / "grid.json"
     path.write_text(json.dumps(grid))
     out = tmp_path / "speed.csv"
     assert throughput.main(["--grid", str(path), "--out", str(out), "--workdir", str(tmp_path / "m"), "--one-process"]) == 0
     rows = list(csv.DictReader(out.open()))
+    int8 = [r for r in rows if r["method"] == "lora-8bit"]
+    rows = [r for r in rows if r["method"] == "qlora"]
     assert [r["data"] for r in rows] == ["full", "packed", "padded"] and all(r["status"] == "ok" for r in rows)
+    # lora-8bit: the outlier watch ran (the CPU trains through MatMul8bitFp, which keeps no outlier columns)
+    assert int8[0]["status"] == "ok" and int8[0]["int8_outlier_columns"] == "0" and rows[0]["int8_outlier_columns"] == ""
     for r in rows:
         times = [float(t) for t in r["step_times_s"].split(";")]
         assert len(times) == 3  # every step timed; the first (warm-up) is left out of the median

@@ -33,7 +33,7 @@ from planner.memory import resolve_targets
 from planner.profiles import PROFILES_DIR, load_model
 from planner.specs import TrainSettings
 from planner.train import stack
-from planner.train.measure import nvml_used, peak_snapshot
+from planner.train.measure import Int8OutlierWatch, nvml_used, peak_snapshot
 from planner.train.oom import is_cuda_oom
 from planner.units import CUBLAS_WORKSPACES_BYTES
 
@@ -45,6 +45,8 @@ FIELDS = (
     "context_bytes", "leak_bytes", "step_time_s", "tokens_per_s", "steps", "error",
     "gpu_name", "gpu_total_bytes", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "date",
     "method",  # planner.specs.METHODS; absent in files written before it (read as qlora)
+    # lora-8bit: LLM.int8's outlier columns (measure.Int8OutlierWatch), a share of the int8 linears' input width
+    "int8_outlier_columns", "int8_outlier_share",
 )
 
 
@@ -108,10 +110,12 @@ def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
            "after_load_allocated_bytes": after_load}
     if cuda and cfg["budget_bytes"]:
         torch.cuda.set_per_process_memory_fraction(cfg["budget_bytes"] / env["gpu_total_bytes"])
-    model = trainer = None
+    model = trainer = watch = None
     steps = 2
     try:
         model = get_peft_model(base, stack.lora_config(lora, names))
+        if train.method == "lora-8bit":
+            watch = Int8OutlierWatch(model)
         row["after_wrap_allocated_bytes"] = torch.cuda.memory_allocated() if cuda else 0
         ds = stack.FixedLengthDataset(train.batch_size * train.grad_accum * steps, train.seq_len, spec.vocab_size)
         timer = stack.StepTimer()
@@ -125,6 +129,9 @@ def run_one(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
     except Exception as exc:  # an OOM or a failed configuration is a data row too
         record_failure(row, exc, cuda)
     finally:
+        if watch is not None:
+            row["int8_outlier_columns"], row["int8_outlier_share"] = watch.columns, round(watch.share, 6)
+            watch.remove()
         release(base, model, trainer)
         del model, trainer
         if cuda:

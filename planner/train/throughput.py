@@ -55,6 +55,7 @@ FIELDS = (
     "after_load_allocated_bytes", "peak_allocated_bytes", "peak_reserved_bytes",
     "gpu_name", "gpu_total_bytes", "driver", "torch", "transformers", "peft", "bitsandbytes", "cuda", "alloc_conf", "date",
     "method",  # planner.specs.METHODS; absent in files written before it (read as qlora)
+    "int8_outlier_columns", "int8_outlier_share",  # lora-8bit: LLM.int8's outlier columns (measure.Int8OutlierWatch)
 )
 DATA_KINDS = ("full", "packed", "padded")
 
@@ -131,9 +132,13 @@ def measure(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
     names = resolve_targets(spec, lora.targets)
     row = {**env, **cfg, "lora_dropout": lora.dropout, "status": "ok", "error": "", "run_id": run_id(cfg),
            "after_load_allocated_bytes": after_load, "warmup_steps": cfg["warmup"]}
-    model = trainer = None
+    model = trainer = watch = None
     try:
         model = get_peft_model(base, stack.lora_config(lora, names))
+        if train.method == "lora-8bit":
+            from planner.train.measure import Int8OutlierWatch
+
+            watch = Int8OutlierWatch(model)
         ds, collator = dataset_for(cfg, spec.vocab_size, train.batch_size * train.grad_accum * cfg["steps"])
         timer = stack.StepTimer()
         args = stack.training_arguments(outdir, train, max_steps=cfg["steps"], learning_rate=1e-4,
@@ -166,6 +171,9 @@ def measure(base, spec, cfg: dict, env: dict, after_load: int, outdir: str) -> d
         if row["status"] == "error":
             traceback.print_exc()
     finally:
+        if watch is not None:
+            row["int8_outlier_columns"], row["int8_outlier_share"] = watch.columns, round(watch.share, 6)
+            watch.remove()
         release(base, model, trainer)
         del model, trainer
     return row
