@@ -28,8 +28,8 @@ from pathlib import Path
 
 from planner.codec import settings_from_dict
 from planner.coefficients import load_coefficients
+from planner.fit import row_model
 from planner.memory import estimate
-from planner.profiles import load_model
 from planner.specs import Coefficients
 
 UNDER_PCT = 1.0  # peak reserved predicted more than 1% below the measurement is counted
@@ -54,7 +54,7 @@ def memory_errors(rows: list[dict], coeffs: Coefficients) -> list[dict]:
     for r in rows:
         lora, train = settings_from_dict(r, packing=r["data"] == "packed",
                                          expandable_segments="expandable_segments:True" in r.get("alloc_conf", ""))
-        bd = estimate(load_model(r["model"]), lora, train, coeffs)
+        bd = estimate(row_model(r), lora, train, coeffs)
         out.append({"run_id": r["run_id"], "file": r["file"],
                     "allocated_pct": 100.0 * (bd.peak_allocated_bytes / int(r["peak_allocated_bytes"]) - 1),
                     "reserved_pct": 100.0 * (bd.peak_reserved_bytes / int(r["peak_reserved_bytes"]) - 1)})

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from planner.coefficients import CALIBRATION_DIR
-from planner.fit import CONTAMINATION_BYTES, error_summary, prepare_rows, read_runs
+from planner.fit import CONTAMINATION_BYTES, error_summary, prepare_rows, read_runs, row_model
 from planner.report import gib_str
 from planner.units import CUBLAS_WORKSPACES_BYTES as CUBLAS_WORKSPACES  # two handles' workspaces, traced in every step
 
@@ -396,7 +396,6 @@ def speed_memory_rows(coeffs, speed_dir: Path | None = None) -> list[dict]:
 
     from planner.codec import settings_from_dict
     from planner.memory import estimate
-    from planner.profiles import load_model
 
     out = []
     for path in sorted((speed_dir or CALIBRATION_DIR / "speed").glob("*.csv")):
@@ -407,7 +406,7 @@ def speed_memory_rows(coeffs, speed_dir: Path | None = None) -> list[dict]:
                     continue
                 lora, train = settings_from_dict(r, packing=r["data"] == "packed",
                                                  expandable_segments="expandable_segments:True" in r["alloc_conf"])
-                pred = estimate(load_model(r["model"]), lora, train, coeffs).peak_allocated_bytes
+                pred = estimate(row_model(r), lora, train, coeffs).peak_allocated_bytes
                 out.append({"file": path.name, "run_id": r["run_id"], "data": r["data"],
                             "measured": int(r["peak_allocated_bytes"]), "predicted": pred,
                             "error_pct": (pred / int(r["peak_allocated_bytes"]) - 1) * 100})
@@ -527,7 +526,7 @@ def multigpu_section(coeffs) -> list[str]:
         for _, r in capped.iterrows():
             ok = r["status"] == "ok"
             lora, train = _row_settings(r)
-            needs = fsdp_per_gpu(load_model(r["model"]), lora, train, coeffs, int(r["world_size"])).needs_bytes
+            needs = fsdp_per_gpu(row_model(r), lora, train, coeffs, int(r["world_size"])).needs_bytes
             card = int(r["budget_bytes"]) + cuda_context_bytes(coeffs) + nccl_buffer_bytes(coeffs)
             lines.append(f"| {r['run_id']} | {gib_str(int(r['budget_bytes']))} | {r['status']} | "
                          f"{gib_str(int(r['peak_allocated_bytes']))} / {gib_str(int(r['peak_reserved_bytes']))} | "
@@ -640,7 +639,7 @@ def validation_section(coeffs) -> list[str]:
                 continue
             r = match[0]
             lora, train = _row_settings(r)
-            pred = estimate(load_model(r["model"]), lora, train, coeffs).peak_reserved_bytes
+            pred = estimate(row_model(r), lora, train, coeffs).peak_reserved_bytes
             meas = int(r["peak_reserved_bytes"] or 0)
             errs.append(abs(pred - meas) / meas * 100)
             statuses.append(r["status"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from planner.coefficients import DEFAULTS_FILE, _read
 from planner.memory import RESERVE_TERMS as RESERVE_FEATURES
-from planner.specs import Coefficients
+from planner.specs import Coefficients, ModelSpec
 
 ALLOC_KEYS = ("act_scale", "bwd_temp_factor", "logits_fwd_bytes", "logits_bwd_bytes")
 # memory an earlier model of the same harness process left allocated, beyond its two 32 MiB cuBLAS
@@ -43,6 +43,16 @@ def _row_settings(row):
     return settings_from_dict({k: v for k, v in row.items() if v == v})
 
 
+def row_model(row) -> ModelSpec:
+    """A measured row's ModelSpec as the transformers that measured it built the model (the row's `transformers`
+    column decides Gemma-2's attention: planner.architectures.default_attn_implementation). A row without the
+    column (an older CSV, a grid row not yet measured): the installed transformers."""
+    from planner.profiles import load_model
+
+    v = row.get("transformers", "") if hasattr(row, "get") else ""
+    return load_model(str(row["model"]), transformers_version=None if v is None or v == "" or v != v else str(v))
+
+
 def row_method(row) -> str:
     """A row's method (planner.specs.METHODS): rows written before the column existed are QLoRA."""
     v = row.get("method", "") if hasattr(row, "get") else ""
@@ -67,10 +77,9 @@ def row_offset(row, model=None, double_quant: bool | None = None) -> int:
         quantized_weights_bytes,
         unquantized_weights_bytes,
     )
-    from planner.profiles import load_model
     from planner.specs import TrainSettings
 
-    model = model or load_model(row["model"])
+    model = model or row_model(row)
     dq = str(row["double_quant"]) == "True" if double_quant is None else double_quant
     method = row_method(row)
     if method == "qlora":
@@ -100,13 +109,12 @@ def prepare_rows(df, base: Coefficients, keep_contaminated: bool = False, per_co
     counts them): peak reserved depends on what ran earlier in the process (calibration/REPORT.md,
     "Repeatability"), and one configuration should not weigh twice."""
     from planner.memory import phases
-    from planner.profiles import load_model
 
     out = []
     for _, row in df.iterrows():
         if row["status"] != "ok" or int(row["budget_bytes"]) != 0 or not str(row["peak_allocated_bytes"]):
             continue
-        model = load_model(row["model"])
+        model = row_model(row)
         offset = row_offset(row, model)
         if offset > CONTAMINATION_BYTES and not keep_contaminated:
             continue
@@ -254,8 +262,6 @@ def bisection_groups(df, coeffs: Coefficients) -> dict[str, list[dict]]:
     """Per allocator mode, each capped configuration's smallest budget that ran and largest that ran out of
     memory (both less memory an earlier configuration left behind), with the model's predicted peak
     allocated and allocator reserve at that peak."""
-    from planner.profiles import load_model
-
     groups: dict[tuple, list] = {}  # per file: a configuration bisected in two processes is two groups
     for _, row in df.iterrows():
         if int(row["budget_bytes"]) != 0:
@@ -263,7 +269,7 @@ def bisection_groups(df, coeffs: Coefficients) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {"expandable": [], "default": []}
     for key, rows in groups.items():
         r0 = rows[0]
-        model = load_model(r0["model"])
+        model = row_model(r0)
         lora, train = _row_settings(r0)
         offset = row_offset(r0, model)
         if offset > CONTAMINATION_BYTES:
@@ -282,7 +288,6 @@ def fit_context(df, coeffs: Coefficients) -> int:
     managed (paged) memory, on the first configuration of each process (later rows also carry
     managed memory that bitsandbytes' page manager has not returned)."""
     from planner.memory import paged_state_bytes
-    from planner.profiles import load_model
 
     vals = []
     for _, grp in df.groupby("source_file"):
@@ -290,7 +295,7 @@ def fit_context(df, coeffs: Coefficients) -> int:
         if row["status"] != "ok" or not str(row["nvml_used_bytes"]):
             continue
         lora, train = _row_settings(row)
-        paged = paged_state_bytes(load_model(row["model"]), lora, train)
+        paged = paged_state_bytes(row_model(row), lora, train)
         vals.append(int(row["nvml_used_bytes"]) - int(row["nvml_baseline_bytes"]) + int(row["nvml_baseline_bytes"])
                     - int(row["peak_reserved_bytes"]) - paged)
     return int(max(vals)) if vals else int(coeffs.get("cuda_context_bytes"))
@@ -389,13 +394,12 @@ def predict_multigpu(df, coeffs: Coefficients) -> list[dict]:
     predicted_allocated is the structural sum (no margin), so its error is what the margin must cover."""
     from planner.memory import cuda_context_bytes, paged_state_bytes, quant_constants_bytes, quantized_weights_bytes
     from planner.multigpu import ddp_per_gpu, fsdp_per_gpu, fsdp_unquantized_bytes, peak_allocated_per_gpu
-    from planner.profiles import load_model
 
     out = []
     for _, row in df.iterrows():
         if row["status"] != "ok" or not str(row["peak_allocated_bytes"]) or str(row["budget_bytes"]) not in ("", "0"):
             continue  # capped runs are the fit promise's check, not a peak measurement
-        model = load_model(row["model"])
+        model = row_model(row)
         lora, train = _row_settings(row)
         n = int(row["world_size"])
         # the measured peak covers the whole of trainer.train(), FSDP's wrap included

@@ -11,6 +11,7 @@ from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
+from planner.architectures import default_attn_implementation, installed_transformers_version
 from planner.errors import QfitError
 from planner.hf_cache import config_json, looks_like_hf_id
 from planner.specs import MEMORY_CLASS_FRAC, GpuSpec, LinearSpec, ModelSpec
@@ -112,8 +113,19 @@ def _model_index() -> dict[str, str]:
     return index
 
 
-def load_model(name_or_path: str) -> ModelSpec:
-    """A short name, a Hugging Face id, a profile .toml, or a local config.json (or its folder)."""
+def load_model(name_or_path: str, transformers_version: str | None = None) -> ModelSpec:
+    """A short name, a Hugging Face id, a profile .toml, or a local config.json (or its folder), as the
+    transformers that will run it builds it: its default attention (Gemma-2: sdpa before 5.21, eager from it;
+    planner.architectures.default_attn_implementation). transformers_version None: the installed one (package
+    metadata, no import), or the newest behaviour when none is installed. A measured row passes its own
+    `transformers` column (planner.fit.row_model)."""
+    spec = _find_model(name_or_path)
+    version = transformers_version or installed_transformers_version()
+    attn = default_attn_implementation(spec.model_type, version, spec.attn_implementation)
+    return spec if attn == spec.attn_implementation else replace(spec, attn_implementation=attn)
+
+
+def _find_model(name_or_path: str) -> ModelSpec:
     path = Path(name_or_path).expanduser()
     if name_or_path.endswith((".json", ".toml")) or path.is_dir():
         return _load_model_file(path)

@@ -60,7 +60,7 @@ class ModelSpec:
     tie_word_embeddings: bool
     hidden_act: str
     mlp_gated: bool
-    attn_implementation: str  # what transformers picks by default for training ("eager" for Gemma-2)
+    attn_implementation: str  # what transformers picks by default for training (Gemma-2: by version, profiles.load_model)
     layer_linears: tuple[LinearSpec, ...]
     layer_other_params: int  # per layer, outside nn.Linear: norms, routers, fused 3-D expert weights
     norms_per_layer: int

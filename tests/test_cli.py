@@ -147,6 +147,20 @@ def test_plan_path_imports_no_heavy_library():
     assert out.stdout.strip() == "[]"
 
 
+def test_gemma2_plan_reads_the_transformers_version_without_importing_it():
+    """Gemma-2's attention depends on the transformers version (planner.architectures.SOFTCAPPING_EAGER_FROM): `qfit plan`
+    reads it from the package metadata and still imports none of the heavy libraries."""
+    code = ("import sys; from planner.cli import cli; from planner.profiles import load_model; "
+            "from click.testing import CliRunner; r = CliRunner().invoke(cli, ['plan', 'gemma-2-2b', '--gpu', 't4']); "
+            "assert r.exit_code == 0, r.output; "
+            f"print([m for m in {HEAVY!r} if m in sys.modules], load_model('gemma-2-2b').attn_implementation)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent)
+    from planner.architectures import default_attn_implementation, installed_transformers_version
+
+    assert out.stdout.split() == ["[]", default_attn_implementation("gemma2", installed_transformers_version())]
+
+
 def test_profile_writes_a_working_profile_for_an_unshipped_architecture(tmp_path):
     """`qfit profile` on a config.json of an architecture qfit ships no profile for (Qwen3: q/k norms)."""
     cfg = {"model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3,

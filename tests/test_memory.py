@@ -192,3 +192,68 @@ def test_a_bigger_gpu_never_has_fewer_fitting_plans(name, seq, gpu_name):
     big = replace(small, memory_bytes=small.memory_bytes * 2)
     req = Request(seq_len=seq)
     assert len(search(m, big, req, COEFFS).fitting) >= len(search(m, small, req, COEFFS).fitting)
+
+
+# --------------------------------------------------------------------------- Gemma-2's attention, by transformers version
+
+@pytest.mark.parametrize("version,attn", [("5.17.0", "sdpa"), ("5.20.3", "sdpa"), ("5.21.0", "eager"),
+                                          ("5.21.0.dev0", "eager"), ("5.25.0", "eager"), (None, "eager")])
+def test_gemma2_attention_follows_the_transformers_version(version, attn):
+    """modeling_gemma2.py: `_supports_sdpa = True` up to 5.20.x, `False  # sdpa does not support softcapping` from
+    5.21.0 (planner.architectures.SOFTCAPPING_EAGER_FROM); None (transformers not installed): the newest behaviour.
+    Families without the gate keep their profile's attention whatever the version."""
+    from planner.architectures import default_attn_implementation
+
+    assert load_model("gemma-2-2b", transformers_version=version).attn_implementation == attn
+    assert default_attn_implementation("gemma2", version) == attn
+    assert load_model("mistral-7b", transformers_version="5.17.0").attn_implementation == "sdpa"
+    assert load_model("mistral-7b", transformers_version="5.25.0") == MISTRAL
+
+
+def test_gemma2_under_transformers_5_17_saves_no_eager_scores():
+    """calibration/heldout's gemma-2-2b b2 s512 ckpt0 ran on transformers 5.17.0 (sdpa): without checkpointing each layer
+    keeps, per token, eager's q with the repeated k and v (4 x q_dim compute-dtype values) and per-head rows of scores
+    (fp32 softmax, its bf16 cast, the bf16 tanh of softcapping: 8 B x heads x seq) instead of sdpa's q, k, v, output
+    (2 x q_dim + 2 x kv_dim) and fp32 logsumexp per head (4 B x heads). 26 layers x 1,024 tokens x 36,832 B = 0.91 GiB."""
+    old, new = (load_model("gemma-2-2b", transformers_version=v) for v in ("5.17.0", "5.25.0"))
+    assert (old.attn_implementation, new.attn_implementation) == ("sdpa", "eager")
+    lora, train = LoraSettings(rank=16, targets=("attn",)), TrainSettings(batch_size=2, grad_accum=2, seq_len=512,
+                                                                        gradient_checkpointing=False)
+    per_token_layer = 2 * 2 * (new.q_dim - new.kv_dim) + 8 * new.num_attention_heads * 512 - 4 * new.num_attention_heads
+    assert per_token_layer == 36_832
+    expected = new.num_hidden_layers * 2 * 512 * per_token_layer * COEFFS.get("act_scale")
+    a, b = estimate(old, lora, train, COEFFS), estimate(new, lora, train, COEFFS)
+    assert b.saved_activations - a.saved_activations == pytest.approx(expected, abs=new.num_hidden_layers)
+    assert a.peak_phase == b.peak_phase == "backward, at the loss"  # so the peak moves by the saved set alone
+    assert b.peak_allocated_bytes - a.peak_allocated_bytes == pytest.approx(expected, abs=new.num_hidden_layers)
+    # with checkpointing only the recomputed layer differs: the saved layer inputs are the same
+    ckpt = replace(train, gradient_checkpointing=True)
+    assert estimate(old, lora, ckpt, COEFFS).saved_activations == estimate(new, lora, ckpt, COEFFS).saved_activations
+
+
+def test_measured_rows_use_their_own_transformers_version():
+    """planner.fit.row_model: a calibration row is predicted with the transformers it ran on, not the installed one."""
+    from planner.fit import row_model
+
+    assert row_model({"model": "gemma-2-2b", "transformers": "5.17.0"}).attn_implementation == "sdpa"
+    assert row_model({"model": "gemma-2-2b", "transformers": "5.24.0"}).attn_implementation == "eager"
+    assert row_model({"model": "gemma-2-2b", "transformers": float("nan")}) == load_model("gemma-2-2b")  # installed
+    assert row_model({"model": "gemma-2-2b"}) == load_model("gemma-2-2b")
+
+
+@pytest.mark.parametrize("installed,attn", [("5.17.0", "sdpa"), ("5.25.0", "eager"), (None, "eager")])
+def test_plan_uses_the_installed_transformers(monkeypatch, installed, attn):
+    """Without a version load_model (so `qfit plan`) asks the installed transformers' package metadata; none installed:
+    the newest behaviour."""
+    import planner.profiles
+
+    monkeypatch.setattr(planner.profiles, "installed_transformers_version", lambda: installed)
+    assert load_model("gemma-2-2b").attn_implementation == attn
+
+
+def test_installed_transformers_version_is_read_without_importing_it():
+    from importlib import metadata
+
+    from planner.architectures import installed_transformers_version
+
+    assert installed_transformers_version() == metadata.version("transformers")

@@ -105,12 +105,12 @@ def analytic(row: dict) -> dict:
     """The analytic plan's prediction with the published coefficients (calibration/coefficients.json)."""
     from planner.codec import settings_from_dict
     from planner.coefficients import load_coefficients
+    from planner.fit import row_model
     from planner.memory import estimate
-    from planner.profiles import load_model
 
     lora, train = settings_from_dict(row)
     coeffs = load_coefficients()
-    bd = estimate(load_model(row["model"]), lora, train, coeffs)
+    bd = estimate(row_model(row), lora, train, coeffs)
     return {"analytic_allocated_bytes": bd.peak_allocated_bytes, "analytic_reserved_bytes": bd.peak_reserved_bytes,
             "analytic_required_bytes": bd.required_bytes, "coefficients": coeffs.name}
 
