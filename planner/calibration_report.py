@@ -262,7 +262,8 @@ def heldout_section(rows: list[dict]) -> list[str]:
     return lines
 
 
-def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None, measured_on: str = "") -> list[str]:
+def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None, measured_on: str = "",
+                   unmeasured_int8: int = 0) -> list[str]:
     """## Methods: leave-one-model-out peak allocated / reserved per method (planner.fit.method_bands). Only QLoRA
     rows are fitted; lora and lora-8bit rows (calibration/grids/methods.json) are predicted by their structural terms
     with those coefficients."""
@@ -285,11 +286,25 @@ def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None,
         r, a = s["reserved"], s["allocated"]
         lines.append(f"| {m} | {s['runs']} | {', '.join(s['models'])} | {r['median_abs_pct']}% / {r['max_abs_pct']}% | "
                      f"{a['median_abs_pct']}% / {a['max_abs_pct']}% | {r['under_prediction_rate']:.0%} |")
+    if "lora-8bit" in bands:
+        lines += ["", "lora-8bit rows are predicted with the share of input columns LLM.int8 treated as outliers in that "
+                  "run (int8_outlier_share, recorded by the harness: planner.train.measure.Int8OutlierWatch), which "
+                  "bitsandbytes keeps beside each int8 linear's input until backward (planner.memory."
+                  "int8_outlier_bytes_per_token). These models have random weights, and in them every column of the "
+                  "MLP down-projection's input holds an outlier somewhere in a micro-batch (shares up to 0.37); a trained "
+                  "checkpoint has a handful (LLM.int8, section 4), and plans assume a share of "
+                  "planner.memory.DEFAULT_INT8_OUTLIER_SHARE."
+                  + (f" {unmeasured_int8} lora-8bit rows measured before the share was recorded are left out; the same "
+                     "configurations were measured again with it (calibration/methods/h100-methods-a8-expandable.csv)."
+                     if unmeasured_int8 else "")]
     if speed:  # throughput sweeps with a method column
         lines += ["", "Step times (errors of tokens/s). Structural: the QLoRA-fitted speed model with each base's own weight "
-                  "traffic and no term of its own. Fitted: each method's two terms (a factor on the CPU terms, a multiple "
-                  "of its weight-path bytes; planner/speed.py METHOD_TERMS) fitted on that method's rows, each model "
-                  "predicted by a fit on the other models' rows (planner.speed_fit.held_out_method).", "",
+                  "traffic, matmul rates and no term of its own. Fitted: each method's own terms (planner/speed.py "
+                  "METHOD_TERMS: lora, factors on its forward and backward CPU terms and its elementwise traffic, a "
+                  "multiple of its weight reads; lora-8bit, a factor on its CPU terms, a multiple of its weight-path "
+                  "bytes, the efficiencies of its int8 forward and fp32 backward matmuls) fitted on that method's rows "
+                  "with every QLoRA coefficient held, each model predicted by a fit on the other models' rows "
+                  "(planner.speed_fit.held_out_method).", "",
                   "| step-time sweep | method | rows | structural: median / p90 / max | fitted, leave one model out: "
                   "median / p90 / max |", "|---|---|---|---|---|"]
         for f, by in speed.items():

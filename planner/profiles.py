@@ -230,6 +230,7 @@ def gpu_from_dict(doc: dict, origin: str) -> GpuSpec:
             price_usd_per_hour=doc.get("price_usd_per_hour"), price_date=doc.get("price_date", ""),
             price_source=doc.get("price_source", ""), source=doc["source"],
             memory_source=doc.get("memory_source", ""), aliases=tuple(doc.get("aliases", ())),
+            fp32_tflops=float(doc.get("fp32_tflops", 0.0)), int8_tops=float(doc.get("int8_tops", 0.0)),
         )
     except KeyError as exc:
         raise ProfileError(f"{origin}: missing field {exc}") from None
@@ -271,7 +272,8 @@ def capacity_gpu(memory_bytes: int, label: str, class_bytes: int | None = None, 
     if near:
         proxy = near[0]
         spec = replace(spec, bf16_tflops=proxy.bf16_tflops or proxy.fp16_tflops, fp16_tflops=proxy.fp16_tflops,
-                       bandwidth_gb_s=proxy.bandwidth_gb_s, speed_proxy=proxy.display_name)
+                       bandwidth_gb_s=proxy.bandwidth_gb_s, fp32_tflops=proxy.fp32_tflops, int8_tops=proxy.int8_tops,
+                       speed_proxy=proxy.display_name)
     return replace(spec, **facts)
 
 

@@ -107,23 +107,29 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
            "per_row": [{"run_id": r.run_id, "measured_s": r.step_time_s, "loo_error_pct": round(e, 2)}
                        for r, e in zip(rows, loo)], "other_sweeps": []}
     method_terms: dict[str, float] = {}
+    method_files = [p for p in sorted(speed_dir.glob("*.csv"))
+                    if p.name not in SPEED_FIT_FILES and set(_speed_row_methods(p)) - {"qlora"}]
+    if method_files:  # sweeps of calibration/grids/methods-speed*.json, pooled: each method's own terms and band
+        other = sf.read_rows(method_files)
+        methods = [m for p in method_files for m in _speed_row_methods(p)]
+        errs = sf.errors_pct(other, sf.predict(other, co))
+        entry = {"file": ", ".join(p.name for p in method_files), "rows": len(other),
+                 "gpus": sorted({r.gpu for r in other}),
+                 "as_shipped_by_method": {m: sf.summary([e for e, mm in zip(errs, methods) if mm == m])
+                                          for m in sorted(set(methods))},
+                 "rows_by_method": {m: methods.count(m) for m in sorted(set(methods))},
+                 "models_by_method": {m: len({r.model for r, mm in zip(other, methods) if mm == m})
+                                      for m in sorted(set(methods))},
+                 "fitted_by_method": {}}
+        for m in sorted(set(methods) - {"qlora"}):  # the method's own terms, fitted on its rows
+            method_terms.update(sf.fit_method(other, co, m))
+            entry["fitted_by_method"][m] = sf.summary(sf.held_out_method(other, co, m))
+        doc["other_sweeps"].append(entry)
     for path in sorted(speed_dir.glob("*.csv")):
-        if path.name in SPEED_FIT_FILES:
+        if path.name in SPEED_FIT_FILES or path in method_files:
             continue
         other = sf.read_rows([path])
         if not other:
-            continue
-        methods = _speed_row_methods(path)
-        if set(methods) - {"qlora"}:  # a sweep of calibration/grids/methods-speed.json: each method's own band
-            errs = sf.errors_pct(other, sf.predict(other, co))
-            entry = {"file": path.name, "rows": len(other), "gpus": sorted({r.gpu for r in other}),
-                     "as_shipped_by_method": {m: sf.summary([e for e, mm in zip(errs, methods) if mm == m])
-                                              for m in sorted(set(methods))},
-                     "fitted_by_method": {}}
-            for m in sorted(set(methods) - {"qlora"}):  # the method's own two terms, fitted on its rows
-                method_terms.update(sf.fit_method(other, co, m))
-                entry["fitted_by_method"][m] = sf.summary(sf.held_out_method(other, co, m))
-            doc["other_sweeps"].append(entry)
             continue
         scale = sf.fit_scale(other, co, CPU_TERMS)
         # `qfit calibrate --gpu auto` replayed on this machine's data: the guard sees only the default sweep model's
@@ -156,11 +162,17 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     if multi is not None:  # several GPUs: NCCL buffers and the FSDP margin (planner.fit.fit_multigpu)
         coeffs = _with_values(coeffs, **fit_multigpu(multi, coeffs))
     method_paths = sorted(str(p) for p in METHODS_DIR.glob("*.csv")) if METHODS_DIR.is_dir() else []
-    df_all = df
+    df_all, n_unmeasured = df, 0
     if method_paths:  # lora / lora-8bit rows: predicted only, beside (never in) the runs the coefficients come from
         import pandas as pd
 
-        df_all = pd.concat([df, read_runs(method_paths)], ignore_index=True)
+        dm = read_runs(method_paths)
+        # lora-8bit keeps the outlier columns of its inputs (planner.memory.int8_outlier_bytes_per_token), a share
+        # measured per run since the harness records it: rows from before (no share) are left out of the band
+        share = dm["int8_outlier_share"] if "int8_outlier_share" in dm.columns else pd.Series(float("nan"), index=dm.index)
+        unmeasured = (dm["method"] == "lora-8bit") & pd.to_numeric(share, errors="coerce").isna()
+        n_unmeasured = int(unmeasured.sum())
+        df_all = pd.concat([df, dm[~unmeasured]], ignore_index=True)
     cv_all = cross_validate(df_all, "model", base)  # every method's rows, predicted by fits on QLoRA rows only
     cv_model = qlora_preds(cv_all)
     cv_family = qlora_preds(cross_validate(df, "family", base))
@@ -184,7 +196,7 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     speed_by_method = {o["file"]: {"structural": o["as_shipped_by_method"], "fitted": o.get("fitted_by_method", {})}
                        for o in speed["other_sweeps"] if "as_shipped_by_method" in o}
     measured_on = ", ".join(sorted({str(g) for g in df_all[df_all["source_file"].isin(method_paths)]["gpu_name"]}))
-    report = report.rstrip("\n") + "\n\n" + "\n".join(method_section(bands, speed_by_method, measured_on)) + "\n"
+    report = report.rstrip("\n") + "\n\n" + "\n".join(method_section(bands, speed_by_method, measured_on, n_unmeasured)) + "\n"
     rpath = Path(report_path) if report_path else REPORT_FILE
     rpath.write_text(report)
     plot = write_plot(cv_model, rpath.parent / PLOT_FILE.name)

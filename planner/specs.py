@@ -150,6 +150,10 @@ class GpuSpec:
     aliases: tuple[str, ...] = ()
     # a bare capacity planned with a catalog card's speed facts: that card's display name ("" otherwise)
     speed_proxy: str = ""
+    # lora-8bit's speed: its forward runs int8 tensor-core matmuls, its input-gradient backward an fp32 matmul
+    # (planner.speed); 0 when the datasheet lists none (then lora-8bit has no tokens/s estimate on this card)
+    fp32_tflops: float = 0.0
+    int8_tops: float = 0.0
 
     def tflops(self, compute_dtype: str) -> float:
         return self.bf16_tflops if compute_dtype == "bf16" else self.fp16_tflops

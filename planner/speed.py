@@ -49,7 +49,8 @@ class SpeedFeatures:
     cpu: dict[str, float]
     gpu: dict[str, float]
     step: dict[str, float]
-    method: str = "qlora"  # planner.specs.METHODS: a non-4-bit base scales the CPU terms by its own factor
+    method: str = "qlora"  # planner.specs.METHODS: a non-4-bit base prices its CPU terms with its own factors
+    cpu_forward_share: float = 1.0  # of the per-layer CPU terms, the forward passes' share (recompute included)
 
 
 def features(model: ModelSpec, lora: LoraSettings, train: TrainSettings, gpu: GpuSpec) -> SpeedFeatures:
@@ -58,14 +59,26 @@ def features(model: ModelSpec, lora: LoraSettings, train: TrainSettings, gpu: Gp
     peak = gpu.tflops(train.compute_dtype) * 1e12
     bw = gpu.bandwidth_gb_s * 1e9
     cpu, flops, traffic, step_counts, step_bytes = _work(model, lora, train)
+    flops = dict(flops)
+    rates = {}
     if train.method != "qlora":  # the base's own weight traffic replaces 4-bit dequantization's
         suffix = METHOD_TERM_SUFFIX[train.method]
         traffic = {(f"base_{suffix}" if k == "dequant" else k): v for k, v in traffic.items()}
         traffic[f"base_{suffix}"] = method_base_traffic_bytes(model, train)
-    gpu_terms = {**{k: v / peak for k, v in flops.items()}, **{k: v / bw for k, v in traffic.items()}}
+        if train.method == "lora-8bit":  # the base's matmuls leave the compute-dtype rate (the lm_head stays)
+            int8_fwd, bwd, bwd_fp32 = int8_base_matmul_flops(model, train)
+            flops["base_matmul"] -= int8_fwd + bwd
+            if bwd_fp32:
+                rates["fp32_matmul"] = bwd / (gpu.fp32_tflops * 1e12) if gpu.fp32_tflops > 0 else 0.0
+            else:
+                flops["base_matmul"] += bwd
+            rates["int8_matmul"] = int8_fwd / (gpu.int8_tops * 1e12) if gpu.int8_tops > 0 else 0.0
+    gpu_terms = {**{k: v / peak for k, v in flops.items()}, **{k: v / bw for k, v in traffic.items()}, **rates}
     step = {**step_counts, **{k: v / bw for k, v in step_bytes.items()}}
+    L = model.num_hidden_layers
+    ck = train.checkpointed_layers(L)
     return SpeedFeatures(train.grad_accum, train.tokens_per_micro_batch * train.grad_accum, dict(cpu), gpu_terms, step,
-                         train.method)
+                         train.method, (L + ck) / (2 * L + ck))
 
 
 @lru_cache(maxsize=8192)
@@ -117,9 +130,9 @@ def _work(model: ModelSpec, lora: LoraSettings, train: TrainSettings):
 METHOD_SPEED_NOTES = {
     "lora": "lora: 16-bit base: the matmuls read the compute-dtype weight, no dequantization; memory and step time "
             "measured on an H100 only (calibration/REPORT.md, Methods), other GPUs by the datasheet",
-    "lora-8bit": "lora-8bit: LLM.int8 base: measured on an H100 2.0-2.9x slower than qlora, and its peak memory up "
-                 "to 20% above this model for 3B-7B models (calibration/REPORT.md, Methods): leave headroom, or use "
-                 "qlora",
+    "lora-8bit": "lora-8bit: LLM.int8 base: its backward multiplies in fp32 (bitsandbytes MatMul8bitLt), measured on "
+                 "an H100 1.2-3.1x slower than qlora; peak memory assumes a trained checkpoint's few outlier columns "
+                 "(calibration/REPORT.md, Methods)",
 }
 
 
@@ -162,14 +175,45 @@ def method_base_traffic_bytes(model: ModelSpec, train: TrainSettings) -> float:
 
 
 METHOD_TERM_SUFFIX = {"lora": "16bit", "lora-8bit": "8bit"}
-# What a non-4-bit base changes, as two fitted terms: a factor on the CPU terms (a 16-bit nn.Linear call, and peft's
-# LoRA around it without the 4-bit input casts, launch fewer kernels than bitsandbytes' Linear4bit; Linear8bitLt's
-# activation quantization launches more) and a multiple of the base's weight-path bytes over the bandwidth (in
-# place of `dequant`). Fitted on the methods sweep (planner.speed_fit.fit_method); coefficients without them fall
-# back to factor 1 and QLoRA's dequant coefficient (a structural estimate, and the plan says so).
-METHOD_TERMS = {m: (f"speed_cpu_{s}", f"speed_base_{s}") for m, s in METHOD_TERM_SUFFIX.items()}
-_FALLBACK = {f"speed_base_{s}": "speed_dequant" for s in METHOD_TERM_SUFFIX.values()}
-_DEFAULT = {f"speed_cpu_{s}": 1.0 for s in METHOD_TERM_SUFFIX.values()}
+# What a non-4-bit base changes, each a fitted term (planner.speed_fit.fit_method, on that method's rows with every
+# QLoRA coefficient held):
+#   lora       speed_cpu_fwd_16bit, speed_cpu_bwd_16bit: factors on the per-layer CPU terms of the forward passes
+#              (recompute included) and of the backward pass. A 16-bit nn.Linear launches one GEMM where bitsandbytes'
+#              Linear4bit dequantizes and casts, and its backward is native autograd where MatMul4Bit's is a Python
+#              autograd.Function; measured on an H100, CPU-bound steps take 0.7x QLoRA's.
+#              speed_traffic_16bit: a factor on the elementwise traffic (activations, lora_traffic): the residual
+#              stream is in the compute dtype, not fp32 (no k-bit preparation).
+#              speed_base_16bit: a multiple of the base's weight-path bytes (one weight read per pass).
+#   lora-8bit  speed_cpu_8bit: a factor on every CPU term (LLM.int8's quantize / int8 matmul / dequantize launches).
+#              speed_base_8bit: a multiple of its weight-path and activation-quantization bytes.
+#              speed_int8_matmul, speed_fp32_matmul: 1 / efficiency of the forward's int8 tensor-core matmuls and of
+#              the input-gradient backward's fp32 matmul (int8_base_matmul_flops).
+# Coefficients without them fall back to QLoRA's terms (factors 1, the dequant and base_matmul coefficients): a
+# structural estimate, and the plan says so.
+METHOD_TERMS = {
+    "lora": ("speed_cpu_fwd_16bit", "speed_cpu_bwd_16bit", "speed_traffic_16bit", "speed_base_16bit"),
+    "lora-8bit": ("speed_cpu_8bit", "speed_base_8bit", "speed_int8_matmul", "speed_fp32_matmul"),
+}
+# (lower, upper) bound of each method term in the fit: factors may go either way; a rate or bytes multiple cannot
+# beat the datasheet (>= 1), as for QLoRA's GPU terms
+METHOD_TERM_BOUNDS = {k: ((1.0, float("inf")) if k.startswith(("speed_base_", "speed_int8", "speed_fp32")) else (0.05, 20.0))
+                      for ks in METHOD_TERMS.values() for k in ks}
+_FALLBACK = {"speed_base_16bit": "speed_dequant", "speed_base_8bit": "speed_dequant",
+             "speed_int8_matmul": "speed_base_matmul", "speed_fp32_matmul": "speed_base_matmul"}
+_DEFAULT = {"speed_cpu_fwd_16bit": 1.0, "speed_cpu_bwd_16bit": 1.0, "speed_traffic_16bit": 1.0, "speed_cpu_8bit": 1.0}
+TRAFFIC_TERMS = ("activations", "lora_traffic")
+
+
+def int8_base_matmul_flops(model: ModelSpec, train: TrainSettings) -> tuple[float, float, bool]:
+    """lora-8bit, per micro-batch: (forward int8 matmul FLOPs incl. the recompute, input-gradient backward FLOPs,
+    whether that backward runs in fp32). bitsandbytes 0.50 MatMul8bitLt (autograd/_functions.py): the forward
+    quantizes the input and multiplies int8 x int8 (int8_scaled_mm, tensor cores); the backward dequantizes the
+    weight to the input's dtype and calls torch.matmul(grad_output.to(dtype_A), CB): fp32 after the k-bit upcast,
+    and torch's default fp32 matmul is IEEE fp32 on CUDA cores (TF32 is off unless the user turns it on), outside
+    autocast (an autograd.Function's backward). MoE experts are not int8 linears (they stay in base_matmul)."""
+    fwd, bwd, base = _base_passes(model, train)
+    t = train.tokens_per_micro_batch
+    return 2 * t * base * fwd, 2 * t * base * bwd, train.upcast_fp32
 
 
 def coefficient(coeffs: Coefficients, key: str) -> float:
@@ -187,12 +231,23 @@ def method_fitted(coeffs: Coefficients, method: str) -> bool:
     return method == "qlora" or all(k in coeffs.values for k in METHOD_TERMS.get(method, ()))
 
 
+def method_cpu_seconds(f: SpeedFeatures, coeffs: Coefficients, cpu_terms: dict[str, float]) -> float:
+    """The CPU seconds of a non-4-bit base from QLoRA's priced CPU terms (seconds per term): lora prices the
+    forward and backward passes' per-layer terms with their own factors, lora-8bit every term with one."""
+    if f.method == "lora":
+        per_layer = sum(v for k, v in cpu_terms.items() if k != "micro_batch")
+        fwd, bwd = coefficient(coeffs, "speed_cpu_fwd_16bit"), coefficient(coeffs, "speed_cpu_bwd_16bit")
+        share = f.cpu_forward_share
+        return cpu_terms.get("micro_batch", 0.0) + per_layer * (fwd * share + bwd * (1.0 - share))
+    return coefficient(coeffs, "speed_cpu_8bit") * sum(cpu_terms.values())
+
+
 def micro_batch_seconds(f: SpeedFeatures, coeffs: Coefficients) -> tuple[float, float, float]:
     """(CPU seconds, GPU seconds, overlapped seconds) of one micro-batch."""
-    cpu = sum(coefficient(coeffs, f"speed_{k}") * v for k, v in f.cpu.items())
-    if f.method != "qlora":
-        cpu *= coefficient(coeffs, f"speed_cpu_{METHOD_TERM_SUFFIX[f.method]}")
-    gpu = sum(coefficient(coeffs, f"speed_{k}") * v for k, v in f.gpu.items())
+    terms = {k: coefficient(coeffs, f"speed_{k}") * v for k, v in f.cpu.items()}
+    cpu = sum(terms.values()) if f.method == "qlora" else method_cpu_seconds(f, coeffs, terms)
+    traffic = coefficient(coeffs, "speed_traffic_16bit") if f.method == "lora" else 1.0
+    gpu = sum(coefficient(coeffs, f"speed_{k}") * v * (traffic if k in TRAFFIC_TERMS else 1.0) for k, v in f.gpu.items())
     p = coeffs.get("speed_overlap")
     both = (cpu ** p + gpu ** p) ** (1.0 / p) if cpu > 0 or gpu > 0 else 0.0
     return cpu, gpu, both
@@ -214,5 +269,7 @@ def tokens_per_second(model: ModelSpec, lora: LoraSettings, train: TrainSettings
     capacity) or the coefficients hold no speed model."""
     if gpu.tflops(train.compute_dtype) <= 0 or gpu.bandwidth_gb_s <= 0 or not has_speed_model(coeffs):
         return 0.0
+    if train.method == "lora-8bit" and (gpu.int8_tops <= 0 or gpu.fp32_tflops <= 0):
+        return 0.0  # the datasheet lists no int8 tensor-core (or fp32) rate for this card
     f = features(model, lora, train, gpu)
     return f.tokens_per_step / step_seconds(f, coeffs)

@@ -191,19 +191,20 @@ def row_method(r: SpeedRow) -> str:
 
 
 def fit_method(rows: list[SpeedRow], coeffs: dict[str, float], method: str) -> dict[str, float]:
-    """The method's two terms (a factor on the CPU terms, a multiple of its weight-path bytes over the bandwidth)
-    fitted to its rows, every QLoRA coefficient held as fitted: what the base changes, nothing else."""
+    """The method's own terms (planner.speed.METHOD_TERMS: factors on its CPU and traffic terms, multiples of its
+    weight-path bytes and matmul rates) fitted to its rows within METHOD_TERM_BOUNDS, every QLoRA coefficient held
+    as fitted: what the base changes, nothing else."""
     import numpy as np
     from scipy.optimize import least_squares
 
-    from planner.speed import METHOD_TERMS, coefficient
+    from planner.speed import METHOD_TERM_BOUNDS, METHOD_TERMS, coefficient
 
     keys = METHOD_TERMS[method]
     mine = [r for r in rows if row_method(r) == method]
     base = Coefficients("fit", "", dict(coeffs))
-    p0 = np.array([max(coefficient(base, k), 1e-6) for k in keys])
-    lb, ub = np.array([0.05, 1.0]), np.array([20.0, np.inf])
-    p0 = np.clip(p0, lb + 1e-6, None)
+    lb = np.array([METHOD_TERM_BOUNDS[k][0] for k in keys])
+    ub = np.array([METHOD_TERM_BOUNDS[k][1] for k in keys])
+    p0 = np.clip(np.array([coefficient(base, k) for k in keys]), lb + 1e-6, np.where(np.isfinite(ub), ub - 1e-6, np.inf))
 
     def resid(p):
         co = {**coeffs, **dict(zip(keys, p))}

@@ -81,7 +81,14 @@ def test_methods_differ_only_in_their_named_terms():
                                                    "sdpa") for m in METHODS}
     extra = memory.int8_saved_inputs_bytes_per_token(MISTRAL, replace(t, method="lora-8bit"))
     h, i, c = MISTRAL.hidden_size, MISTRAL.intermediate_size, 2
-    assert extra == 4 * h + c * MISTRAL.q_dim + 4 * h + 4 * i  # attn input, o_proj input, mlp input, down_proj input
+    outliers = memory.int8_outlier_bytes_per_token(MISTRAL, replace(t, method="lora-8bit"))  # subA, the default share
+    # attn input, o_proj input, mlp input, down_proj input, and the outlier columns beside them
+    assert extra == 4 * h + c * MISTRAL.q_dim + 4 * h + 4 * i + outliers
+    width = 3 * h + MISTRAL.q_dim + 2 * h + i  # q, k, v read h; o reads q_dim; gate, up read h; down reads i
+    assert outliers == round(memory.DEFAULT_INT8_OUTLIER_SHARE * width * 4)
+    measured = replace(t, method="lora-8bit", int8_outlier_share=0.368)  # Mistral's random weights on an H100
+    assert memory.int8_outlier_bytes_per_token(MISTRAL, measured) == round(0.368 * width * 4)
+    assert memory.int8_outlier_bytes_per_token(MISTRAL, replace(t, method="qlora", int8_outlier_share=0.368)) == 0
     assert saved["lora-8bit"] == saved["qlora"] + extra
     assert saved["lora"] < saved["qlora"]  # a compute-dtype residual stream
 
@@ -161,11 +168,15 @@ def test_method_terms_fall_back_to_qlora_coefficients():
     t = TrainSettings(batch_size=4, seq_len=1024, gradient_checkpointing=True)
     bare = Coefficients("bare", "", {k: v for k, v in COEFFS.values.items() if not any(k in ks for ks in METHOD_TERMS.values())})
     assert method_fitted(COEFFS, "lora") and not method_fitted(bare, "lora") and method_fitted(bare, "qlora")
+    fallback = {"speed_cpu_fwd_16bit": 1.0, "speed_cpu_bwd_16bit": 1.0, "speed_traffic_16bit": 1.0,
+                "speed_base_16bit": bare.values["speed_dequant"], "speed_cpu_8bit": 1.0,
+                "speed_base_8bit": bare.values["speed_dequant"], "speed_int8_matmul": bare.values["speed_base_matmul"],
+                "speed_fp32_matmul": bare.values["speed_base_matmul"]}
     for method in ("lora", "lora-8bit"):
         f = features(MISTRAL, LoraSettings(), replace(t, method=method), gpu)
-        cpu_key, base_key = METHOD_TERMS[method]
-        structural = Coefficients("s", "", {**bare.values, cpu_key: 1.0, base_key: bare.values["speed_dequant"]})
+        structural = Coefficients("s", "", {**bare.values, **{k: fallback[k] for k in METHOD_TERMS[method]}})
         assert step_seconds(f, bare) == pytest.approx(step_seconds(f, structural))
+        assert step_seconds(f, COEFFS) != pytest.approx(step_seconds(f, bare))  # the fitted terms are used
     fq = features(MISTRAL, LoraSettings(), t, gpu)
     assert step_seconds(fq, bare) == step_seconds(fq, COEFFS)
 
