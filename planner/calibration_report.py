@@ -297,21 +297,21 @@ def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None,
                   + (f" {unmeasured_int8} lora-8bit rows measured before the share was recorded are left out; the same "
                      "configurations were measured again with it (calibration/methods/h100-methods-a8-expandable.csv)."
                      if unmeasured_int8 else "")]
-    if speed:  # throughput sweeps with a method column
-        lines += ["", "Step times (errors of tokens/s). Structural: the QLoRA-fitted speed model with each base's own weight "
-                  "traffic, matmul rates and no term of its own. Fitted: each method's own terms (planner/speed.py "
-                  "METHOD_TERMS: lora, factors on its forward and backward CPU terms and its elementwise traffic, a "
-                  "multiple of its weight reads; lora-8bit, a factor on its CPU terms, a multiple of its weight-path "
-                  "bytes, the efficiencies of its int8 forward and fp32 backward matmuls) fitted on that method's rows "
-                  "with every QLoRA coefficient held, each model predicted by a fit on the other models' rows "
-                  "(planner.speed_fit.held_out_method).", "",
-                  "| step-time sweep | method | rows | structural: median / p90 / max | fitted, leave one model out: "
-                  "median / p90 / max |", "|---|---|---|---|---|"]
-        for f, by in speed.items():
-            for m, e in by["structural"].items():
-                fe = by["fitted"].get(m)
-                fitted = f"{fe['median']}% / {fe['p90']}% / {fe['max']}%" if fe else "(fitted on the QLoRA sweep)"
-                lines.append(f"| {f} | {m} | {e['n']} | {e['median']}% / {e['p90']}% / {e['max']}% | {fitted} |")
+    if speed:  # the speed fit's rows by method (planner.refit.speed_section)
+        lines += ["", "Step times (errors of tokens/s), from the one speed fit (calibration/speed/, \"Throughput\"), whose "
+                  "rows include these methods': each method's own terms (planner/speed.py METHOD_TERMS: lora, factors on "
+                  "its forward and backward CPU terms and its elementwise traffic, a multiple of its weight reads; "
+                  "lora-8bit, a factor on its CPU terms, a multiple of its weight-path bytes, the efficiencies of its int8 "
+                  "forward and fp32 backward matmuls) are fitted with QLoRA's. Held out: every row of a configuration, or "
+                  "of a model (all its methods), predicted by a fit without them. Structural: the fit on the QLoRA rows "
+                  "alone, each method's own terms falling back to QLoRA's (planner.speed.coefficient).", "",
+                  "| method | rows | models | leave one configuration out: median / p90 / max | leave one model out: "
+                  "median / p90 / max | structural: median / p90 / max |", "|---|---|---|---|---|---|"]
+        fmt = lambda e: f"{e['median']}% / {e['p90']}% / {e['max']}%"  # noqa: E731
+        for m, n in speed["rows"].items():
+            lines.append(f"| {m} | {n} | {len(speed['models'][m])} | {fmt(speed['leave_one_configuration_out'][m])} | "
+                         f"{fmt(speed['leave_one_model_out'][m])} | "
+                         + ("(fitted)" if m == "qlora" else fmt(speed["structural"][m])) + " |")
     return lines
 
 

@@ -30,6 +30,7 @@ from planner.calibration_report import (
 )
 from planner.coefficients import DEFAULTS_FILE, FITTED_FILE, user_cache_dir, user_coefficients_file
 from planner.errors import QfitError
+from planner.specs import Coefficients
 from planner.fit import (
     cross_validate,
     error_summary,
@@ -71,11 +72,11 @@ def coefficients_document(coeffs, df, cv_model, cv_family, name: str) -> dict:
 
 
 SPEED_DIR = Path(FITTED_FILE).parent / "speed"
-# The throughput fit uses this sweep (the most configurations and timed steps); every other sweep in SPEED_DIR is
-# a check on another machine (calibration/REPORT.md, "Throughput").
-# the fit sweep: the one whose every configuration was timed for about 2 s (--min-timed-seconds 2, step-to-step spread
-# within a few percent); h100-speed-a/b (5 timed steps, 10-20% spread on short steps) are predicted as other machines
-SPEED_FIT_FILES = ("h100-speed-c.csv",)
+# The throughput fit: the sweeps whose every configuration was timed for about 2 s (--min-timed-seconds 2, step-to-step
+# spread within a few percent): QLoRA's grid c and the methods grids (lora, lora-8bit and QLoRA rows beside them), in one
+# fit. Every other sweep in SPEED_DIR is a check on another machine (calibration/REPORT.md, "Throughput");
+# h100-speed-a/b timed 5 steps (10-20% spread on short steps).
+SPEED_FIT_FILES = ("h100-speed-c.csv", "h100-methods-speed.csv", "h100-methods-speed-b.csv", "h100-methods-speed-c.csv")
 METHODS_DIR = Path(FITTED_FILE).parent / "methods"  # harness rows of lora / lora-8bit (calibration/grids/methods-*.json)
 
 
@@ -89,44 +90,37 @@ def _speed_row_methods(path: Path) -> list[str]:
 
 
 def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
-    """(speed_* coefficients, the throughput validation for the report): fit on SPEED_FIT_FILES; leave one
-    configuration out, leave one model out; the other sweeps predicted as they are and with one CPU factor fitted
-    on their other configurations; the padded rows."""
+    """(speed_* coefficients, the throughput validation for the report): one fit on SPEED_FIT_FILES, every method's
+    rows in it; leave one configuration out, leave one model out, for QLoRA and for each method; the methods' rows
+    also predicted by a fit on the QLoRA rows alone (their own terms falling back to QLoRA's: what the terms add);
+    the other sweeps predicted as they are and with one CPU factor fitted on their other configurations; the
+    padded rows."""
     from planner import guard
     from planner import speed_fit as sf
     from planner.speed import CPU_TERMS
 
-    fit_files = [speed_dir / f for f in SPEED_FIT_FILES]
+    fit_files = [speed_dir / f for f in SPEED_FIT_FILES if (speed_dir / f).is_file()]
     rows = sf.read_rows(fit_files)
     co = sf.fit(rows)
     loo = sf.held_out(rows, lambda r: r.config_id, co)
     lomo = sf.held_out(rows, lambda r: r.model, co)
+    q = [i for i, r in enumerate(rows) if sf.row_method(r) == "qlora"]
+    qlora_only = sf.fit([rows[i] for i in q], Coefficients("start", "", co))
+    structural = sf.errors_pct(rows, sf.predict(rows, qlora_only))
     doc = {"fitted_on": [p.name for p in fit_files], "configurations": len({r.config_id for r in rows}), "rows": len(rows),
            "models": sorted({r.model for r in rows}), "gpus": sorted({r.gpu for r in rows}),
-           "leave_one_configuration_out": sf.summary(loo), "leave_one_model_out": sf.summary(lomo),
+           "leave_one_configuration_out": sf.summary([loo[i] for i in q]),
+           "leave_one_model_out": sf.summary([lomo[i] for i in q]),
+           "by_method": {"rows": {m: sum(sf.row_method(r) == m for r in rows) for m in sorted({sf.row_method(r) for r in rows})},
+                         "models": {m: sorted({r.model for r in rows if sf.row_method(r) == m})
+                                    for m in sorted({sf.row_method(r) for r in rows})},
+                         "leave_one_configuration_out": sf.by_method(rows, loo),
+                         "leave_one_model_out": sf.by_method(rows, lomo),
+                         "structural": sf.by_method(rows, structural)},
            "per_row": [{"run_id": r.run_id, "measured_s": r.step_time_s, "loo_error_pct": round(e, 2)}
                        for r, e in zip(rows, loo)], "other_sweeps": []}
-    method_terms: dict[str, float] = {}
-    method_files = [p for p in sorted(speed_dir.glob("*.csv"))
-                    if p.name not in SPEED_FIT_FILES and set(_speed_row_methods(p)) - {"qlora"}]
-    if method_files:  # sweeps of calibration/grids/methods-speed*.json, pooled: each method's own terms and band
-        other = sf.read_rows(method_files)
-        methods = [m for p in method_files for m in _speed_row_methods(p)]
-        errs = sf.errors_pct(other, sf.predict(other, co))
-        entry = {"file": ", ".join(p.name for p in method_files), "rows": len(other),
-                 "gpus": sorted({r.gpu for r in other}),
-                 "as_shipped_by_method": {m: sf.summary([e for e, mm in zip(errs, methods) if mm == m])
-                                          for m in sorted(set(methods))},
-                 "rows_by_method": {m: methods.count(m) for m in sorted(set(methods))},
-                 "models_by_method": {m: len({r.model for r, mm in zip(other, methods) if mm == m})
-                                      for m in sorted(set(methods))},
-                 "fitted_by_method": {}}
-        for m in sorted(set(methods) - {"qlora"}):  # the method's own terms, fitted on its rows
-            method_terms.update(sf.fit_method(other, co, m))
-            entry["fitted_by_method"][m] = sf.summary(sf.held_out_method(other, co, m))
-        doc["other_sweeps"].append(entry)
     for path in sorted(speed_dir.glob("*.csv")):
-        if path.name in SPEED_FIT_FILES or path in method_files:
+        if path.name in SPEED_FIT_FILES:
             continue
         other = sf.read_rows([path])
         if not other:
@@ -148,7 +142,7 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
     padded = sf.read_rows(sorted(speed_dir.glob("*.csv")), padded=True)
     doc["padded"] = [{"run_id": r.run_id, "measured_s": r.step_time_s, "error_pct": round(e, 1)}
                      for r, e in zip(padded, sf.errors_pct(padded, sf.predict(padded, co)))]
-    return {**co, **method_terms}, doc
+    return co, doc
 
 
 def refit_and_report(paths: list[str], out_path: str | None = None, report_path: str | None = None) -> str:
@@ -193,8 +187,7 @@ def refit_and_report(paths: list[str], out_path: str | None = None, report_path:
     exact = exact_mode_rows(items, paths)
     heldout = heldout_rows(coeffs)
     report = render_report(doc, cv_model, fitted_preds, df, coeffs, exact, heldout, exact_budget_rows(df, coeffs), speed)
-    speed_by_method = {o["file"]: {"structural": o["as_shipped_by_method"], "fitted": o.get("fitted_by_method", {})}
-                       for o in speed["other_sweeps"] if "as_shipped_by_method" in o}
+    speed_by_method = speed["by_method"]
     measured_on = ", ".join(sorted({str(g) for g in df_all[df_all["source_file"].isin(method_paths)]["gpu_name"]}))
     report = report.rstrip("\n") + "\n\n" + "\n".join(method_section(bands, speed_by_method, measured_on, n_unmeasured)) + "\n"
     rpath = Path(report_path) if report_path else REPORT_FILE

@@ -144,6 +144,15 @@ def speed_basis_text(gpu, coeffs: Coefficients) -> str:
     return f"speed model fitted on {', '.join(on) or 'no'} runs; scaled by {sheet}"
 
 
+
+def no_speed_reason(plan) -> str:
+    """Why a plan has no tokens/s estimate: lora-8bit on a card whose datasheet lists no int8 tensor-core or fp32
+    rate (planner.speed.tokens_per_second), else a card without speed facts."""
+    g = plan.gpu
+    if plan.train.method == "lora-8bit" and g.tflops(plan.train.compute_dtype) > 0 and (g.int8_tops <= 0 or g.fp32_tflops <= 0):
+        return f"the {g.display_name} datasheet lists no int8 tensor-core rate for LLM.int8's matmuls"
+    return "no GPU speed facts"
+
 def render_plan(result: SearchResult, model: ModelSpec, coeffs: Coefficients, gpu_title: str) -> str:
     """Human output of `qfit plan`."""
     best = result.best
@@ -158,7 +167,7 @@ def render_plan(result: SearchResult, model: ModelSpec, coeffs: Coefficients, gp
     if best is None:
         return "\n".join(out + render_no_fit(result, model))
     speed = (f"est. {best.tokens_per_s:,.0f} tokens/s ({speed_basis_text(best.gpu, coeffs)})" if best.tokens_per_s
-             else "no speed estimate (no GPU speed facts)")
+             else f"no speed estimate ({no_speed_reason(best)})")
     out.append("Recommended  " + settings_line(best))
     out.append("             " + speed)
     out.append("")
@@ -403,7 +412,7 @@ def render_multi_plan(choice, model: ModelSpec, coeffs: Coefficients, gpu_title:
         lines += _fsdp_line(choice).split("\n")
     lines.append(f"est. {best.tokens_per_s_per_gpu:,.0f} tokens/s per GPU (one rank's speed model; communication "
                  + ("and CPU offload not modelled)" if choice.cpu_offload else "not modelled)")
-                 if best.tokens_per_s_per_gpu else "no speed estimate (no GPU speed facts)")
+                 if best.tokens_per_s_per_gpu else "no speed estimate (no GPU speed facts)")  # multi-GPU: QLoRA only
     out += ["Recommended  " + lines[0]] + ["             " + line for line in lines[1:]]
     out += ["", multi_breakdown_table(best), ""]
     out += ["Why:  " + line if i == 0 else "      " + line for i, line in enumerate(reasons)]

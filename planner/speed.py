@@ -12,6 +12,10 @@ One micro-batch costs the larger of two times (smoothly: a p-norm with the fitte
         dequantization traffic per pass; the activations' elementwise traffic per layer pass; the fp32 logits
         chain; LoRA's traffic over its inputs and outputs.
 
+A 16-bit base (lora) or an LLM.int8 base (lora-8bit) changes named terms of its own (METHOD_TERMS, "the base, by
+method" below): factors on the CPU terms, its own weight traffic, and for lora-8bit its int8 forward and fp32 backward
+matmuls at the GPU's int8 and fp32 datasheet rates. One fit covers every method's rows.
+
 An optimizer step adds a cost per trainable tensor (bitsandbytes' optimizers update tensor by tensor), the
 optimizer state traffic, and a fixed cost. Step time = accumulation x micro-batch time + optimizer step.
 
@@ -128,8 +132,8 @@ def _work(model: ModelSpec, lora: LoraSettings, train: TrainSettings):
 # --------------------------------------------------------------------------- the base, by method (lora, lora-8bit)
 
 METHOD_SPEED_NOTES = {
-    "lora": "lora: 16-bit base: the matmuls read the compute-dtype weight, no dequantization; memory and step time "
-            "measured on an H100 only (calibration/REPORT.md, Methods), other GPUs by the datasheet",
+    "lora": "lora: 16-bit base: no dequantization, fewer kernel launches; measured on an H100 1.25-1.5x faster than "
+            "qlora (calibration/REPORT.md, Methods), other GPUs by the datasheet",
     "lora-8bit": "lora-8bit: LLM.int8 base: its backward multiplies in fp32 (bitsandbytes MatMul8bitLt), measured on "
                  "an H100 1.2-3.1x slower than qlora; peak memory assumes a trained checkpoint's few outlier columns "
                  "(calibration/REPORT.md, Methods)",

@@ -28,7 +28,14 @@ from planner.profiles import load_gpu, load_model, match_gpu_name
 from planner.specs import Coefficients
 from planner.speed import CPU_TERMS, GPU_TERMS, STEP_TERMS, SpeedFeatures, features, step_seconds
 
-PARAMS = tuple(f"speed_{k}" for k in CPU_TERMS + GPU_TERMS + STEP_TERMS) + ("speed_overlap",)
+# A non-4-bit base's own terms (planner.speed METHOD_TERMS): GPU terms of its rows alone, and factors on QLoRA's
+METHOD_GPU = ("base_16bit", "base_8bit", "int8_matmul", "fp32_matmul")
+METHOD_FACTORS = ("cpu_fwd_16bit", "cpu_bwd_16bit", "traffic_16bit", "cpu_8bit")
+METHOD_PARAMS = {"lora": ("speed_base_16bit", "speed_cpu_fwd_16bit", "speed_cpu_bwd_16bit", "speed_traffic_16bit"),
+                 "lora-8bit": ("speed_base_8bit", "speed_int8_matmul", "speed_fp32_matmul", "speed_cpu_8bit")}
+PARAMS = tuple(f"speed_{k}" for k in CPU_TERMS + GPU_TERMS + STEP_TERMS + METHOD_GPU + METHOD_FACTORS) + ("speed_overlap",)
+QLORA_PARAMS = tuple(f"speed_{k}" for k in CPU_TERMS + GPU_TERMS + STEP_TERMS) + ("speed_overlap",)
+_KIND = {"qlora": 0, "lora": 1, "lora-8bit": 2}
 OVERLAP_START, OVERLAP_MAX = 2.0, 30.0
 
 
@@ -72,52 +79,89 @@ def row_from_csv(r: dict) -> SpeedRow:
     return SpeedRow(r["run_id"], r["run_id"].rsplit("|rep", 1)[0], r["model"], gpu, r["data"], float(r["step_time_s"]), f)
 
 
-def _matrices(rows: list[SpeedRow]):
+def _matrices(rows: list[SpeedRow]) -> dict:
     import numpy as np
 
-    a = np.array([r.features.grad_accum for r in rows], dtype=float)
-    c = np.array([[r.features.cpu[k] for k in CPU_TERMS] for r in rows])
-    g = np.array([[r.features.gpu[k] for k in GPU_TERMS] for r in rows])
-    s = np.array([[r.features.step[k] for k in STEP_TERMS] for r in rows])
-    y = np.array([r.step_time_s for r in rows])
-    return a, c, g, s, y
+    return {
+        "a": np.array([r.features.grad_accum for r in rows], dtype=float),
+        "c": np.array([[r.features.cpu[k] for k in CPU_TERMS] for r in rows]),
+        "g": np.array([[r.features.gpu.get(k, 0.0) for k in GPU_TERMS] for r in rows]),
+        "x": np.array([[r.features.gpu.get(k, 0.0) for k in METHOD_GPU] for r in rows]),
+        "s": np.array([[r.features.step[k] for k in STEP_TERMS] for r in rows]),
+        "kind": np.array([_KIND[r.features.method] for r in rows]),
+        "share": np.array([r.features.cpu_forward_share for r in rows]),
+        "y": np.array([r.step_time_s for r in rows]),
+    }
 
 
-def _predict(p, a, c, g, s):
-    nc, ng, ns = c.shape[1], g.shape[1], s.shape[1]
-    cpu, gpu, k = c @ p[:nc], g @ p[nc:nc + ng], p[-1]
-    return a * (cpu ** k + gpu ** k) ** (1.0 / k) + s @ p[nc + ng:nc + ng + ns]
+_TRAFFIC = [GPU_TERMS.index(k) for k in ("activations", "lora_traffic")]
+_OTHER_GPU = [i for i in range(len(GPU_TERMS)) if i not in _TRAFFIC]
 
 
-def _initial(c, g, s):
+def _predict(p, m: dict):
+    """Step seconds of every row at parameters p (PARAMS order): planner.speed.step_seconds, vectorised."""
     import numpy as np
 
+    nc, ng, ns, nx = len(CPU_TERMS), len(GPU_TERMS), len(STEP_TERMS), len(METHOD_GPU)
+    pc, pg = p[:nc], p[nc:nc + ng]
+    ps, px = p[nc + ng:nc + ng + ns], p[nc + ng + ns:nc + ng + ns + nx]
+    fwd16, bwd16, traffic16, cpu8 = p[nc + ng + ns + nx:nc + ng + ns + nx + len(METHOD_FACTORS)]
+    k, kind, c, g = p[-1], m["kind"], m["c"], m["g"]
+    mb = CPU_TERMS.index("micro_batch")
+    layer = np.delete(c, mb, axis=1) @ np.delete(pc, mb)
+    lora_mult = fwd16 * m["share"] + bwd16 * (1.0 - m["share"])
+    cpu = (layer * np.where(kind == 1, lora_mult, np.where(kind == 2, cpu8, 1.0))
+           + c[:, mb] * pc[mb] * np.where(kind == 2, cpu8, 1.0))
+    gpu = (g[:, _OTHER_GPU] @ pg[_OTHER_GPU] + (g[:, _TRAFFIC] @ pg[_TRAFFIC]) * np.where(kind == 1, traffic16, 1.0)
+           + m["x"] @ px)
+    return m["a"] * (cpu ** k + gpu ** k) ** (1.0 / k) + m["s"] @ ps
+
+
+def _initial(m: dict):
+    import numpy as np
+
+    c, s = m["c"], m["s"]
     # start each coefficient where its term alone would explain a typical share of a step
-    scale = lambda m: np.where(m.mean(axis=0) > 0, 0.1 / np.maximum(m.mean(axis=0), 1e-30), 1.0)  # noqa: E731
-    p0 = np.concatenate([scale(c), np.ones(g.shape[1]), scale(s) * 0.1, [OVERLAP_START]])
-    p0[c.shape[1]:c.shape[1] + g.shape[1]] = 1.5
-    return p0
+    scale = lambda v: np.where(v.mean(axis=0) > 0, 0.1 / np.maximum(v.mean(axis=0), 1e-30), 1.0)  # noqa: E731
+    return np.concatenate([scale(c), np.full(len(GPU_TERMS), 1.5), scale(s) * 0.1, np.full(len(METHOD_GPU), 1.5),
+                           np.ones(len(METHOD_FACTORS)), [OVERLAP_START]])
+
+
+def _bounds():
+    """A rate term can not beat the datasheet: its coefficient (1 / efficiency, or passes over the bytes) is >= 1;
+    counts and the step terms are >= 0; a method's factors on QLoRA's terms lie in planner.speed.METHOD_TERM_BOUNDS."""
+    import numpy as np
+
+    from planner.speed import METHOD_TERM_BOUNDS
+
+    lb, ub = np.zeros(len(PARAMS)), np.full(len(PARAMS), np.inf)
+    for i, key in enumerate(PARAMS):
+        term = key[len("speed_"):]
+        if term in GPU_TERMS or term in METHOD_GPU:
+            lb[i] = 1.0
+        elif key in METHOD_TERM_BOUNDS:
+            lb[i], ub[i] = METHOD_TERM_BOUNDS[key]
+    lb[-1], ub[-1] = 1.0, OVERLAP_MAX
+    return lb, ub
 
 
 def fit(rows: list[SpeedRow], start: Coefficients | None = None) -> dict[str, float]:
-    """Coefficients (speed_*) fitted to the rows. `start`: initial values (a previous fit), else neutral ones."""
+    """Coefficients (speed_*) fitted to the rows, every method's rows in one fit (a lora or lora-8bit row informs
+    the terms it shares with QLoRA, and its own). `start`: initial values (a previous fit), else neutral ones. A
+    method without rows gets none of its own terms (planner.speed falls back to QLoRA's for it)."""
     import numpy as np
     from scipy.optimize import least_squares
 
-    a, c, g, s, y = _matrices(rows)
-    if start is not None and all(k in start.values for k in PARAMS):
-        p0 = np.array([start.get(k) for k in PARAMS], dtype=float)
-    else:
-        p0 = _initial(c, g, s)
-    lb = np.zeros(len(PARAMS))
-    # a rate term can not beat the datasheet: its coefficient (1 / efficiency, or passes over the bytes) is >= 1
-    lb[len(CPU_TERMS):len(CPU_TERMS) + len(GPU_TERMS)] = 1.0
-    lb[-1] = 1.0
-    ub = np.full(len(PARAMS), np.inf)
-    ub[-1] = OVERLAP_MAX
-    p0 = np.clip(p0, lb + 1e-3, np.where(np.isfinite(ub), ub, p0 + 1))
-    res = least_squares(lambda p: np.log(_predict(p, a, c, g, s) / y), p0, bounds=(lb, ub), x_scale="jac")
-    return {k: float(v) for k, v in zip(PARAMS, res.x)}
+    m = _matrices(rows)
+    p0 = _initial(m)
+    if start is not None:
+        p0 = np.array([start.values.get(k, v) for k, v in zip(PARAMS, p0)], dtype=float)
+    lb, ub = _bounds()
+    p0 = np.clip(p0, lb + 1e-3, np.where(np.isfinite(ub), ub - 1e-3, p0 + 1))
+    res = least_squares(lambda p: np.log(_predict(p, m) / m["y"]), p0, bounds=(lb, ub), x_scale="jac")
+    methods = {r.features.method for r in rows}
+    absent = {k for meth, keys in METHOD_PARAMS.items() if meth not in methods for k in keys}
+    return {k: float(v) for k, v in zip(PARAMS, res.x) if k not in absent}
 
 
 def predict(rows: list[SpeedRow], coeffs: dict[str, float] | Coefficients) -> list[float]:
@@ -190,37 +234,6 @@ def row_method(r: SpeedRow) -> str:
     return r.features.method
 
 
-def fit_method(rows: list[SpeedRow], coeffs: dict[str, float], method: str) -> dict[str, float]:
-    """The method's own terms (planner.speed.METHOD_TERMS: factors on its CPU and traffic terms, multiples of its
-    weight-path bytes and matmul rates) fitted to its rows within METHOD_TERM_BOUNDS, every QLoRA coefficient held
-    as fitted: what the base changes, nothing else."""
-    import numpy as np
-    from scipy.optimize import least_squares
-
-    from planner.speed import METHOD_TERM_BOUNDS, METHOD_TERMS, coefficient
-
-    keys = METHOD_TERMS[method]
-    mine = [r for r in rows if row_method(r) == method]
-    base = Coefficients("fit", "", dict(coeffs))
-    lb = np.array([METHOD_TERM_BOUNDS[k][0] for k in keys])
-    ub = np.array([METHOD_TERM_BOUNDS[k][1] for k in keys])
-    p0 = np.clip(np.array([coefficient(base, k) for k in keys]), lb + 1e-6, np.where(np.isfinite(ub), ub - 1e-6, np.inf))
-
-    def resid(p):
-        co = {**coeffs, **dict(zip(keys, p))}
-        return np.log(np.array(predict(mine, co)) / np.array([r.step_time_s for r in mine]))
-
-    res = least_squares(resid, p0, bounds=(lb, ub), x_scale="jac")
-    return {k: float(v) for k, v in zip(keys, res.x)}
-
-
-def held_out_method(rows: list[SpeedRow], coeffs: dict[str, float], method: str) -> list[float]:
-    """The method's rows, each model predicted with the method's terms fitted on the other models' rows (signed
-    tokens/s errors in percent, in the order of the method's rows)."""
-    mine = [r for r in rows if row_method(r) == method]
-    out = []
-    for r in mine:
-        train = [x for x in mine if x.model != r.model]
-        co = {**coeffs, **fit_method(train, coeffs, method)}
-        out += errors_pct([r], predict([r], co))
-    return out
+def by_method(rows: list[SpeedRow], errs: list[float]) -> dict[str, dict[str, float]]:
+    """summary() of the errors of each method's rows."""
+    return {m: summary([e for r, e in zip(rows, errs) if row_method(r) == m]) for m in sorted({row_method(r) for r in rows})}

@@ -489,3 +489,20 @@ def test_int8_inputs_survive_checkpointing():
         t = TrainSettings(method=method, gradient_checkpointing=True)
         assert int8_checkpoint_kept_bytes_per_token(MISTRAL, t) == 0
         assert checkpointed_layer_saved_bytes_per_token(MISTRAL, t) == residual_bytes(t) * MISTRAL.hidden_size
+
+
+def test_lora_8bit_speed_needs_the_int8_and_fp32_rates():
+    """lora-8bit's forward runs int8 tensor-core matmuls and its backward an fp32 matmul: a card whose datasheet lists
+    no int8 rate (V100) gets no tokens/s estimate, and the plan says why; on a T4 (8.1 fp32 TFLOP/s against 65 fp16)
+    the fp32 backward makes lora-8bit several times slower than qlora."""
+    from planner.speed import tokens_per_second
+
+    t = TrainSettings(batch_size=2, seq_len=512, compute_dtype="fp16")
+    v100, t4 = load_gpu("v100-16gb"), load_gpu("t4")
+    assert tokens_per_second(MISTRAL, LoraSettings(), replace(t, method="lora-8bit"), v100, COEFFS) == 0.0
+    assert tokens_per_second(MISTRAL, LoraSettings(), t, v100, COEFFS) > 0
+    q = tokens_per_second(MISTRAL, LoraSettings(), t, t4, COEFFS)
+    i8 = tokens_per_second(MISTRAL, LoraSettings(), replace(t, method="lora-8bit"), t4, COEFFS)
+    assert 0 < i8 < q / 2
+    out = CliRunner().invoke(cli, ["plan", "llama-3.2-1b", "--gpu", "v100-16gb", "--method", "lora-8bit"])
+    assert out.exit_code == 0 and "lists no int8 tensor-core rate" in out.output
