@@ -217,7 +217,7 @@ def test_plan_auto_names_the_method_and_the_trade():
     others = [m for m in METHODS if m != chosen[0]["method"]]
     for m in others:
         assert any(f"than {m} here" in r or r.startswith(f"{m} does not fit") for r in doc["reasons"]), m
-    assert any("measured on an H100 only" in n for n in doc["notes"])
+    assert any("measured on an H100" in n and "faster than qlora" in n for n in doc["notes"])
 
 
 def test_plan_auto_on_a_small_card_says_which_method_does_not_fit():
@@ -447,11 +447,15 @@ def test_report_methods_section_pending_and_measured():
               "measured_reserved": 100, "predicted_reserved": 100 + 2 * d, "alloc_conf": "x"}
              for m, d in (("qlora", 1), ("lora", -3))]
     bands = {m: error_summary([p for p in preds if p["method"] == m]) for m in ("qlora", "lora")}
-    speed = {"methods-speed.csv": {"structural": {"lora": {"n": 4, "median": 5.0, "p90": 7.0, "max": 9.0}},
-                                   "fitted": {"lora": {"n": 4, "median": 2.0, "p90": 3.0, "max": 4.0}}}}
+    e = lambda m, p, x: {"n": 4, "median": m, "p90": p, "max": x}  # noqa: E731
+    speed = {"rows": {"lora": 4, "qlora": 9}, "models": {"lora": ["x", "y"], "qlora": ["x", "y", "z"]},
+             "leave_one_configuration_out": {"lora": e(1.0, 2.0, 3.0), "qlora": e(0.5, 1.0, 1.5)},
+             "leave_one_model_out": {"lora": e(2.0, 3.0, 4.0), "qlora": e(1.0, 2.0, 3.0)},
+             "structural": {"lora": e(5.0, 7.0, 9.0), "qlora": e(0.4, 0.8, 1.2)}}
     text = "\n".join(method_section(bands, speed, "NVIDIA H100 80GB HBM3"))
     assert "| lora | 1 | x | 6.0% / 6.0% | 3.0% / 3.0% | 100% |" in text
-    assert "| methods-speed.csv | lora | 4 | 5.0% / 7.0% / 9.0% | 2.0% / 3.0% / 4.0% |" in text
+    assert "| lora | 4 | 2 | 1.0% / 2.0% / 3.0% | 2.0% / 3.0% / 4.0% | 5.0% / 7.0% / 9.0% |" in text
+    assert "| qlora | 9 | 3 | 0.5% / 1.0% / 1.5% | 1.0% / 2.0% / 3.0% | (fitted) |" in text
     assert "measured on NVIDIA H100 80GB HBM3" in text
 
 
