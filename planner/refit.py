@@ -30,7 +30,6 @@ from planner.calibration_report import (
 )
 from planner.coefficients import DEFAULTS_FILE, FITTED_FILE, user_cache_dir, user_coefficients_file
 from planner.errors import QfitError
-from planner.specs import Coefficients
 from planner.fit import (
     cross_validate,
     error_summary,
@@ -44,6 +43,7 @@ from planner.fit import (
     qlora_preds,
     read_runs,
 )
+from planner.specs import Coefficients
 
 
 def expand_runs(pattern: str) -> list[str]:
