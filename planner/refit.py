@@ -76,7 +76,7 @@ SPEED_DIR = Path(FITTED_FILE).parent / "speed"
 # spread within a few percent): QLoRA's grid c and the methods grids (lora, lora-8bit and QLoRA rows beside them), in one
 # fit. Every other sweep in SPEED_DIR is a check on another machine (calibration/REPORT.md, "Throughput");
 # h100-speed-a/b timed 5 steps (10-20% spread on short steps).
-SPEED_FIT_FILES = ("h100-speed-c.csv", "h100-methods-speed.csv", "h100-methods-speed-b.csv", "h100-methods-speed-c.csv")
+SPEED_FIT_FILES = ("h100-speed-c.csv", "h100-methods-speed.csv", "h100-methods-speed-b.csv")
 METHODS_DIR = Path(FITTED_FILE).parent / "methods"  # harness rows of lora / lora-8bit (calibration/grids/methods-*.json)
 
 
@@ -99,7 +99,7 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
     from planner import speed_fit as sf
     from planner.speed import CPU_TERMS
 
-    fit_files = [speed_dir / f for f in SPEED_FIT_FILES if (speed_dir / f).is_file()]
+    fit_files = [speed_dir / f for f in SPEED_FIT_FILES]
     rows = sf.read_rows(fit_files)
     co = sf.fit(rows)
     loo = sf.held_out(rows, lambda r: r.config_id, co)
