@@ -133,7 +133,8 @@ def plan_options(f):
         click.option("--method", type=click.Choice(METHOD_CHOICES), default="qlora", show_default=True,
                      help="How the frozen base is held: qlora (4-bit NF4), lora (16-bit, the compute dtype: more memory, "
                           "no dequantization), lora-8bit (bitsandbytes LLM.int8), or auto: every method, the best-ranked "
-                          "that fits (the plan says why). lora/lora-8bit are structural estimates, not yet GPU-measured."),
+                          "that fits (the plan says why). lora and lora-8bit are measured on an H100 (calibration/REPORT.md, "
+                          "Methods)."),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -4,9 +4,9 @@ Three ways to hold the frozen base (TrainSettings.method, planner.specs.METHODS)
 in its own function below ("--------- the base, by method"): the base weights and their constants, what the
 base matmul saves and its workspace, and whether prepare_model_for_kbit_training upcasts the rest to fp32.
 qlora (the default) is the calibrated model; lora (16-bit base) and lora-8bit (LLM.int8 base) reuse its
-coefficients with their own structural terms, checked on H100 runs (calibration/methods/, REPORT.md "Methods"):
-lora within QLoRA's band at the median; lora-8bit under-predicted by up to 20% for 3B-7B models (the data-dependent
-outlier columns bitsandbytes keeps are left out).
+coefficients with their own structural terms, checked on H100 runs (calibration/methods/, REPORT.md "Methods"),
+both within QLoRA's leave-one-model-out band; lora-8bit's outlier columns depend on the weights and the data
+(int8_outlier_bytes_per_token: measured per calibration row, a default share for trained checkpoints).
 
 The stack modelled is the one users run: transformers `from_pretrained(..., quantization_config=
 BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype))`, peft's
