@@ -312,6 +312,12 @@ def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None,
             lines.append(f"| {m} | {n} | {len(speed['models'][m])} | {fmt(speed['leave_one_configuration_out'][m])} | "
                          f"{fmt(speed['leave_one_model_out'][m])} | "
                          + ("(fitted)" if m == "qlora" else fmt(speed["structural"][m])) + " |")
+        ratios = speed.get("against_qlora", {})
+        if ratios:
+            lines += ["", "Measured step time over QLoRA's in the same configuration (model and shape):", "",
+                      "| method | configurations | models | min | median | max |", "|---|---|---|---|---|---|"]
+            lines += [f"| {m} | {r['configurations']} | {r['models']} | {r['min']}x | {r['median']}x | {r['max']}x |"
+                      for m, r in ratios.items()]
     return lines
 
 

@@ -116,7 +116,8 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
                                     for m in sorted({sf.row_method(r) for r in rows})},
                          "leave_one_configuration_out": sf.by_method(rows, loo),
                          "leave_one_model_out": sf.by_method(rows, lomo),
-                         "structural": sf.by_method(rows, structural)},
+                         "structural": sf.by_method(rows, structural),
+                         "against_qlora": sf.method_ratios(rows)},
            "per_row": [{"run_id": r.run_id, "measured_s": r.step_time_s, "loo_error_pct": round(e, 2)}
                        for r, e in zip(rows, loo)], "other_sweeps": []}
     for path in sorted(speed_dir.glob("*.csv")):

@@ -237,3 +237,18 @@ def row_method(r: SpeedRow) -> str:
 def by_method(rows: list[SpeedRow], errs: list[float]) -> dict[str, dict[str, float]]:
     """summary() of the errors of each method's rows."""
     return {m: summary([e for r, e in zip(rows, errs) if row_method(r) == m]) for m in sorted({row_method(r) for r in rows})}
+
+
+def method_ratios(rows: list[SpeedRow]) -> dict[str, dict]:
+    """Each method's measured step time over QLoRA's in the same configuration (same model and shape, both timed):
+    {method: {"configurations", "models", "min", "median", "max"}}."""
+    qlora = {r.config_id: r.step_time_s for r in rows if row_method(r) == "qlora"}
+    out = {}
+    for m in sorted({row_method(r) for r in rows} - {"qlora"}):
+        pairs = [(r.model, r.step_time_s / qlora[key]) for r in rows if row_method(r) == m
+                 and (key := r.config_id.replace(f"|{m}", "")) in qlora]
+        if pairs:
+            ratios = sorted(x for _, x in pairs)
+            out[m] = {"configurations": len(pairs), "models": len({mm for mm, _ in pairs}), "min": round(ratios[0], 2),
+                      "median": round(statistics.median(ratios), 2), "max": round(ratios[-1], 2)}
+    return out

@@ -52,3 +52,14 @@ def test_a_method_without_rows_gets_no_terms_of_its_own(rows):
     co = Coefficients("q", "", fitted)
     assert method_fitted(co, "qlora") and not method_fitted(co, "lora") and not method_fitted(co, "lora-8bit")
     assert not any(k in fitted for keys in sf.METHOD_PARAMS.values() for k in keys)
+
+
+def test_method_ratios_pair_each_method_row_with_qlora_in_the_same_configuration(rows):
+    ratios = sf.method_ratios(rows)
+    assert set(ratios) == {"lora", "lora-8bit"}
+    for m, r in ratios.items():
+        mine = {x.config_id.replace(f"|{m}", ""): x.step_time_s for x in rows if sf.row_method(x) == m}
+        q = {x.config_id: x.step_time_s for x in rows if sf.row_method(x) == "qlora"}
+        expected = sorted(mine[k] / q[k] for k in mine if k in q)
+        assert r["configurations"] == len(expected) > 0
+        assert r["min"] == round(expected[0], 2) and r["max"] == round(expected[-1], 2)
