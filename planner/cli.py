@@ -214,10 +214,6 @@ def plan_cmd(model, gpu, as_json, save, coefficients, plot, fit_map, export, exa
                         f"{spec.num_hidden_layers} decoder layers; for none checkpointed use --no-gradient-checkpointing")
     if req.uncheckpointed_layers and num_gpus > 1:
         raise QfitError("--uncheckpointed-layers plans one GPU: drop it with --num-gpus")
-    if exact and req.method == "lora-8bit":
-        from planner.exact_types import EXACT_8BIT_REFUSAL
-
-        raise QfitError(EXACT_8BIT_REFUSAL)
     if req.method != "qlora" and num_gpus > 1:
         raise QfitError(f"--method {req.method} plans one GPU: multi-GPU plans are QLoRA only (drop --method or --num-gpus)")
     coeffs = load_coefficients(gpu_spec.name, coefficients)

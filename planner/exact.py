@@ -1,7 +1,7 @@
-"""Exact mode: peak GPU memory of one QLoRA training step, traced rather than modelled.
+"""Exact mode: peak GPU memory of one LoRA training step (qlora, lora-8bit, lora), traced rather than modelled.
 
-`trace_step()` builds the real stack (transformers + bitsandbytes Linear4bit + peft LoRA + the
-Trainer's step) on fake tensors and counts every storage the GPU would hold, rounded to the CUDA
+`trace_step()` builds the real stack (transformers + bitsandbytes Linear4bit or Linear8bitLt, or a 16-bit
+base + peft LoRA + the Trainer's step) on fake tensors and counts every storage the GPU would hold, rounded to the CUDA
 caching allocator's 512-byte blocks (planner/train/exact.py does the tracing). A 7B-shaped model
 is traced with its decoder cut to 2 and 3 layers; each phase of the step (forward, loss, backward
 of the last layer, optimizer step, ...) grows linearly with depth, so each phase's peak and its
@@ -10,7 +10,9 @@ breakdown are extrapolated to the full depth and the step's peak is their max.
 Against 31 measured H200 runs (Mistral-7B, Llama-3.1-8B; benchmarks/bench_exact.py) the traced peak
 allocated is within 36 KB of the measurement. Not traced: Mixtral (torch's fake kernel for
 grouped_mm refuses the fp32 experts), fp16's GradScaler scalars, reserved memory (allocator slack)
-and what lives outside the allocator (CUDA context; paged optimizer state is reported apart).
+and what lives outside the allocator (CUDA context; paged optimizer state is reported apart). lora-8bit
+traces LLM.int8 at outlier threshold 0 and adds the outlier columns it keeps from the memory model
+(int8_outlier_bytes): their number depends on the values, which fake tensors do not have.
 
 This module only resolves the model and extrapolates: torch & co. are imported inside functions.
 """
@@ -48,6 +50,7 @@ CATEGORY_TO_FIELD = {
     "logits": "logits",
     "temporaries": None,  # loss scalars and the like
     "cublas_workspace": None,  # cuBLAS workspaces on the allocator: not an analytic term
+    "int8_outlier_columns": "saved_activations",  # lora-8bit: subA, added from the memory model (int8_outlier_bytes)
 }
 CATEGORY_LABELS = {
     "quantized_weights": "4-bit base weights (packed uint8)",
@@ -66,6 +69,7 @@ CATEGORY_LABELS = {
     "logits": "logits chain (lm_head, fp32 upcast, cross-entropy)",
     "temporaries": "other temporaries (loss scalars)",
     "cublas_workspace": "cuBLAS workspaces (forward and backward handle)",
+    "int8_outlier_columns": "int8 outlier columns (subA; analytic: share x input width, not traced)",
 }
 STATIC_CATEGORIES = ("quantized_weights", "quant_constants", "unquantized_weights", "buffers", "lora_params")
 
@@ -229,7 +233,8 @@ def _config_from_spec(spec: ModelSpec) -> dict:
 
 def trace_step(model, lora: LoraSettings, train: TrainSettings, layers: int | None = None,
                device=None, input_requires_grad: bool = False, budget: bool = False) -> ExactResult:
-    """Trace one QLoRA training step (two optimizer steps of the Trainer, see planner/train/exact.py).
+    """Trace one training step as train.method holds the base (two optimizer steps of the Trainer, see
+    planner/train/exact.py; lora-8bit's outlier columns are added per window, see int8_outlier_bytes).
 
     layers=None: trace at 2 and 3 decoder layers and extrapolate each phase linearly to the model's
     depth (a model of at most 3 layers is traced whole). layers=n: trace exactly n layers, and replay
@@ -283,6 +288,35 @@ def static_bytes(model, lora: LoraSettings, train: TrainSettings, layers: int | 
     return {k: v for k, v in raw.static.items() if k in STATIC_CATEGORIES}
 
 
+def int8_outlier_bytes(spec: ModelSpec, train: TrainSettings, window: str, depth: int) -> int:
+    """lora-8bit: the outlier columns MatMul8bitLt keeps for backward (subA), alive in a window of the step.
+
+    The trace runs LLM.int8 at threshold 0.0 (planner.exact_types.INT8_TRACE_THRESHOLD), where bitsandbytes keeps
+    no subA; at the real 6.0 every int8 linear keeps `subA = A[:, outlier_cols].contiguous()` from its forward to
+    its backward (`ctx.tensors = (CAt, subA, A)`, bitsandbytes autograd/_functions.py; int8_mixed_scaled_mm in
+    backends/default/ops.py), a number of columns set by the values. Per layer and micro-batch this is the memory
+    model's term, tokens x planner.memory.int8_outlier_bytes_per_token (train.int8_outlier_share, default
+    DEFAULT_INT8_OUTLIER_SHARE). One micro-batch's layers hold it at a time, at most: all `depth` layers through the
+    forward (whose peak is at the last layer), the loss and the last layer's backward; the middle layers' backward
+    starts with depth - 1 of them, the first layer's with its own. A checkpointed layer's recompute runs its
+    MatMul8bitLt forwards again, whose contexts keep a second subA for that layer while its backward runs
+    (checkpointed: all but the last train.uncheckpointed_layers, planner.train.stack.uncheckpoint_last_layers)."""
+    from planner.memory import int8_outlier_bytes_per_token
+
+    if train.method != "lora-8bit" or "micro-batch" not in window:
+        return 0
+    checkpointed = depth - train.uncheckpointed_layers if train.gradient_checkpointing else 0
+    if window.endswith("backward, first layer"):
+        layers = 1 + (checkpointed >= 1)
+    elif window.endswith("backward, middle layers"):
+        layers = depth - 1 + (checkpointed >= 2)
+    elif window.endswith("backward, last layer"):
+        layers = depth + (checkpointed == depth)
+    else:
+        layers = depth
+    return layers * train.tokens_per_micro_batch * int8_outlier_bytes_per_token(spec, train)
+
+
 def _step_windows(raw) -> dict:
     return {k: v for k, v in raw.windows.items() if k != "setup"}
 
@@ -318,11 +352,20 @@ def _result(spec: ModelSpec, raws: list, depth: int, seconds: float, train: Trai
                          "they are not extrapolated, trace the full depth (layers=...) to be sure")
         static = {c: _linear(ra.static.get(c, 0), rb.static.get(c, 0), a, b, depth) for c in set(ra.static) | set(rb.static)}
         paged = _linear(ra.paged_bytes, rb.paged_bytes, a, b, depth)
+    for name, (n_bytes, cats) in windows.items():  # lora-8bit: the outlier columns the trace cannot size
+        extra = int8_outlier_bytes(spec, train, name, depth)
+        if extra:
+            windows[name] = (n_bytes + extra, {**cats, "int8_outlier_columns": extra})
     ops = {k: v["op"] for k, v in _step_windows(last).items()}
     peak_name = max(windows, key=lambda k: windows[k][0])
     peak, cats = windows[peak_name]
     on_allocator = {k: v for k, v in cats.items() if k not in ("host", "paged") and v}
     static = {k: v for k, v in static.items() if k in STATIC_CATEGORIES}
+    outliers = cats.get("int8_outlier_columns", 0)
+    if train.method == "lora-8bit":
+        notes.append(f"LLM.int8 traced at outlier threshold 0; its outlier columns (subA, {outliers:,} bytes at the peak) "
+                     "are the memory model's int8_outlier_bytes_per_token, added per window (and to the simulated "
+                     "reserved peak and budget), not traced")
     if last.scalar_calls:
         notes.append(f"{len(last.scalar_calls)} .item()/bool() calls on fake tensors answered without data (AdamW step counts, the attention-mask check; memory does not depend on them)")
     return ExactResult(
@@ -331,6 +374,6 @@ def _result(spec: ModelSpec, raws: list, depth: int, seconds: float, train: Trai
         categories=on_allocator, static=static, phase_peaks={k: int(v[0]) for k, v in windows.items()},
         paged_optimizer_bytes=int(paged), attn_implementation=last.attn_implementation, optimizer=last.optimizer,
         device=last.device, trace_seconds=round(seconds, 2), notes=tuple(notes),
-        simulated_reserved_bytes=int(last.simulated_reserved) if len(raws) == 1 else 0,
-        simulated_required_bytes=int(last.simulated_required) if len(raws) == 1 else 0,
+        simulated_reserved_bytes=int(last.simulated_reserved) + outliers if len(raws) == 1 and last.simulated_reserved else 0,
+        simulated_required_bytes=int(last.simulated_required) + outliers if len(raws) == 1 and last.simulated_required else 0,
         expandable_segments=train.expandable_segments)

@@ -28,7 +28,8 @@ class CudaDevice:
     cublas_handles: int = CUBLAS_HANDLES
 
 
-# why exact mode does not trace lora-8bit (one line; planner.cli refuses before planning, the trace raises it too)
-EXACT_8BIT_REFUSAL = ("exact mode traces qlora and lora, not lora-8bit: bitsandbytes' LLM.int8 matmul separates "
-                      "outlier columns whose number depends on the values (the fake kernel of int8_mixed_scaled_mm "
-                      "returns a data-dependent size), which a fake-tensor trace cannot size; use the analytic plan")
+# lora-8bit: the LLM.int8 outlier threshold the trace runs at. bitsandbytes' MatMul8bitLt (autograd/_functions.py)
+# takes its static int8_scaled_mm path at 0.0 (subA = None); at the real 6.0 the outlier columns' number depends on
+# the values (int8_mixed_scaled_mm's fake kernel returns get_ctx().new_dynamic_size()), so exact mode adds them from
+# planner.memory.int8_outlier_bytes_per_token instead (planner/exact.py, int8_outlier_bytes)
+INT8_TRACE_THRESHOLD = 0.0

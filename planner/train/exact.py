@@ -1,4 +1,5 @@
-"""Exact mode, the heavy half: run one real QLoRA training step on fake tensors and count every byte.
+"""Exact mode, the heavy half: run one real LoRA training step (qlora, lora-8bit or lora) on fake tensors and
+count every byte.
 (One job, the trace, hence the length: the allocation tracker and the step it watches belong together.)
 
 The stack is the one `qfit run` builds (planner/train/stack.py): transformers' bitsandbytes
@@ -21,6 +22,8 @@ differently from CUDA's, the trace does what CUDA does (each named where it is d
     sdpa runs causal with enable_gqa, as on the GPU (_untrace_fake_tensors);
   - bitsandbytes gemm_4bit: its CUDA dispatch, dequantize + F.linear at training sizes, with the
     dequantized weight as a workspace (AllocTracker._gemm_4bit_workspace);
+  - bitsandbytes.matmul (lora-8bit): MatMul8bitLt, not the CPU's MatMul8bitFp (_cuda_int8_matmul), with
+    int8_scaled_mm's int32 and fp16 buffers as workspaces (AllocTracker._int8_scaled_mm_workspace);
   - flash attention's backward workspaces (AllocTracker._flash_backward_workspace);
   - torch AdamW's foreach implementation; paged bitsandbytes state in managed memory; AdamW's step
     counters on the host; two 32 MiB cuBLAS workspaces (CudaDevice).
@@ -43,7 +46,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
-from planner.exact_types import EXACT_8BIT_REFUSAL, CudaDevice
+from planner.exact_types import INT8_TRACE_THRESHOLD, CudaDevice
 from planner.memory import ALLOC_GRANULE, resolve_targets
 from planner.specs import LoraSettings, ModelSpec, TrainSettings
 
@@ -229,6 +232,8 @@ class AllocTracker(TorchDispatchMode):
         qual = name.name if name is not None else ""
         if qual == "bitsandbytes::gemm_4bit":
             transients = self._gemm_4bit_workspace(*args, **kwargs)
+        elif qual == "bitsandbytes::int8_scaled_mm":
+            transients = self._int8_scaled_mm_workspace(*args, **kwargs)
         elif func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
             transients = self._flash_backward_workspace(*args, **kwargs)
         out = func(*args, **kwargs)
@@ -266,6 +271,17 @@ class AllocTracker(TorchDispatchMode):
         sizes.append(A.element_size() * shapeB[0] * shapeB[1])
         return self.transient(sizes)
 
+    def _int8_scaled_mm_workspace(self, A, B, row_stats, col_stats, bias=None, dtype=None):
+        """bitsandbytes' int8_scaled_mm has no CUDA kernel of its own: its default one (backends/default/ops.py) runs
+        int8_linear_matmul into an int32 C [M, N], then the CUDA int8_mm_dequant (backends/cuda/ops.py) writes an
+        fp16 [M, N] (`out = torch.empty_like(A, dtype=torch.float16)`) and returns `out.to(dtype)`, a second
+        buffer unless dtype is fp16. Both are alive when the output is allocated and freed when the op returns."""
+        m, n = A.numel() // A.shape[-1], B.shape[0]
+        sizes = [4 * m * n]
+        if (dtype or torch.float16) != torch.float16:
+            sizes.append(2 * m * n)
+        return self.transient(sizes)
+
     def _flash_backward_workspace(self, grad_out, q, k, v, out, lse, *rest, attn_mask=None, **kw):
         """The CPU op stands for CUDA's. Without a mask CUDA runs FlashAttention-2's mha_bwd
         (aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp): besides dq, dk, dv it allocates
@@ -301,12 +317,26 @@ def _cuda_dropout(input, p=0.5, training=True, inplace=False):
     return out
 
 
+def _cuda_int8_matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
+    """bitsandbytes.matmul (autograd/_functions.py), as Linear8bitLt.forward calls it, on a CUDA input: training on
+    the CPU takes MatMul8bitFp (dequantize + F.linear), on CUDA always the LLM.int8 MatMul8bitLt."""
+    from bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState
+
+    state = state or MatmulLtState()
+    if threshold > 0.0:
+        state.threshold = threshold
+    return MatMul8bitLt.apply(A, B, out, bias, state)
+
+
 @contextlib.contextmanager
 def cuda_semantics():
     """Patch the few Python-level places where CPU and CUDA execution allocate differently."""
     saved_dropout = F.dropout
     saved_is_autocast = torch.is_autocast_enabled
     saved_sync = torch.cuda.synchronize
+    import bitsandbytes as bnb
+
+    saved_matmul = bnb.matmul
 
     def is_autocast_enabled(device_type=None):
         # peft's LoRA forward calls torch.is_autocast_enabled() (the CUDA autocast state): answer
@@ -318,10 +348,12 @@ def cuda_semantics():
     F.dropout = _cuda_dropout
     torch.is_autocast_enabled = is_autocast_enabled
     torch.cuda.synchronize = lambda *a, **k: None
+    bnb.matmul = _cuda_int8_matmul
     tracing_patched = _untrace_fake_tensors()
     try:
         yield
     finally:
+        bnb.matmul = saved_matmul
         F.dropout = saved_dropout
         torch.is_autocast_enabled = saved_is_autocast
         torch.cuda.synchronize = saved_sync
@@ -384,12 +416,14 @@ def _tf_version() -> str:
 def _materialize(model, compute_dtype, tracker: AllocTracker) -> None:
     """Give every meta parameter and buffer a fake storage, as loading a checkpoint in the compute
     dtype would, and quantize Linear4bit weights with bitsandbytes' own quantize_4bit (what
-    Params4bit._quantize calls). Ties (lm_head = embed_tokens) keep one storage."""
+    Params4bit._quantize calls), Linear8bitLt weights with its int8_vectorwise_quant (Int8Params._quantize).
+    Ties (lm_head = embed_tokens) keep one storage."""
     import bitsandbytes as bnb
 
     memo: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         is4 = isinstance(module, bnb.nn.Linear4bit)
+        is8 = isinstance(module, bnb.nn.Linear8bitLt)
         for name, p in list(module._parameters.items()):
             if p is None:
                 continue
@@ -398,6 +432,8 @@ def _materialize(model, compute_dtype, tracker: AllocTracker) -> None:
                 continue
             if is4 and name == "weight":
                 new = _quantized_weight(p, module, compute_dtype, tracker)
+            elif is8 and name == "weight":
+                new = _int8_weight(p, module, compute_dtype, tracker)
             else:
                 dtype = compute_dtype if p.dtype.is_floating_point else p.dtype
                 new = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=p.requires_grad)
@@ -459,8 +495,8 @@ class Built:
 
 def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[str, ...],
           train: TrainSettings, tracker: AllocTracker, input_requires_grad: bool = False) -> Built:
-    """Architecture from its config, loaded as train.method holds the base, LoRA-wrapped: stack.load_4bit (qlora) or
-    stack.load_base's 16-bit path (lora) + get_peft_model."""
+    """Architecture from its config, loaded as train.method holds the base, LoRA-wrapped: stack.load_4bit (qlora),
+    stack.load_base's 8-bit path (lora-8bit) or its 16-bit path (lora) + get_peft_model."""
     from peft import prepare_model_for_kbit_training
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
@@ -470,8 +506,8 @@ def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[s
     config = _hf_config(config_fields, layers)
     if train.method == "lora":
         return _build_16bit(config, config_fields, lora, targets, train, tracker, input_requires_grad)
-    if train.method != "qlora":
-        raise TraceError(EXACT_8BIT_REFUSAL)
+    if train.method == "lora-8bit":
+        return _build_8bit(config, config_fields, lora, targets, train, tracker, input_requires_grad)
     bnb_cfg = stack.bnb_config(train.compute_dtype, train.double_quant)
     quantizer = Bnb4BitHfQuantizer(bnb_cfg, pre_quantized=False)
     # the skeleton is built on the meta device outside the fake and tracking modes (Params4bit cannot
@@ -521,6 +557,64 @@ def _build_16bit(config, config_fields: dict, lora: LoraSettings, targets: tuple
     model.config.use_cache = False
     tracker.log.marks["loaded"] = len(tracker.log.events)  # stack.load_base returns here
     return _wrap(model, lora, targets, train, tracker, input_requires_grad)
+
+
+def _build_8bit(config, config_fields: dict, lora: LoraSettings, targets: tuple[str, ...], train: TrainSettings,
+                tracker: AllocTracker, input_requires_grad: bool) -> Built:
+    """lora-8bit: stack.load_base's 8-bit path, from_pretrained(quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    + prepare_model_for_kbit_training. transformers' Bnb8BitHfQuantizer puts bnb.nn.Linear8bitLt layers where
+    from_pretrained would (replace_with_bnb_linear), each weight is quantized as Int8Params._quantize does
+    (_int8_weight), and prepare_model_for_kbit_training upcasts the rest to fp32.
+
+    The one departure, INT8_TRACE_THRESHOLD: the layers trace with LLM.int8's outlier threshold at 0.0, so
+    MatMul8bitLt takes its static int8_scaled_mm path (subA = None). At the real 6.0 the number of outlier columns
+    depends on the values (the fake kernels of int8_vectorwise_quant and int8_mixed_scaled_mm return
+    `get_ctx().new_dynamic_size()`), which fake tensors cannot size; planner/exact.py adds the saved outlier
+    columns back from planner.memory.int8_outlier_bytes_per_token."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+
+    from planner.train import stack
+
+    compute_dtype = stack.TORCH_DTYPES[train.compute_dtype]
+    bnb_cfg = BitsAndBytesConfig(load_in_8bit=True)  # as stack.load_base: threshold 6.0, int8 weights
+    quantizer = Bnb8BitHfQuantizer(bnb_cfg, pre_quantized=False)
+    with _disable_current_modes():
+        model = _meta_skeleton(config, config_fields, compute_dtype)
+        quantizer._process_model_before_weight_loading(model, device_map=None)
+    _materialize(model, compute_dtype, tracker)
+    model = quantizer._process_model_after_weight_loading(model)  # is_loaded_in_8bit: peft's 8-bit LoRA layers
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = bnb_cfg
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False, auto_clear_cache=False)
+    model.config.use_cache = False
+    tracker.log.marks["loaded"] = len(tracker.log.events)  # stack.load_base returns here
+    return _wrap(model, lora, targets, train, tracker, input_requires_grad)
+
+
+def _int8_weight(meta_weight, module, compute_dtype, tracker: AllocTracker):
+    """transformers' Bnb8bitQuantize.convert: Int8Params(value).to(device) -> Int8Params._quantize:
+    `B = data.contiguous().to(device, float16)`, `CB, SCB, _ = int8_vectorwise_quant(B)`, `data = CB`.
+
+    As for 4-bit, a FakeTensor cannot be re-wrapped as an Int8Params subclass: the int8 weight is a frozen
+    nn.Parameter carrying Int8Params' attributes (CB, SCB, has_fp16_weights), all Linear8bitLt.forward
+    (init_8bit_state) and MatMul8bitLt read. The layer's outlier threshold is set to INT8_TRACE_THRESHOLD
+    (see _build_8bit)."""
+    import bitsandbytes as bnb
+
+    w = torch.empty(tuple(meta_weight.shape), dtype=compute_dtype)  # the checkpoint tensor, briefly
+    half = w.contiguous().to(torch.float16)
+    del w
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(half)
+    del half
+    p = torch.nn.Parameter(cb, requires_grad=False)
+    p.CB, p.SCB, p.has_fp16_weights, p.qfit_base_weight = cb, scb, False, True
+    module.state.threshold = INT8_TRACE_THRESHOLD
+    module.state.use_pool = False
+    tracker.track(p, "quantized_weights")
+    tracker.track(scb, "quant_constants")
+    return p
 
 
 def _wrap(model, lora: LoraSettings, targets: tuple[str, ...], train: TrainSettings, tracker: AllocTracker,
@@ -911,6 +1005,9 @@ def _quiet():
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs a traceback before re-raising
     fake_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
+    int8_log = logging.getLogger("bitsandbytes.autograd._functions")  # MatMul8bitLt's per-call fp16-cast warning
+    int8_level = int8_log.level
+    int8_log.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -918,6 +1015,7 @@ def _quiet():
         finally:
             hf_logging.set_verbosity(level)
             fake_log.setLevel(fake_level)
+            int8_log.setLevel(int8_level)
 
 
 def _category_totals(tracker: AllocTracker, alive_only: bool) -> dict:

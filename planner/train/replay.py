@@ -46,7 +46,10 @@ def rows_with_hooks(path: str):
 
 
 def traceable(row: dict) -> bool:
-    """Exact mode traces qlora and lora rows, not lora-8bit (planner.exact_types.EXACT_8BIT_REFUSAL)."""
+    """Replayed: qlora and lora rows, not lora-8bit. Exact mode traces lora-8bit at LLM.int8 threshold 0 and adds
+    its outlier columns afterwards (planner.exact.int8_outlier_bytes), outside the allocation log this module
+    replays; the measured lora-8bit rows held outlier shares up to 0.37 (random weights), so a replay without
+    them would not be the configuration that was measured."""
     return (row.get("method") or "qlora") != "lora-8bit"
 
 
