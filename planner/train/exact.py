@@ -497,32 +497,42 @@ def build(config_fields: dict, layers: int, lora: LoraSettings, targets: tuple[s
           train: TrainSettings, tracker: AllocTracker, input_requires_grad: bool = False) -> Built:
     """Architecture from its config, loaded as train.method holds the base, LoRA-wrapped: stack.load_4bit (qlora),
     stack.load_base's 8-bit path (lora-8bit) or its 16-bit path (lora) + get_peft_model."""
-    from peft import prepare_model_for_kbit_training
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
     from planner.train import stack
 
-    compute_dtype = stack.TORCH_DTYPES[train.compute_dtype]
     config = _hf_config(config_fields, layers)
     if train.method == "lora":
         return _build_16bit(config, config_fields, lora, targets, train, tracker, input_requires_grad)
     if train.method == "lora-8bit":
         return _build_8bit(config, config_fields, lora, targets, train, tracker, input_requires_grad)
     bnb_cfg = stack.bnb_config(train.compute_dtype, train.double_quant)
-    quantizer = Bnb4BitHfQuantizer(bnb_cfg, pre_quantized=False)
-    # the skeleton is built on the meta device outside the fake and tracking modes (Params4bit cannot
+    model = _load_kbit(config, config_fields, Bnb4BitHfQuantizer(bnb_cfg, pre_quantized=False), bnb_cfg, train, tracker)
+    return _wrap(model, lora, targets, train, tracker, input_requires_grad)
+
+
+def _load_kbit(config, config_fields: dict, quantizer, bnb_cfg, train: TrainSettings, tracker: AllocTracker):
+    """from_pretrained(quantization_config=bnb_cfg) + prepare_model_for_kbit_training, as stack.load_base does for
+    a k-bit base: the transformers quantizer puts its bitsandbytes layers where from_pretrained would, the weights
+    get fake storages (_materialize: quantized as the layer's own Params class would), and the rest is upcast."""
+    from peft import prepare_model_for_kbit_training
+
+    from planner.train import stack
+
+    compute_dtype = stack.TORCH_DTYPES[train.compute_dtype]
+    # the skeleton is built on the meta device outside the fake and tracking modes (Params4bit / Int8Params cannot
     # wrap a FakeTensor); _materialize then gives it fake storages, as loading the checkpoint would
     with _disable_current_modes():
         model = _meta_skeleton(config, config_fields, compute_dtype)
         quantizer._process_model_before_weight_loading(model, device_map=None)
     _materialize(model, compute_dtype, tracker)
-    model = quantizer._process_model_after_weight_loading(model)
+    model = quantizer._process_model_after_weight_loading(model)  # is_loaded_in_{4,8}bit: peft's k-bit LoRA layers
     model.hf_quantizer = quantizer
     model.config.quantization_config = bnb_cfg
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False, auto_clear_cache=False)
     model.config.use_cache = False
-    tracker.log.marks["loaded"] = len(tracker.log.events)  # stack.load_4bit returns here
-    return _wrap(model, lora, targets, train, tracker, input_requires_grad)
+    tracker.log.marks["loaded"] = len(tracker.log.events)  # stack.load_base returns here
+    return model
 
 
 def _meta_skeleton(config, config_fields: dict, compute_dtype):
@@ -571,25 +581,11 @@ def _build_8bit(config, config_fields: dict, lora: LoraSettings, targets: tuple[
     depends on the values (the fake kernels of int8_vectorwise_quant and int8_mixed_scaled_mm return
     `get_ctx().new_dynamic_size()`), which fake tensors cannot size; planner/exact.py adds the saved outlier
     columns back from planner.memory.int8_outlier_bytes_per_token."""
-    from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
     from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
-    from planner.train import stack
-
-    compute_dtype = stack.TORCH_DTYPES[train.compute_dtype]
     bnb_cfg = BitsAndBytesConfig(load_in_8bit=True)  # as stack.load_base: threshold 6.0, int8 weights
-    quantizer = Bnb8BitHfQuantizer(bnb_cfg, pre_quantized=False)
-    with _disable_current_modes():
-        model = _meta_skeleton(config, config_fields, compute_dtype)
-        quantizer._process_model_before_weight_loading(model, device_map=None)
-    _materialize(model, compute_dtype, tracker)
-    model = quantizer._process_model_after_weight_loading(model)  # is_loaded_in_8bit: peft's 8-bit LoRA layers
-    model.hf_quantizer = quantizer
-    model.config.quantization_config = bnb_cfg
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False, auto_clear_cache=False)
-    model.config.use_cache = False
-    tracker.log.marks["loaded"] = len(tracker.log.events)  # stack.load_base returns here
+    model = _load_kbit(config, config_fields, Bnb8BitHfQuantizer(bnb_cfg, pre_quantized=False), bnb_cfg, train, tracker)
     return _wrap(model, lora, targets, train, tracker, input_requires_grad)
 
 
