@@ -108,5 +108,8 @@ def _share(v) -> float | None:
     """A calibration row's measured int8 outlier share: absent, empty or NaN (a pandas cell) is None."""
     if v is None or v == "":
         return None
-    f = float(v)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise QfitError(f"settings: 'int8_outlier_share' is malformed (expected a number in [0, 1], got {v!r})") from None
     return None if f != f else f

@@ -572,3 +572,16 @@ def test_lora_8bit_speed_needs_the_int8_and_fp32_rates():
     assert 0 < i8 < q / 2
     out = CliRunner().invoke(cli, ["plan", "llama-3.2-1b", "--gpu", "v100-16gb", "--method", "lora-8bit"])
     assert out.exit_code == 0 and "lists no int8 tensor-core rate" in out.output
+
+
+def test_a_row_s_outlier_share_is_decoded_or_refused_in_one_line():
+    """A calibration row carries its measured int8 outlier share; empty or NaN is 'not measured' (the default
+    share), a malformed or out-of-range one is a QfitError naming the field, never a traceback."""
+    row = {"batch_size": 1, "seq_len": 512, "rank": 16, "method": "lora-8bit"}
+    assert settings_from_dict({**row, "int8_outlier_share": "0.37"})[1].int8_outlier_share == 0.37
+    assert settings_from_dict({**row, "int8_outlier_share": ""})[1].int8_outlier_share is None
+    assert settings_from_dict({**row, "int8_outlier_share": float("nan")})[1].int8_outlier_share is None
+    with pytest.raises(QfitError, match="int8_outlier_share"):
+        settings_from_dict({**row, "int8_outlier_share": "lots"})
+    with pytest.raises(QfitError, match="int8 outlier share"):
+        settings_from_dict({**row, "int8_outlier_share": "1.5"})
