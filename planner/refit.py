@@ -80,15 +80,6 @@ SPEED_FIT_FILES = ("h100-speed-c.csv", "h100-methods-speed.csv", "h100-methods-s
 METHODS_DIR = Path(FITTED_FILE).parent / "methods"  # harness rows of lora / lora-8bit (calibration/grids/methods-*.json)
 
 
-def _speed_row_methods(path: Path) -> list[str]:
-    """The method of each row planner.speed_fit.read_rows keeps from a throughput CSV, in its order (rows written
-    before the column existed are QLoRA)."""
-    import csv
-
-    with Path(path).open(newline="") as fh:
-        return [r.get("method") or "qlora" for r in csv.DictReader(fh) if r["status"] == "ok" and r["data"] != "padded"]
-
-
 def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
     """(speed_* coefficients, the throughput validation for the report): one fit on SPEED_FIT_FILES, every method's
     rows in it; leave one configuration out, leave one model out, for QLoRA and for each method; the methods' rows

@@ -26,15 +26,13 @@ from pathlib import Path
 from planner.codec import settings_from_dict
 from planner.profiles import load_gpu, load_model, match_gpu_name
 from planner.specs import Coefficients
-from planner.speed import CPU_TERMS, GPU_TERMS, STEP_TERMS, SpeedFeatures, features, step_seconds
+from planner.speed import CPU_TERMS, GPU_TERMS, METHOD_TERMS, STEP_TERMS, SpeedFeatures, features, step_seconds
 
 # A non-4-bit base's own terms (planner.speed METHOD_TERMS): GPU terms of its rows alone, and factors on QLoRA's
 METHOD_GPU = ("base_16bit", "base_8bit", "int8_matmul", "fp32_matmul")
 METHOD_FACTORS = ("cpu_fwd_16bit", "cpu_bwd_16bit", "traffic_16bit", "cpu_8bit")
-METHOD_PARAMS = {"lora": ("speed_base_16bit", "speed_cpu_fwd_16bit", "speed_cpu_bwd_16bit", "speed_traffic_16bit"),
-                 "lora-8bit": ("speed_base_8bit", "speed_int8_matmul", "speed_fp32_matmul", "speed_cpu_8bit")}
+METHOD_PARAMS = METHOD_TERMS  # each method's own coefficients, as planner.speed prices them
 PARAMS = tuple(f"speed_{k}" for k in CPU_TERMS + GPU_TERMS + STEP_TERMS + METHOD_GPU + METHOD_FACTORS) + ("speed_overlap",)
-QLORA_PARAMS = tuple(f"speed_{k}" for k in CPU_TERMS + GPU_TERMS + STEP_TERMS) + ("speed_overlap",)
 _KIND = {"qlora": 0, "lora": 1, "lora-8bit": 2}
 OVERLAP_START, OVERLAP_MAX = 2.0, 30.0
 
