@@ -301,8 +301,9 @@ def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None,
         lines += ["", "Step times (errors of tokens/s), from the one speed fit (calibration/speed/, \"Throughput\"), whose "
                   "rows include these methods': each method's own terms (planner/speed.py METHOD_TERMS: lora, factors on "
                   "its forward and backward CPU terms and its elementwise traffic, a multiple of its weight reads; "
-                  "lora-8bit, a factor on its CPU terms, a multiple of its weight-path bytes, the efficiencies of its int8 "
-                  "forward and fp32 backward matmuls) are fitted with QLoRA's. Held out: every row of a configuration, or "
+                  "lora-8bit, the same two CPU factors, its own overlap exponent (its forward synchronises the GPU on every "
+                  "int8 linear), a multiple of its weight-path bytes, the efficiencies of its int8 forward and fp32 "
+                  "backward matmuls) are fitted with QLoRA's. Held out: every row of a configuration, or "
                   "of a model (all its methods), predicted by a fit without them. Structural: the fit on the QLoRA rows "
                   "alone, each method's own terms falling back to QLoRA's (planner.speed.coefficient).", "",
                   "| method | rows | models | leave one configuration out: median / p90 / max | leave one model out: "

@@ -25,7 +25,7 @@ import statistics
 from dataclasses import dataclass
 
 from planner.specs import Coefficients
-from planner.speed import CPU_TERMS, GPU_TERMS, micro_batch_seconds, step_seconds
+from planner.speed import CPU_TERMS, GPU_TERMS, micro_batch_seconds, overlap_exponent, step_seconds
 
 IDENTIFY_SHARE = 0.5  # a term group is identifiable when, in some configuration, it is at least this share of the time
 # a candidate must beat the shipped coefficients by a margin, not by noise: at least 10% lower held-out error and
@@ -67,9 +67,9 @@ def _share(rows, coeffs: Coefficients, which: str) -> float:
     """How much a factor on the CPU (or GPU) terms moves the predicted step time, at most over the rows: the
     derivative of log(step time) by log(factor). 1: the step is all that group's time; near 0: the other group
     hides it (the two overlap) and the sweep cannot see it."""
-    p = coeffs.get("speed_overlap")
     best = 0.0
     for r in rows:
+        p = overlap_exponent(r.features, coeffs)
         cpu, gpu, micro = micro_batch_seconds(r.features, coeffs)
         part = cpu if which == "cpu" else gpu
         if micro <= 0 or part <= 0:

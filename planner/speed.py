@@ -13,8 +13,9 @@ One micro-batch costs the larger of two times (smoothly: a p-norm with the fitte
         chain; LoRA's traffic over its inputs and outputs.
 
 A 16-bit base (lora) or an LLM.int8 base (lora-8bit) changes named terms of its own (METHOD_TERMS, "the base, by
-method" below): factors on the CPU terms, its own weight traffic, and for lora-8bit its int8 forward and fp32 backward
-matmuls at the GPU's int8 and fp32 datasheet rates. One fit covers every method's rows.
+method" below): factors on the forward and backward passes' CPU terms, its own weight traffic, and for lora-8bit its
+int8 forward and fp32 backward matmuls at the GPU's int8 and fp32 datasheet rates and its own overlap exponent (its
+forward synchronises the GPU on every int8 linear). One fit covers every method's rows.
 
 An optimizer step adds a cost per trainable tensor (bitsandbytes' optimizers update tensor by tensor), the
 optimizer state traffic, and a fixed cost. Step time = accumulation x micro-batch time + optimizer step.
@@ -188,23 +189,41 @@ METHOD_TERM_SUFFIX = {"lora": "16bit", "lora-8bit": "8bit"}
 #              speed_traffic_16bit: a factor on the elementwise traffic (activations, lora_traffic): the residual
 #              stream is in the compute dtype, not fp32 (no k-bit preparation).
 #              speed_base_16bit: a multiple of the base's weight-path bytes (one weight read per pass).
-#   lora-8bit  speed_cpu_8bit: a factor on every CPU term (LLM.int8's quantize / int8 matmul / dequantize launches).
+#   lora-8bit  speed_cpu_fwd_8bit, speed_cpu_bwd_8bit: the same two factors for LLM.int8's launches (the forward
+#              quantizes the input, finds its outlier columns, multiplies int8 and dequantizes; the backward
+#              dequantizes the weight and multiplies).
+#              speed_overlap_8bit: its own overlap exponent. MatMul8bitLt's forward synchronises the GPU on every
+#              call: bitsandbytes 0.50's int8_vectorwise_quant (backends/cuda/ops.py) tests `if outliers.any():`, a
+#              Python bool of a CUDA tensor, so the CPU waits for the GPU before every int8 linear and the two no
+#              longer hide each other over the whole pass (a smaller exponent: nearer their sum than their max).
 #              speed_base_8bit: a multiple of its weight-path and activation-quantization bytes.
 #              speed_int8_matmul, speed_fp32_matmul: 1 / efficiency of the forward's int8 tensor-core matmuls and of
 #              the input-gradient backward's fp32 matmul (int8_base_matmul_flops).
-# Coefficients without them fall back to QLoRA's terms (factors 1, the dequant and base_matmul coefficients): a
+# Coefficients without them fall back to QLoRA's terms (factors 1, the dequant, base_matmul and overlap coefficients): a
 # structural estimate, and the plan says so.
 METHOD_TERMS = {
     "lora": ("speed_cpu_fwd_16bit", "speed_cpu_bwd_16bit", "speed_traffic_16bit", "speed_base_16bit"),
-    "lora-8bit": ("speed_cpu_8bit", "speed_base_8bit", "speed_int8_matmul", "speed_fp32_matmul"),
+    "lora-8bit": ("speed_cpu_fwd_8bit", "speed_cpu_bwd_8bit", "speed_overlap_8bit", "speed_base_8bit",
+                  "speed_int8_matmul", "speed_fp32_matmul"),
 }
-# (lower, upper) bound of each method term in the fit: factors may go either way; a rate or bytes multiple cannot
-# beat the datasheet (>= 1), as for QLoRA's GPU terms
-METHOD_TERM_BOUNDS = {k: ((1.0, float("inf")) if k.startswith(("speed_base_", "speed_int8", "speed_fp32")) else (0.05, 20.0))
-                      for ks in METHOD_TERMS.values() for k in ks}
+OVERLAP_BOUNDS = (1.0, 30.0)  # the p-norm's exponent: 1 adds CPU and GPU time, a large one takes their max
+
+
+def _method_term_bounds(key: str) -> tuple[float, float]:
+    if key.startswith("speed_overlap"):
+        return OVERLAP_BOUNDS
+    if key.startswith(("speed_base_", "speed_int8", "speed_fp32")):
+        return (1.0, float("inf"))  # a rate or bytes multiple cannot beat the datasheet, as for QLoRA's GPU terms
+    return (0.05, 20.0)  # factors may go either way
+
+
+# (lower, upper) bound of each method term in the fit
+METHOD_TERM_BOUNDS = {k: _method_term_bounds(k) for ks in METHOD_TERMS.values() for k in ks}
 _FALLBACK = {"speed_base_16bit": "speed_dequant", "speed_base_8bit": "speed_dequant",
-             "speed_int8_matmul": "speed_base_matmul", "speed_fp32_matmul": "speed_base_matmul"}
-_DEFAULT = {"speed_cpu_fwd_16bit": 1.0, "speed_cpu_bwd_16bit": 1.0, "speed_traffic_16bit": 1.0, "speed_cpu_8bit": 1.0}
+             "speed_int8_matmul": "speed_base_matmul", "speed_fp32_matmul": "speed_base_matmul",
+             "speed_overlap_8bit": "speed_overlap"}
+_DEFAULT = {"speed_cpu_fwd_16bit": 1.0, "speed_cpu_bwd_16bit": 1.0, "speed_traffic_16bit": 1.0,
+            "speed_cpu_fwd_8bit": 1.0, "speed_cpu_bwd_8bit": 1.0}
 TRAFFIC_TERMS = ("activations", "lora_traffic")
 
 
@@ -236,14 +255,19 @@ def method_fitted(coeffs: Coefficients, method: str) -> bool:
 
 
 def method_cpu_seconds(f: SpeedFeatures, coeffs: Coefficients, cpu_terms: dict[str, float]) -> float:
-    """The CPU seconds of a non-4-bit base from QLoRA's priced CPU terms (seconds per term): lora prices the
-    forward and backward passes' per-layer terms with their own factors, lora-8bit every term with one."""
-    if f.method == "lora":
-        per_layer = sum(v for k, v in cpu_terms.items() if k != "micro_batch")
-        fwd, bwd = coefficient(coeffs, "speed_cpu_fwd_16bit"), coefficient(coeffs, "speed_cpu_bwd_16bit")
-        share = f.cpu_forward_share
-        return cpu_terms.get("micro_batch", 0.0) + per_layer * (fwd * share + bwd * (1.0 - share))
-    return coefficient(coeffs, "speed_cpu_8bit") * sum(cpu_terms.values())
+    """The CPU seconds of a non-4-bit base from QLoRA's priced CPU terms (seconds per term): its per-layer terms
+    with the method's own factors for the forward passes (recompute included) and the backward pass; the
+    per-micro-batch term as QLoRA's."""
+    suffix = METHOD_TERM_SUFFIX[f.method]
+    per_layer = sum(v for k, v in cpu_terms.items() if k != "micro_batch")
+    fwd, bwd = coefficient(coeffs, f"speed_cpu_fwd_{suffix}"), coefficient(coeffs, f"speed_cpu_bwd_{suffix}")
+    share = f.cpu_forward_share
+    return cpu_terms.get("micro_batch", 0.0) + per_layer * (fwd * share + bwd * (1.0 - share))
+
+
+def overlap_exponent(f: SpeedFeatures, coeffs: Coefficients) -> float:
+    """The p-norm exponent that joins a micro-batch's CPU and GPU seconds (lora-8bit has its own)."""
+    return coefficient(coeffs, "speed_overlap_8bit") if f.method == "lora-8bit" else coeffs.get("speed_overlap")
 
 
 def micro_batch_seconds(f: SpeedFeatures, coeffs: Coefficients) -> tuple[float, float, float]:
@@ -252,7 +276,7 @@ def micro_batch_seconds(f: SpeedFeatures, coeffs: Coefficients) -> tuple[float, 
     cpu = sum(terms.values()) if f.method == "qlora" else method_cpu_seconds(f, coeffs, terms)
     traffic = coefficient(coeffs, "speed_traffic_16bit") if f.method == "lora" else 1.0
     gpu = sum(coefficient(coeffs, f"speed_{k}") * v * (traffic if k in TRAFFIC_TERMS else 1.0) for k, v in f.gpu.items())
-    p = coeffs.get("speed_overlap")
+    p = overlap_exponent(f, coeffs)
     both = (cpu ** p + gpu ** p) ** (1.0 / p) if cpu > 0 or gpu > 0 else 0.0
     return cpu, gpu, both
 

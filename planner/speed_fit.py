@@ -30,11 +30,12 @@ from planner.speed import CPU_TERMS, GPU_TERMS, METHOD_TERMS, STEP_TERMS, SpeedF
 
 # A non-4-bit base's own terms (planner.speed METHOD_TERMS): GPU terms of its rows alone, and factors on QLoRA's
 METHOD_GPU = ("base_16bit", "base_8bit", "int8_matmul", "fp32_matmul")
-METHOD_FACTORS = ("cpu_fwd_16bit", "cpu_bwd_16bit", "traffic_16bit", "cpu_8bit")
+METHOD_FACTORS = ("cpu_fwd_16bit", "cpu_bwd_16bit", "traffic_16bit", "cpu_fwd_8bit", "cpu_bwd_8bit")
 METHOD_PARAMS = METHOD_TERMS  # each method's own coefficients, as planner.speed prices them
-PARAMS = tuple(f"speed_{k}" for k in CPU_TERMS + GPU_TERMS + STEP_TERMS + METHOD_GPU + METHOD_FACTORS) + ("speed_overlap",)
+PARAMS = tuple(f"speed_{k}" for k in CPU_TERMS + GPU_TERMS + STEP_TERMS + METHOD_GPU + METHOD_FACTORS) + ("speed_overlap_8bit",
+                                                                                           "speed_overlap")
 _KIND = {"qlora": 0, "lora": 1, "lora-8bit": 2}
-OVERLAP_START, OVERLAP_MAX = 2.0, 30.0
+OVERLAP_START = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +104,17 @@ def _predict(p, m: dict):
     nc, ng, ns, nx = len(CPU_TERMS), len(GPU_TERMS), len(STEP_TERMS), len(METHOD_GPU)
     pc, pg = p[:nc], p[nc:nc + ng]
     ps, px = p[nc + ng:nc + ng + ns], p[nc + ng + ns:nc + ng + ns + nx]
-    fwd16, bwd16, traffic16, cpu8 = p[nc + ng + ns + nx:nc + ng + ns + nx + len(METHOD_FACTORS)]
-    k, kind, c, g = p[-1], m["kind"], m["c"], m["g"]
+    fwd16, bwd16, traffic16, fwd8, bwd8 = p[nc + ng + ns + nx:nc + ng + ns + nx + len(METHOD_FACTORS)]
+    k8, k, kind, c, g = p[-2], p[-1], m["kind"], m["c"], m["g"]
     mb = CPU_TERMS.index("micro_batch")
     layer = np.delete(c, mb, axis=1) @ np.delete(pc, mb)
-    lora_mult = fwd16 * m["share"] + bwd16 * (1.0 - m["share"])
-    cpu = (layer * np.where(kind == 1, lora_mult, np.where(kind == 2, cpu8, 1.0))
-           + c[:, mb] * pc[mb] * np.where(kind == 2, cpu8, 1.0))
+    share = m["share"]
+    mult = np.where(kind == 1, fwd16 * share + bwd16 * (1.0 - share),
+                    np.where(kind == 2, fwd8 * share + bwd8 * (1.0 - share), 1.0))
+    cpu = layer * mult + c[:, mb] * pc[mb]
     gpu = (g[:, _OTHER_GPU] @ pg[_OTHER_GPU] + (g[:, _TRAFFIC] @ pg[_TRAFFIC]) * np.where(kind == 1, traffic16, 1.0)
            + m["x"] @ px)
+    k = np.where(kind == 2, k8, k)
     return m["a"] * (cpu ** k + gpu ** k) ** (1.0 / k) + m["s"] @ ps
 
 
@@ -122,7 +125,7 @@ def _initial(m: dict):
     # start each coefficient where its term alone would explain a typical share of a step
     scale = lambda v: np.where(v.mean(axis=0) > 0, 0.1 / np.maximum(v.mean(axis=0), 1e-30), 1.0)  # noqa: E731
     return np.concatenate([scale(c), np.full(len(GPU_TERMS), 1.5), scale(s) * 0.1, np.full(len(METHOD_GPU), 1.5),
-                           np.ones(len(METHOD_FACTORS)), [OVERLAP_START]])
+                           np.ones(len(METHOD_FACTORS)), [OVERLAP_START, OVERLAP_START]])
 
 
 def _bounds():
@@ -130,7 +133,7 @@ def _bounds():
     counts and the step terms are >= 0; a method's factors on QLoRA's terms lie in planner.speed.METHOD_TERM_BOUNDS."""
     import numpy as np
 
-    from planner.speed import METHOD_TERM_BOUNDS
+    from planner.speed import METHOD_TERM_BOUNDS, OVERLAP_BOUNDS
 
     lb, ub = np.zeros(len(PARAMS)), np.full(len(PARAMS), np.inf)
     for i, key in enumerate(PARAMS):
@@ -139,7 +142,7 @@ def _bounds():
             lb[i] = 1.0
         elif key in METHOD_TERM_BOUNDS:
             lb[i], ub[i] = METHOD_TERM_BOUNDS[key]
-    lb[-1], ub[-1] = 1.0, OVERLAP_MAX
+    lb[-1], ub[-1] = OVERLAP_BOUNDS
     return lb, ub
 
 

@@ -169,7 +169,8 @@ def test_method_terms_fall_back_to_qlora_coefficients():
     bare = Coefficients("bare", "", {k: v for k, v in COEFFS.values.items() if not any(k in ks for ks in METHOD_TERMS.values())})
     assert method_fitted(COEFFS, "lora") and not method_fitted(bare, "lora") and method_fitted(bare, "qlora")
     fallback = {"speed_cpu_fwd_16bit": 1.0, "speed_cpu_bwd_16bit": 1.0, "speed_traffic_16bit": 1.0,
-                "speed_base_16bit": bare.values["speed_dequant"], "speed_cpu_8bit": 1.0,
+                "speed_base_16bit": bare.values["speed_dequant"], "speed_cpu_fwd_8bit": 1.0,
+                "speed_cpu_bwd_8bit": 1.0, "speed_overlap_8bit": bare.values["speed_overlap"],
                 "speed_base_8bit": bare.values["speed_dequant"], "speed_int8_matmul": bare.values["speed_base_matmul"],
                 "speed_fp32_matmul": bare.values["speed_base_matmul"]}
     for method in ("lora", "lora-8bit"):

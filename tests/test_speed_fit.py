@@ -36,7 +36,7 @@ def test_fit_recovers_step_times_made_by_known_coefficients(rows):
 
     shipped = load_coefficients().values
     truth = {**shipped, "speed_cpu_fwd_16bit": 0.8, "speed_cpu_bwd_16bit": 0.4, "speed_traffic_16bit": 0.6,
-             "speed_cpu_8bit": 1.5, "speed_fp32_matmul": 1.3}
+             "speed_cpu_fwd_8bit": 1.5, "speed_cpu_bwd_8bit": 0.5, "speed_overlap_8bit": 2.5, "speed_fp32_matmul": 1.3}
     made = [dataclasses.replace(r, step_time_s=t) for r, t in zip(rows, sf.predict(rows, truth))]
     fitted = sf.fit(made)
     assert max(abs(e) for e in sf.errors_pct(made, sf.predict(made, fitted))) < 1.0
