@@ -313,6 +313,16 @@ def method_section(bands: dict[str, dict], speed: dict[str, dict] | None = None,
             lines.append(f"| {m} | {n} | {len(speed['models'][m])} | {fmt(speed['leave_one_configuration_out'][m])} | "
                          f"{fmt(speed['leave_one_model_out'][m])} | "
                          + ("(fitted)" if m == "qlora" else fmt(speed["structural"][m])) + " |")
+        for o in speed.get("other_machines", []):
+            lines += ["", f"The same speed model on another machine: `{o['file']}` ({o['rows']} rows; models "
+                      f"{', '.join(o['models'])}), whose timed steps varied more (interquartile range a median "
+                      f"{o['step_iqr_pct']}% of the step, against {speed.get('fit_step_iqr_pct', '?')}% on the fit's "
+                      f"machine); as shipped, and with one factor on the CPU terms (x {o['cpu_scale']} on all its rows) "
+                      "fitted on its other configurations:", "",
+                      "| method | rows | as shipped: median / p90 / max | CPU factor, held out: median / p90 / max |",
+                      "|---|---|---|---|"]
+            lines += [f"| {m} | {e['n']} | {fmt(e)} | {fmt(o['with_cpu_scale_held_out'][m])} |"
+                      for m, e in o["as_shipped"].items()]
         ratios = speed.get("against_qlora", {})
         if ratios:
             lines += ["", "Measured step time over QLoRA's in the same configuration (model and shape):", "",

@@ -310,10 +310,15 @@ def sliding_window_mask_bytes(model: ModelSpec, train: TrainSettings) -> int:
     checkpointing its backward held one fp32 bias over the heads (4 x heads x s^2) extra.
     Seen on one measured configuration (Mistral-7B, seq 4096, no checkpointing, H200); the
     checkpointed runs at seq 4096 showed no such term, so only an uncheckpointed layer's backward adds it."""
-    w = model.sliding_window
-    if not w or train.seq_len < w:
+    if not sliding_window_masked(model, train):
         return 0
     return FP32 * model.num_attention_heads * train.seq_len * train.seq_len
+
+
+def sliding_window_masked(model: ModelSpec, train: TrainSettings) -> bool:
+    """Whether the model's sliding window makes transformers pass sdpa an explicit mask: masking_utils.
+    _ignore_causal_mask_sdpa keeps `is_causal` (the flash kernel) only while kv_length < the window (5.17-5.25)."""
+    return bool(model.sliding_window) and train.seq_len >= model.sliding_window
 
 
 def dequant_buffer_bytes(model: ModelSpec, train: TrainSettings) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -108,7 +109,8 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
                          "leave_one_configuration_out": sf.by_method(rows, loo),
                          "leave_one_model_out": sf.by_method(rows, lomo),
                          "structural": sf.by_method(rows, structural),
-                         "against_qlora": sf.method_ratios(rows)},
+                         "against_qlora": sf.method_ratios(rows),
+                         "fit_step_iqr_pct": round(statistics.median(sf.step_iqr_pct(p) for p in fit_files), 2)},
            "per_row": [{"run_id": r.run_id, "measured_s": r.step_time_s, "loo_error_pct": round(e, 2)}
                        for r, e in zip(rows, loo)], "other_sweeps": []}
     for path in sorted(speed_dir.glob("*.csv")):
@@ -118,6 +120,13 @@ def speed_section(speed_dir: Path = SPEED_DIR) -> tuple[dict, dict]:
         if not other:
             continue
         scale = sf.fit_scale(other, co, CPU_TERMS)
+        if len({sf.row_method(r) for r in other}) > 1:  # a methods sweep on another machine: by method, in "Methods"
+            doc["by_method"].setdefault("other_machines", []).append({
+                "file": path.name, "rows": len(other), "models": sorted({r.model for r in other}),
+                "step_iqr_pct": sf.step_iqr_pct(path), "cpu_scale": round(scale, 3),
+                "as_shipped": sf.by_method(other, sf.errors_pct(other, sf.predict(other, co))),
+                "with_cpu_scale_held_out": sf.by_method(other, sf.held_out_scale(other, co, CPU_TERMS))})
+            continue
         # `qfit calibrate --gpu auto` replayed on this machine's data: the guard sees only the default sweep model's
         # rows; the other models' rows are held out
         mine = [r for r in other if r.model == DEFAULT_SWEEP_MODEL]

@@ -8,7 +8,8 @@ One micro-batch costs the larger of two times (smoothly: a p-norm with the fitte
         Small micro-batches of small models are bound by this; it varies from machine to machine.
   GPU   the frozen base's matmuls (forward, input-gradient backward, the recompute of checkpointed layers, the
         lm_head) at a fitted fraction of the datasheet tensor rate; attention (the causal flash kernel when
-        micro-batches carry no mask, the memory-efficient kernel over the full s x s block when they are packed);
+        micro-batches carry no mask, the memory-efficient kernel over the full s x s block when they are packed or a
+        sliding window reaches the sequence length);
         dequantization traffic per pass; the activations' elementwise traffic per layer pass; the fp32 logits
         chain; LoRA's traffic over its inputs and outputs.
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from planner.memory import resolve_targets, trainable_params
+from planner.memory import resolve_targets, sliding_window_masked, trainable_params
 from planner.specs import Coefficients, GpuSpec, LoraSettings, ModelSpec, TrainSettings
 from planner.units import DTYPE_BYTES
 
@@ -107,6 +108,8 @@ def _work(model: ModelSpec, lora: LoraSettings, train: TrainSettings):
     c = DTYPE_BYTES[train.compute_dtype]
     attn_fwd = 2 * t * s * model.q_dim * L  # QK^T and PV over the causal half
     attn = attn_fwd * (1 + rf) + 2.5 * attn_fwd  # forward (+ recompute) and backward
+    # an explicit mask (packed micro-batches, or a sliding window the sequence reaches) leaves the flash kernel
+    masked = train.packing or sliding_window_masked(model, train)
     cpu = {
         "layer_pass": float(layer_passes),
         "linear_call": float(layer_passes * sum(lin.count for lin in model.layer_linears)),
@@ -115,8 +118,8 @@ def _work(model: ModelSpec, lora: LoraSettings, train: TrainSettings):
     }
     flops = {
         "base_matmul": 2 * t * base * passes + 4 * t * head,
-        "attention_flash": 0.0 if train.packing else attn,
-        "attention_masked": 2 * attn if train.packing else 0.0,  # no causal skipping with an explicit mask
+        "attention_flash": 0.0 if masked else attn,
+        "attention_masked": 2 * attn if masked else 0.0,  # no causal skipping with an explicit mask
     }
     traffic = {
         "dequant": passes * DEQUANT_BYTES_PER_PARAM * base,
@@ -194,8 +197,9 @@ METHOD_TERM_SUFFIX = {"lora": "16bit", "lora-8bit": "8bit"}
 #              dequantizes the weight and multiplies).
 #              speed_overlap_8bit: its own overlap exponent. MatMul8bitLt's forward synchronises the GPU on every
 #              call: bitsandbytes 0.50's int8_vectorwise_quant (backends/cuda/ops.py) tests `if outliers.any():`, a
-#              Python bool of a CUDA tensor, so the CPU waits for the GPU before every int8 linear and the two no
-#              longer hide each other over the whole pass (a smaller exponent: nearer their sum than their max).
+#              Python bool of a CUDA tensor, and zeroes the outlier columns by tensor indexing (two syncs per int8
+#              linear, counted by calibration/logs/sync_check.py), so the CPU waits for the GPU before every int8
+#              linear and the two no longer hide each other over the whole pass (a smaller exponent: nearer their sum than their max).
 #              speed_base_8bit: a multiple of its weight-path and activation-quantization bytes.
 #              speed_int8_matmul, speed_fp32_matmul: 1 / efficiency of the forward's int8 tensor-core matmuls and of
 #              the input-gradient backward's fp32 matmul (int8_base_matmul_flops).

@@ -68,6 +68,20 @@ def read_rows(paths: Iterable[Path], *, padded: bool = False) -> list[SpeedRow]:
     return rows
 
 
+def step_iqr_pct(path: Path) -> float:
+    """How steady a sweep's machine was: over its ok rows, the median of the timed steps' interquartile range as a
+    percentage of their median step."""
+    spreads = []
+    with Path(path).open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            steps = r.get("step_times_s") or ""
+            times = sorted(float(x) for x in steps.split(";")[int(r.get("warmup_steps") or 1):] if x) if steps else []
+            if r["status"] == "ok" and len(times) >= 4:
+                q = statistics.quantiles(times, n=4)
+                spreads.append(100.0 * (q[2] - q[0]) / statistics.median(times))
+    return round(statistics.median(spreads), 2) if spreads else 0.0
+
+
 def row_from_csv(r: dict) -> SpeedRow:
     lora, train = settings_from_dict(r, packing=r["data"] == "packed")
     if r["data"] == "padded":  # the mean padded micro-batch stands for all of them

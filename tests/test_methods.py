@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import replace
 
 import pytest
@@ -117,6 +118,7 @@ def test_static_terms_match_the_real_8bit_and_16bit_models_on_cpu(no_rounding, t
 
     t8 = TrainSettings(method="lora-8bit", gradient_checkpointing=False)
     model = stack.load_base(str(path), t8)
+    assert any(isinstance(f, stack.OnceFilter) for f in logging.getLogger(stack.INT8_LOGGER).filters)
     cb = scb = rest = 0
     for name, p in model.named_parameters():
         if type(p).__name__ == "Int8Params":
@@ -140,6 +142,25 @@ def test_static_terms_match_the_real_8bit_and_16bit_models_on_cpu(no_rounding, t
         else:
             rest += p.nbytes
     assert base == base_weights_bytes(TINY, t16) and rest == unquantized_weights_bytes(TINY, t16)
+
+
+def test_int8_cast_warning_reaches_the_user_once(caplog):
+    """MatMul8bitLt warns on every forward call that its input will be cast to float16; a lora-8bit run shows it once
+    (planner.train.stack.quiet_int8_repeats, installed by load_base), and a different message still comes through."""
+    import torch
+
+    from planner.train import stack
+
+    stack.quiet_int8_repeats()
+    stack.quiet_int8_repeats()  # idempotent: one filter
+    log = logging.getLogger(stack.INT8_LOGGER)
+    assert sum(isinstance(f, stack.OnceFilter) for f in log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=stack.INT8_LOGGER):
+        for dtype in (torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.bfloat16):
+            log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", dtype)
+    assert [r.getMessage() for r in caplog.records] == [
+        "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
+        "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization"]
 
 
 # --------------------------------------------------------------------------- speed terms

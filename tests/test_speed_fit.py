@@ -7,6 +7,7 @@ import pytest
 
 from planner import speed_fit as sf
 from planner.coefficients import load_coefficients
+from planner.profiles import load_gpu, load_model
 from planner.specs import Coefficients
 
 SPEED = Path(__file__).resolve().parents[1] / "calibration" / "speed"
@@ -63,3 +64,24 @@ def test_method_ratios_pair_each_method_row_with_qlora_in_the_same_configuration
         expected = sorted(mine[k] / q[k] for k in mine if k in q)
         assert r["configurations"] == len(expected) > 0
         assert r["min"] == round(expected[0], 2) and r["max"] == round(expected[-1], 2)
+
+
+@pytest.mark.parametrize("model,seq", [("phi-3-mini", 1024), ("phi-3-mini", 2046), ("phi-3-mini", 2047),
+                                       ("phi-3-mini", 2048), ("mistral-7b", 4095), ("mistral-7b", 4096),
+                                       ("llama-3.1-8b", 8192)])
+def test_attention_kernel_follows_transformers_mask_rule(model, seq):
+    """A sliding window the sequence reaches makes transformers pass sdpa an explicit mask (no flash kernel, no
+    causal skipping): the step-time features price the masked kernel exactly where transformers' own rule
+    (masking_utils._ignore_causal_mask_sdpa) keeps the mask."""
+    from transformers.masking_utils import _ignore_causal_mask_sdpa
+
+    from planner.specs import LoraSettings, TrainSettings
+    from planner.speed import features
+
+    spec = load_model(model)
+    f = features(spec, LoraSettings(), TrainSettings(batch_size=1, seq_len=seq), load_gpu("h100-sxm"))
+    masked = not _ignore_causal_mask_sdpa(None, q_length=seq, kv_length=seq, q_offset=0, kv_offset=0,
+                                          local_attention_size=spec.sliding_window)
+    assert (f.gpu["attention_masked"] > 0) == masked and (f.gpu["attention_flash"] > 0) == (not masked)
+    packed = features(spec, LoraSettings(), TrainSettings(batch_size=1, seq_len=seq, packing=True), load_gpu("h100-sxm"))
+    assert f.gpu["attention_masked"] + f.gpu["attention_flash"] * 2 == packed.gpu["attention_masked"]  # full s x s

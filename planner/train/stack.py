@@ -6,6 +6,7 @@ Shared by `qfit run` and `qfit calibrate`, so that what is measured is what is r
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 
@@ -60,6 +61,32 @@ def load_4bit(path: str, compute_dtype: str, double_quant: bool, device_map=None
     return model
 
 
+INT8_LOGGER = "bitsandbytes.autograd._functions"
+
+
+class OnceFilter(logging.Filter):
+    """Lets each distinct message through once. bitsandbytes 0.50's MatMul8bitLt warns on every forward call of every
+    int8 linear that its input will be cast to float16: tens of thousands of identical lines in a lora-8bit run."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def quiet_int8_repeats() -> None:
+    """Install OnceFilter on MatMul8bitLt's logger (once per process)."""
+    log = logging.getLogger(INT8_LOGGER)
+    if not any(isinstance(f, OnceFilter) for f in log.filters):
+        log.addFilter(OnceFilter())
+
+
 def load_base(path: str, train: TrainSettings, device_map=None):
     """The frozen base as train.method holds it (planner.specs.METHODS):
       qlora      load_4bit (BitsAndBytesConfig(load_in_4bit=True, nf4) + prepare_model_for_kbit_training);
@@ -80,6 +107,7 @@ def load_base(path: str, train: TrainSettings, device_map=None):
         from peft import prepare_model_for_kbit_training
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        quiet_int8_repeats()
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
