@@ -199,7 +199,8 @@ METHOD_TERM_SUFFIX = {"lora": "16bit", "lora-8bit": "8bit"}
 #              call: bitsandbytes 0.50's int8_vectorwise_quant (backends/cuda/ops.py) tests `if outliers.any():`, a
 #              Python bool of a CUDA tensor, and zeroes the outlier columns by tensor indexing (two syncs per int8
 #              linear, counted by calibration/logs/sync_check.py), so the CPU waits for the GPU before every int8
-#              linear and the two no longer hide each other over the whole pass (a smaller exponent: nearer their sum than their max).
+#              linear and the two no longer hide each other over the whole pass (a smaller exponent: nearer their
+#              sum than their max).
 #              speed_base_8bit: a multiple of its weight-path and activation-quantization bytes.
 #              speed_int8_matmul, speed_fp32_matmul: 1 / efficiency of the forward's int8 tensor-core matmuls and of
 #              the input-gradient backward's fp32 matmul (int8_base_matmul_flops).

@@ -32,8 +32,9 @@ from planner.speed import CPU_TERMS, GPU_TERMS, METHOD_TERMS, STEP_TERMS, SpeedF
 METHOD_GPU = ("base_16bit", "base_8bit", "int8_matmul", "fp32_matmul")
 METHOD_FACTORS = ("cpu_fwd_16bit", "cpu_bwd_16bit", "traffic_16bit", "cpu_fwd_8bit", "cpu_bwd_8bit")
 METHOD_PARAMS = METHOD_TERMS  # each method's own coefficients, as planner.speed prices them
-PARAMS = tuple(f"speed_{k}" for k in CPU_TERMS + GPU_TERMS + STEP_TERMS + METHOD_GPU + METHOD_FACTORS) + ("speed_overlap_8bit",
-                                                                                           "speed_overlap")
+# the two overlap exponents last (lora-8bit's, then everyone else's): _predict and _bounds read them from the end
+PARAMS = (tuple(f"speed_{k}" for k in CPU_TERMS + GPU_TERMS + STEP_TERMS + METHOD_GPU + METHOD_FACTORS)
+          + ("speed_overlap_8bit", "speed_overlap"))
 _KIND = {"qlora": 0, "lora": 1, "lora-8bit": 2}
 OVERLAP_START = 2.0
 

@@ -1001,7 +1001,9 @@ def _quiet():
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs a traceback before re-raising
     fake_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
-    int8_log = logging.getLogger("bitsandbytes.autograd._functions")  # MatMul8bitLt's per-call fp16-cast warning
+    from planner.train.stack import INT8_LOGGER
+
+    int8_log = logging.getLogger(INT8_LOGGER)  # MatMul8bitLt's per-call fp16-cast warning
     int8_level = int8_log.level
     int8_log.setLevel(logging.ERROR)
     with warnings.catch_warnings():
